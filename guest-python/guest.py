@@ -1,0 +1,368 @@
+"""host's half inside the sandbox.
+
+The host runs this file as the first turn of a fresh interpreter, then one more turn that
+calls `analyse()`, or `load()` and `invoke()`. Everything crosses the door (`_host.call`) as
+JSON: the guest asks for its input and hands back its answer, so the host boundary sees (and a
+trace can record) every byte that goes in or out.
+
+Why the parsing happens here and not in Rust: the grammar that decides what a cell means must
+be the grammar of the interpreter that will run it, so a notebook written for Python 3.15
+syntax is read by Python 3.15.
+"""
+
+import ast
+import builtins
+import json
+import linecache
+import re
+import symtable
+import sys
+import traceback
+import types
+
+import _host
+
+# A line magic or shell line, possibly assigned (`files = !ls`, `t = %time f()`).
+_MAGIC_LINE = re.compile(r"^(?P<indent>[ \t]*)(?:[A-Za-z_][\w.]*\s*=\s*)?(?P<sigil>%{1,2}|!)\S")
+_CONSTANT = re.compile(r"^_*[A-Z][A-Z0-9_]*$")
+# Scopes whose body runs where they are written; other nested scopes (functions, lambdas,
+# annotations) run later, when the function is called.
+_EAGER_SCOPES = {"module", "class", "listcomp", "setcomp", "dictcomp", "genexpr"}
+
+
+def _door(request):
+    """Send one JSON request to the host and decode its JSON answer (None for no answer)."""
+    answer = _host.call(json.dumps(request, separators=(",", ":")).encode())
+    return json.loads(answer) if answer else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis: what each top-level statement of each cell is, binds and uses.
+
+
+def _strip_magics(source):
+    """The cell's text with each magic or shell line replaced by `pass` at the same indent, so
+    the rest still parses and keeps its line numbers; and the numbers of the replaced lines
+    with what they were (a magic or a shell line)."""
+    lines = source.split("\n")
+    magics = {}
+    for i, line in enumerate(lines):
+        m = _MAGIC_LINE.match(line)
+        if m:
+            magics[i + 1] = "shell" if m.group("sigil") == "!" else "magic"
+            # Padded to the original length so column offsets after it stay meaningful.
+            lines[i] = (m.group("indent") + "pass").ljust(len(line))
+    return "\n".join(lines), magics
+
+
+def _statement_span(stmt):
+    """(first line, first column, last line, end column) of a statement, decorators included."""
+    first = stmt
+    for dec in getattr(stmt, "decorator_list", ()):
+        if dec.lineno < first.lineno or (
+            dec.lineno == first.lineno and dec.col_offset < first.col_offset
+        ):
+            first = dec
+    line, col = first.lineno, first.col_offset
+    if first is not stmt:
+        col = max(col - 1, 0)  # the `@` before the decorator's expression
+    return line, col, stmt.end_lineno, stmt.end_col_offset
+
+
+def _segment(lines, span):
+    """The source of a span, as one top-level snippet symtable can read."""
+    first, col, last, end_col = span
+    raw = [line.encode() for line in lines[first - 1 : last]]
+    if len(raw) == 1:
+        raw[0] = raw[0][col:end_col]
+    else:
+        raw[0] = raw[0][col:]
+        raw[-1] = raw[-1][:end_col]
+    return b"\n".join(raw).decode()
+
+
+def _scope_kind(table):
+    kind = table.get_type()
+    return getattr(kind, "value", kind)
+
+
+def _uses(source):
+    """The global names a statement reads: (eager, lazy). Eager names are read when the
+    statement runs (an assignment's value, decorators, defaults, base classes); lazy ones only
+    when a function it defines is called."""
+    eager, lazy = set(), set()
+
+    def walk(table, is_eager):
+        kind = _scope_kind(table)
+        here_eager = is_eager and kind in _EAGER_SCOPES
+        for sym in table.get_symbols():
+            if not sym.is_referenced():
+                continue
+            if kind == "module" or sym.is_global():
+                (eager if here_eager else lazy).add(sym.get_name())
+        for child in table.get_children():
+            walk(child, here_eager)
+
+    walk(symtable.symtable(source, "<statement>", "exec"), True)
+    return eager, lazy
+
+
+def _binds(source):
+    """The module-level names a statement binds, and whether it is a star import."""
+    table = symtable.symtable(source, "<statement>", "exec")
+    names = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()}
+    return names
+
+
+def _kind(stmt, exported):
+    """Whether a top-level statement is kept, and why."""
+    if exported:
+        return "export"
+    if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+        return "import"
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return "definition"
+    if isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+        names = []
+        for target in targets:
+            elts = target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]
+            names.extend(elts)
+        if names and all(isinstance(n, ast.Name) and _CONSTANT.match(n.id) for n in names):
+            if isinstance(stmt, ast.AnnAssign) and stmt.value is None:
+                return "code"
+            return "constant"
+    return "code"
+
+
+def _analyse_cell(cell):
+    source = cell["source"]
+    first = source.lstrip().split("\n", 1)[0]
+    if first.startswith("%%"):
+        return {"index": cell["index"], "cell_magic": first.split()[0], "statements": []}
+    text, magics = _strip_magics(source)
+    try:
+        tree = ast.parse(text, filename=f"cell {cell['index']}")
+    except SyntaxError as e:
+        return {
+            "index": cell["index"],
+            "syntax_error": {"line": e.lineno or 1, "message": e.msg},
+            "statements": [],
+        }
+    lines = text.split("\n")
+    statements = []
+    for stmt in tree.body:
+        span = _statement_span(stmt)
+        kind = _kind(stmt, cell.get("export", False))
+        if span[0] in magics:
+            kind = magics[span[0]]
+        snippet = _segment(lines, span)
+        eager, lazy = _uses(snippet)
+        body_magics = [n for n in magics if span[0] < n <= span[2]]
+        statements.append(
+            {
+                "span": list(span),
+                "kind": kind,
+                "name": getattr(stmt, "name", None),
+                "function": isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)),
+                "binds": sorted(_binds(snippet)),
+                "star_import": isinstance(stmt, ast.ImportFrom)
+                and any(a.name == "*" for a in stmt.names),
+                "eager": sorted(eager),
+                "lazy": sorted(lazy - eager),
+                "magic_lines": body_magics,
+            }
+        )
+    return {"index": cell["index"], "text": text, "statements": statements}
+
+
+def analyse():
+    """Answer the host's `analyse` request: every code cell, statement by statement."""
+    request = _door({"op": "input"})
+    cells = [_analyse_cell(cell) for cell in request["cells"]]
+    _door({"op": "output", "cells": cells, "builtins": sorted(dir(builtins))})
+
+
+# ---------------------------------------------------------------------------------------------
+# Calls: load a bundle's source, call one function, hand back its value as JSON.
+
+_GUEST_FILE = (lambda: None).__code__.co_filename
+_module = None
+_notebook = None
+_cell_files = {}
+
+
+def load():
+    """Run the bundle's kept source, cell by cell, in a fresh module named after the notebook.
+
+    Each cell is compiled under the name `NOTEBOOK, cell N` with its own line numbers, so a
+    traceback points at the notebook, not at a generated file."""
+    global _module, _notebook
+    bundle = _door({"op": "bundle"})
+    _notebook = bundle["notebook"]
+    _module = types.ModuleType("__notebook__")
+    _module.__file__ = _notebook
+    sys.modules["__notebook__"] = _module
+    try:
+        for chunk in bundle["chunks"]:
+            filename = f"{_notebook}, cell {chunk['cell']}"
+            _cell_files[filename] = chunk["cell"]
+            text = chunk["text"]
+            linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+            exec(compile(text, filename, "exec"), _module.__dict__)
+    except BaseException as e:
+        _report_exception(e, "load")
+        return False
+    return True
+
+
+def invoke():
+    """Call the requested function with the host's arguments and report what happened."""
+    call = _door({"op": "call"})
+    name = call["function"]
+    function = getattr(_module, name, None)
+    if not callable(function):
+        _door({"op": "error", "phase": "call", "type": "NameError", "message": f"{name} is not defined", "frames": []})
+        return
+    try:
+        value = function(*call.get("args", []), **call.get("kwargs", {}))
+        if isinstance(value, types.CoroutineType):
+            import asyncio
+
+            value = asyncio.run(value)
+    except BaseException as e:
+        _report_exception(e, "call")
+        return
+    try:
+        encoded = json.dumps(to_json(value), separators=(",", ":"), allow_nan=False)
+    except _Unconvertible as e:
+        _door({"op": "error", "phase": "result", "type": "TypeError", "message": str(e), "frames": []})
+        return
+    _host.call(b'{"op":"result","value":' + encoded.encode() + b"}")
+
+
+def _report_exception(exc, phase):
+    """Hand an exception to the host: type, message and the frames from the notebook inward.
+    Frames of this file (the driver) are left out: they are host machinery, not the user's."""
+    frames = []
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename == _GUEST_FILE:
+            continue
+        cell = _cell_files.get(frame.filename)
+        frames.append(
+            {
+                "file": _notebook if cell is not None else frame.filename,
+                "cell": cell,
+                "line": frame.lineno,
+                "function": frame.name,
+                "text": (frame.line or "").strip(),
+            }
+        )
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ in ("builtins", "__notebook__") else f"{kind.__module__}.{kind.__qualname__}"
+    _door({"op": "error", "phase": phase, "type": name, "message": str(exc), "frames": frames})
+
+
+# ---------------------------------------------------------------------------------------------
+# Values to JSON. The rules are the ones README.md documents under "Return values".
+
+
+class _Unconvertible(Exception):
+    pass
+
+
+def to_json(value, path="result"):
+    """A JSON-ready copy of a return value; raises _Unconvertible naming the first value (and
+    where it sits) that has no JSON form."""
+    import datetime
+    import decimal
+
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out[_key(k, path)] = to_json(v, f"{path}[{k!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [to_json(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (set, frozenset)):
+        items = list(value)
+        try:
+            items.sort()
+        except TypeError:
+            pass
+        return [to_json(v, f"{path}[{i}]") for i, v in enumerate(items)]
+    module = type(value).__module__.split(".")[0]
+    if module == "numpy":
+        return _numpy(value, path)
+    if module == "pandas":
+        return _pandas(value, path)
+    raise _Unconvertible(
+        f"the return value holds a {_type_name(value)} at {path}, which has no JSON form: "
+        "return plain values (numbers, strings, lists, dicts), numpy or pandas objects"
+    )
+
+
+def _numpy(value, path):
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return to_json(value.tolist(), path)
+    if isinstance(value, np.datetime64):
+        return None if np.isnat(value) else str(value)
+    if isinstance(value, np.timedelta64):
+        return None if np.isnat(value) else value / np.timedelta64(1, "s")
+    if isinstance(value, np.generic):
+        return to_json(value.item(), path)
+    raise _Unconvertible(f"the return value holds a {_type_name(value)} at {path}, which has no JSON form")
+
+
+def _pandas(value, path):
+    import pandas as pd
+
+    if isinstance(value, pd.DataFrame):
+        if not isinstance(value.index, pd.RangeIndex) or value.index.name is not None:
+            value = value.reset_index()
+        return [to_json(r, f"{path}[{i}]") for i, r in enumerate(value.to_dict("records"))]
+    if isinstance(value, pd.Series):
+        if isinstance(value.index, pd.RangeIndex) and value.index.name is None:
+            return [to_json(v, f"{path}[{i}]") for i, v in enumerate(value.tolist())]
+        return {_key(k, path): to_json(v, f"{path}[{k!r}]") for k, v in value.items()}
+    if value is pd.NaT or value is pd.NA:
+        return None
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    if isinstance(value, pd.Timedelta):
+        return value.total_seconds()
+    if isinstance(value, pd.Index):
+        return to_json(value.tolist(), path)
+    if isinstance(value, pd.Categorical):
+        return to_json(list(value), path)
+    raise _Unconvertible(f"the return value holds a {_type_name(value)} at {path}, which has no JSON form")
+
+
+def _key(key, path):
+    """A dict key as JSON's string key: strings as they are, numbers, booleans, None, dates
+    by their JSON text."""
+    if isinstance(key, str):
+        return key
+    converted = to_json(key, f"{path} (a key)")
+    if isinstance(converted, (list, dict)):
+        raise _Unconvertible(f"the return value has a {_type_name(key)} as a dict key at {path}")
+    return json.dumps(converted) if not isinstance(converted, str) else converted
+
+
+def _type_name(value):
+    kind = type(value)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"

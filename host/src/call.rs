@@ -1,0 +1,212 @@
+//! Calling one function of a bundle: the arguments in, the value or the exception out.
+
+use std::fmt;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::bundle::Bundle;
+use crate::error::bad_input;
+use crate::sandbox::{Door, Ended, LimitExceeded, Policy, Sandbox};
+
+/// The guest's half of host, run as the first turn of every instance.
+pub const GUEST_SOURCE: &str = include_str!("../../guest-python/guest.py");
+
+/// A function's arguments: positional and keyword, as JSON values.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Arguments {
+    #[serde(default)]
+    pub args: Vec<Value>,
+    #[serde(default)]
+    pub kwargs: Map<String, Value>,
+}
+
+impl Arguments {
+    /// From `--args` (a JSON array) and `--kwargs` (a JSON object).
+    pub fn from_flags(args: Option<&str>, kwargs: Option<&str>) -> Result<Arguments> {
+        let args = match args {
+            Some(text) => match serde_json::from_str(text) {
+                Ok(Value::Array(a)) => a,
+                Ok(_) => {
+                    return Err(bad_input(
+                        "--args must be a JSON array, e.g. --args '[1, \"a\"]'",
+                    ));
+                }
+                Err(e) => return Err(bad_input(format!("--args is not valid JSON: {e}"))),
+            },
+            None => Vec::new(),
+        };
+        let kwargs = match kwargs {
+            Some(text) => match serde_json::from_str(text) {
+                Ok(Value::Object(o)) => o,
+                Ok(_) => {
+                    return Err(bad_input(
+                        "--kwargs must be a JSON object, e.g. --kwargs '{\"n\": 3}'",
+                    ));
+                }
+                Err(e) => return Err(bad_input(format!("--kwargs is not valid JSON: {e}"))),
+            },
+            None => Map::new(),
+        };
+        Ok(Arguments { args, kwargs })
+    }
+
+    /// From an input file (`-` for stdin) holding `{"args": [...], "kwargs": {...}}`.
+    pub fn from_input(path: &Path) -> Result<Arguments> {
+        let (name, text) = if path == Path::new("-") {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("failed to read stdin")?;
+            ("stdin".to_owned(), text)
+        } else {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                bad_input(format!("cannot read input file `{}`: {e}", path.display()))
+            })?;
+            (format!("`{}`", path.display()), text)
+        };
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| bad_input(format!("input {name} is not valid JSON: {e}")))?;
+        if let Value::Object(o) = &value {
+            if let Some(k) = o.keys().find(|k| *k != "args" && *k != "kwargs") {
+                return Err(bad_input(format!(
+                    "input {name} has an unknown key `{k}`: expected {{\"args\": [...], \"kwargs\": {{...}}}}"
+                )));
+            }
+        }
+        serde_json::from_value(value).map_err(|e| {
+            bad_input(format!(
+                "input {name} must be {{\"args\": [...], \"kwargs\": {{...}}}}: {e}"
+            ))
+        })
+    }
+}
+
+/// How a call ended, when it ran to its end.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The function returned this value, converted to JSON.
+    Returned(Value),
+    /// The function, or the code it needs, raised; or its value has no JSON form.
+    Raised(GuestException),
+    /// A limit stopped the call.
+    Limit(LimitExceeded),
+    /// The function ended the interpreter (`os._exit(status)`).
+    Exited(i32),
+}
+
+/// An exception raised in the guest, with the frames that lead to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestException {
+    /// `load` (running the kept definitions), `call`, or `result` (converting the value).
+    pub phase: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub message: String,
+    pub frames: Vec<Frame>,
+}
+
+/// One traceback frame: in the notebook (`cell` set) or in a library file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Frame {
+    pub file: String,
+    pub cell: Option<usize>,
+    pub line: usize,
+    pub function: String,
+    pub text: String,
+}
+
+impl fmt::Display for GuestException {
+    /// Python's traceback, with notebook frames written `churn.ipynb, cell 7, line 3`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.frames.is_empty() {
+            writeln!(f, "Traceback (most recent call last):")?;
+        }
+        for frame in &self.frames {
+            let place = match frame.cell {
+                Some(cell) => format!("{}, cell {cell}, line {}", frame.file, frame.line),
+                None => format!("{}, line {}", frame.file, frame.line),
+            };
+            let function = if frame.function == "<module>" {
+                String::new()
+            } else {
+                format!(", in {}", frame.function)
+            };
+            writeln!(f, "  {place}{function}")?;
+            if !frame.text.is_empty() {
+                writeln!(f, "    {}", frame.text)?;
+            }
+        }
+        if self.message.is_empty() {
+            write!(f, "{}", self.kind)
+        } else {
+            write!(f, "{}: {}", self.kind, self.message)
+        }
+    }
+}
+
+/// A finished call: how it ended and what the guest printed.
+#[derive(Debug)]
+pub struct CallResult {
+    pub outcome: Outcome,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// The door's request for one call.
+#[derive(Serialize)]
+struct CallRequest<'a> {
+    function: &'a str,
+    args: &'a [Value],
+    kwargs: &'a Map<String, Value>,
+}
+
+/// Calls `function` of `bundle` in a fresh instance: runs the bundle's kept source, then the
+/// function with `arguments`.
+pub fn call(
+    sandbox: &Sandbox,
+    policy: &Policy,
+    bundle: &Bundle,
+    function: &str,
+    arguments: &Arguments,
+) -> Result<CallResult> {
+    bundle.check_function(function)?;
+    let door = Door::default()
+        .answer("bundle", &bundle.load_request())?
+        .answer(
+            "call",
+            &CallRequest {
+                function,
+                args: &arguments.args,
+                kwargs: &arguments.kwargs,
+            },
+        )?;
+    let run = sandbox.run(policy, door, &[GUEST_SOURCE, "if load():\n    invoke()\n"])?;
+    let outcome = match run.ended {
+        Ended::Finished => outcome(&run.door.received)?,
+        Ended::Limit(limit) => Outcome::Limit(limit),
+        Ended::Exit(status) => Outcome::Exited(status),
+    };
+    Ok(CallResult {
+        outcome,
+        stdout: run.stdout,
+        stderr: run.stderr,
+    })
+}
+
+/// The outcome the guest handed back: exactly one `result` or `error`.
+fn outcome(received: &[Value]) -> Result<Outcome> {
+    let Some(last) = received.last() else {
+        anyhow::bail!("the guest ended without a result or an error");
+    };
+    match last.get("op").and_then(Value::as_str) {
+        Some("result") => Ok(Outcome::Returned(
+            last.get("value").cloned().unwrap_or(Value::Null),
+        )),
+        Some("error") => Ok(Outcome::Raised(
+            serde_json::from_value(last.clone()).context("malformed error from the guest")?,
+        )),
+        other => anyhow::bail!("unexpected answer from the guest: {other:?}"),
+    }
+}

@@ -1,0 +1,87 @@
+//! Command-line interface: argument types (their doc comments are the `--help` text) and one
+//! function per subcommand.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::{Exit, UserError};
+use crate::sandbox::LimitExceeded;
+
+mod prepare;
+mod run;
+
+/// Run one function of a Jupyter notebook inside a WebAssembly sandbox.
+#[derive(Debug, Parser)]
+#[command(name = "host", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalOptions,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand takes.
+#[derive(Debug, Args)]
+pub struct GlobalOptions {
+    /// The Python runtime folder `make runtime` made [default: $HOST_RUNTIME, else the repository's runtime/]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub runtime: Option<PathBuf>,
+    /// Where compiled modules and analyses are cached [default: $HOST_CACHE_DIR, else ~/.cache/host]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Call one function of a notebook and print its return value as JSON.
+    Run(run::RunArgs),
+    /// Compile the Python runtime for this machine now, so the first call does not wait.
+    Prepare,
+}
+
+/// Runs a parsed command line; returns the exit code after printing any error to stderr.
+pub fn main(cli: Cli) -> Exit {
+    let result = match &cli.command {
+        Command::Run(args) => run::run(&cli.global, args),
+        Command::Prepare => prepare::prepare(&cli.global),
+    };
+    match result {
+        Ok(exit) => exit,
+        Err(e) => {
+            let exit = exit_code(&e);
+            let mut stderr = std::io::stderr().lock();
+            // A closed stderr is no reason to panic.
+            let _ = if exit == Exit::Internal {
+                writeln!(stderr, "host: internal error: {e:#}")
+            } else {
+                writeln!(stderr, "host: {e:#}")
+            };
+            exit
+        }
+    }
+}
+
+/// The exit code an error stands for.
+pub fn exit_code(e: &anyhow::Error) -> Exit {
+    for cause in e.chain() {
+        if cause.is::<UserError>() {
+            return Exit::Usage;
+        }
+        if cause.is::<LimitExceeded>() {
+            return Exit::Limit;
+        }
+    }
+    Exit::Internal
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+}

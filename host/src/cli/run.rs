@@ -1,0 +1,148 @@
+//! `host run NOTEBOOK FUNCTION`: call one function and print its value as JSON.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::GlobalOptions;
+use crate::bundle::Bundle;
+use crate::call::{self, Arguments, Outcome};
+use crate::engine::Engine;
+use crate::error::{Exit, bad_input};
+use crate::notebook::Notebook;
+use crate::runtime::Runtime;
+use crate::sandbox::{Grant, Limits, Policy, Sandbox, parse_duration, parse_size};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The notebook (.ipynb) that defines the function.
+    pub notebook: PathBuf,
+    /// The function to call.
+    pub function: String,
+    #[command(flatten)]
+    pub input: InputArgs,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+/// Where the function's arguments come from.
+#[derive(Debug, Args)]
+pub struct InputArgs {
+    /// Positional arguments, as a JSON array.
+    #[arg(long, value_name = "JSON_ARRAY", conflicts_with = "input")]
+    pub args: Option<String>,
+    /// Keyword arguments, as a JSON object.
+    #[arg(long, value_name = "JSON_OBJECT", conflicts_with = "input")]
+    pub kwargs: Option<String>,
+    /// A JSON file holding {"args": [...], "kwargs": {...}}; `-` reads stdin.
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+}
+
+impl InputArgs {
+    pub fn arguments(&self) -> Result<Arguments> {
+        match &self.input {
+            Some(path) => Arguments::from_input(path),
+            None => Arguments::from_flags(self.args.as_deref(), self.kwargs.as_deref()),
+        }
+    }
+}
+
+/// What the sandbox may see, and its limits.
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// Make a host directory visible to the function, read-only unless `:rw` (repeatable).
+    #[arg(long, value_name = "HOST_DIR:GUEST_DIR[:ro|rw]")]
+    pub grant: Vec<String>,
+    /// Set an environment variable inside the sandbox (repeatable); the environment is
+    /// otherwise empty.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Memory limit of the call (e.g. 512M, 2G).
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    pub memory: String,
+    /// Wall-clock time limit of the call (e.g. 30s, 500ms, 2m).
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    pub timeout: String,
+    /// Limit on what the call may print plus the size of its result (e.g. 16M).
+    #[arg(long, value_name = "SIZE", default_value = "16M")]
+    pub max_output: String,
+}
+
+impl SandboxArgs {
+    /// The validated policy, before any work starts.
+    pub fn policy(&self) -> Result<Policy> {
+        let grants = self
+            .grant
+            .iter()
+            .map(|g| g.parse::<Grant>())
+            .collect::<Result<Vec<_>>>()?;
+        let env = self
+            .env
+            .iter()
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+                _ => Err(bad_input(format!("--env `{kv}`: expected KEY=VALUE"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let limits = Limits {
+            memory: parse_size(&self.memory)?,
+            timeout: parse_duration(&self.timeout)?,
+            output: parse_size(&self.max_output)?,
+        };
+        Ok(Policy {
+            grants,
+            env,
+            limits,
+        })
+    }
+}
+
+pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
+    let arguments = args.input.arguments()?;
+    let policy = args.sandbox.policy()?;
+    let notebook = Notebook::read(&args.notebook)?;
+    let runtime = Runtime::locate(global.runtime.as_deref())?;
+    let engine = Engine::new(global.cache_dir.clone())?;
+    let sandbox = Sandbox::new(&engine, &runtime)?;
+    let bundle = Bundle::from_notebook(&sandbox, &notebook, &[&args.function])?;
+    for warning in &bundle.warnings {
+        eprintln!("host: warning: {warning}");
+    }
+    let result = call::call(&sandbox, &policy, &bundle, &args.function, &arguments)?;
+    report(result)
+}
+
+/// Prints what the guest printed (on stderr, so stdout stays the result alone), then the
+/// value or the exception.
+pub fn report(result: call::CallResult) -> Result<Exit> {
+    {
+        let mut stderr = std::io::stderr().lock();
+        let _ = stderr.write_all(&result.stdout);
+        let _ = stderr.write_all(&result.stderr);
+    }
+    match result.outcome {
+        Outcome::Returned(value) => {
+            let mut stdout = std::io::stdout().lock();
+            match writeln!(stdout, "{value}").and_then(|()| stdout.flush()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+                _ => {}
+            }
+            Ok(Exit::Success)
+        }
+        Outcome::Raised(exception) => {
+            eprintln!("{exception}");
+            Ok(Exit::FunctionRaised)
+        }
+        Outcome::Limit(limit) => {
+            eprintln!("host: {limit}");
+            Ok(Exit::Limit)
+        }
+        Outcome::Exited(status) => {
+            eprintln!("host: the function ended the interpreter with exit status {status}");
+            Ok(Exit::FunctionRaised)
+        }
+    }
+}

@@ -1,0 +1,722 @@
+//! One call's sandbox: a fresh Wasmtime instance of the interpreter, the capabilities it is
+//! given (grants, environment), the limits it runs under, and the door it talks through.
+//!
+//! Nothing reaches the guest that is not handed to it here: no network (WASI preview 1 has no
+//! way to open a socket, and none is preopened), no host file outside the standard library and
+//! the user's grants, no environment variable not given with `--env`. This module is the one
+//! place host opens host paths on the guest's behalf.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use wasmtime::{Caller, InstancePre, Linker, Module, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+
+use crate::engine::{Engine, TICK};
+use crate::error::bad_input;
+use crate::runtime::Runtime;
+
+/// Where the guest looks for its standard library (`python315.zip`).
+const STDLIB_GUEST_DIR: &str = "/usr/local/lib";
+
+/// A host directory made visible to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub host: PathBuf,
+    /// An absolute guest path, e.g. `/data`.
+    pub guest: String,
+    pub writable: bool,
+}
+
+impl FromStr for Grant {
+    type Err = anyhow::Error;
+
+    /// `HOST_DIR:GUEST_DIR[:ro|rw]`, read-only unless `rw` is said.
+    fn from_str(s: &str) -> Result<Grant> {
+        let usage = || {
+            bad_input(format!(
+                "--grant `{s}`: expected HOST_DIR:GUEST_DIR[:ro|rw], e.g. ./models:/models:ro"
+            ))
+        };
+        let mut parts: Vec<&str> = s.split(':').collect();
+        let writable = match parts.last() {
+            Some(&"rw") if parts.len() == 3 => true,
+            Some(&"ro") if parts.len() == 3 => false,
+            _ if parts.len() == 2 => false,
+            _ => return Err(usage()),
+        };
+        parts.truncate(2);
+        let (host, guest) = (parts[0], parts[1]);
+        if host.is_empty() || guest.is_empty() {
+            return Err(usage());
+        }
+        if !guest.starts_with('/') || guest.split('/').any(|c| c == ".." || c == ".") {
+            return Err(bad_input(format!(
+                "--grant `{s}`: the guest path `{guest}` must be absolute, without `.` or `..`"
+            )));
+        }
+        let guest = match guest.trim_end_matches('/') {
+            "" => "/",
+            g => g,
+        };
+        if guest == "/"
+            || guest == STDLIB_GUEST_DIR
+            || guest.starts_with(&format!("{STDLIB_GUEST_DIR}/"))
+        {
+            return Err(bad_input(format!(
+                "--grant `{s}`: `{guest}` is reserved (the standard library lives at {STDLIB_GUEST_DIR}); choose another guest path"
+            )));
+        }
+        Ok(Grant {
+            host: PathBuf::from(host),
+            guest: guest.to_owned(),
+            writable,
+        })
+    }
+}
+
+/// Resource limits of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Linear memory, in bytes.
+    pub memory: u64,
+    /// Wall-clock time of the call, enforced by epoch interruption.
+    pub timeout: Duration,
+    /// Bytes the guest may write to stdout and stderr together, and bytes of its result.
+    pub output: u64,
+}
+
+impl Default for Limits {
+    /// Safe for many tenants on one machine, roomy enough for pandas on modest data.
+    fn default() -> Limits {
+        Limits {
+            memory: 1 << 30,
+            timeout: Duration::from_secs(30),
+            output: 16 << 20,
+        }
+    }
+}
+
+/// What one call may see and use.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub grants: Vec<Grant>,
+    pub env: Vec<(String, String)>,
+    pub limits: Limits,
+}
+
+/// Which limit ended a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitExceeded {
+    Memory(u64),
+    Time(Duration),
+    Output(u64),
+    Stack,
+}
+
+impl fmt::Display for LimitExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LimitExceeded::Memory(n) => write!(
+                f,
+                "memory limit hit: the call needed more than {} (raise it with --memory)",
+                bytes(*n)
+            ),
+            LimitExceeded::Time(d) => write!(
+                f,
+                "time limit hit: the call ran longer than {:.1}s (raise it with --timeout)",
+                d.as_secs_f64()
+            ),
+            LimitExceeded::Output(n) => write!(
+                f,
+                "output limit hit: the call wrote more than {} (raise it with --max-output)",
+                bytes(*n)
+            ),
+            LimitExceeded::Stack => write!(f, "stack limit hit: the call recursed too deeply"),
+        }
+    }
+}
+
+impl std::error::Error for LimitExceeded {}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{} GiB", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}
+
+/// Parses a size such as `512M`, `2G`, `64KiB` or `1000`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| bad_input(format!("`{s}` is not a size (e.g. 512M, 2G)")))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => {
+            return Err(bad_input(format!(
+                "`{s}`: unknown size unit `{unit}` (use K, M or G)"
+            )));
+        }
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| bad_input(format!("`{s}` is too large")))
+}
+
+/// Parses a duration such as `30s`, `500ms`, `2m` or `10` (seconds).
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: f64 = digits
+        .parse()
+        .map_err(|_| bad_input(format!("`{s}` is not a duration (e.g. 30s, 500ms)")))?;
+    let seconds = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        _ => {
+            return Err(bad_input(format!(
+                "`{s}`: unknown time unit `{unit}` (use ms, s or m)"
+            )));
+        }
+    };
+    if !(seconds > 0.0 && seconds.is_finite()) {
+        return Err(bad_input(format!("`{s}`: the time limit must be positive")));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// The host end of `host::call`: the guest sends a JSON request naming an `op`; the host
+/// answers from what it was given for that op, or keeps what the guest hands back.
+#[derive(Debug, Default, Clone)]
+pub struct Door {
+    answers: HashMap<String, Vec<u8>>,
+    /// What the guest handed back (`output`, `result`, `error`), in order.
+    pub received: Vec<serde_json::Value>,
+}
+
+/// The ops whose requests carry the guest's answer rather than ask for something.
+const HANDED_BACK: &[&str] = &["output", "result", "error"];
+
+impl Door {
+    /// Answers `op` with `value` (as JSON) whenever the guest asks.
+    pub fn answer(mut self, op: &str, value: &impl serde::Serialize) -> Result<Door> {
+        self.answers
+            .insert(op.to_owned(), serde_json::to_vec(value)?);
+        Ok(self)
+    }
+
+    fn handle(&mut self, request: &[u8]) -> Option<Vec<u8>> {
+        let value: serde_json::Value = serde_json::from_slice(request).ok()?;
+        let op = value.get("op")?.as_str()?.to_owned();
+        if let Some(answer) = self.answers.get(&op) {
+            return Some(answer.clone());
+        }
+        if HANDED_BACK.contains(&op.as_str()) {
+            self.received.push(value);
+            return Some(Vec::new());
+        }
+        None
+    }
+}
+
+/// What a run leaves: how it ended, the door's record and the guest's output streams (what
+/// was written before a limit stopped it included).
+#[derive(Debug)]
+pub struct Run {
+    pub ended: Ended,
+    pub door: Door,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// How a run ended, short of a failure of host or the interpreter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Every turn ran to its end.
+    Finished,
+    /// A limit stopped it.
+    Limit(LimitExceeded),
+    /// The guest called WASI's `proc_exit` (Python's `os._exit`).
+    Exit(i32),
+}
+
+/// An interpreter ready to instantiate, with its imports linked once.
+pub struct Sandbox {
+    engine: wasmtime::Engine,
+    runtime: Runtime,
+    pre: InstancePre<State>,
+    native_stack: usize,
+    cache_dir: PathBuf,
+}
+
+/// Per-call store data.
+struct State {
+    wasi: WasiP1Ctx,
+    limiter: Limiter,
+    door: Door,
+    output_limit: u64,
+}
+
+impl Sandbox {
+    /// Loads the runtime's interpreter (compiling it once per machine) and links its imports.
+    pub fn new(engine: &Engine, runtime: &Runtime) -> Result<Sandbox> {
+        let module = engine.interpreter(runtime)?;
+        Self::with_module(engine, runtime, &module)
+    }
+
+    /// A sandbox around an already compiled interpreter module.
+    pub fn with_module(engine: &Engine, runtime: &Runtime, module: &Module) -> Result<Sandbox> {
+        let mut linker: Linker<State> = Linker::new(engine.wasmtime());
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut State| &mut s.wasi)?;
+        linker.func_wrap("host", "call", door_call)?;
+        let pre = linker.instantiate_pre(module)?;
+        Ok(Sandbox {
+            engine: engine.wasmtime().clone(),
+            runtime: runtime.clone(),
+            pre,
+            native_stack: engine.native_stack(),
+            cache_dir: engine.cache_dir().to_owned(),
+        })
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// The per-machine cache folder of the engine this sandbox was made from.
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
+    }
+
+    /// Runs `turns` (Python source, one after another) in a fresh instance under `policy`,
+    /// with `door` answering the guest's requests.
+    ///
+    /// A limit or an exit that ends the run is said in [`Run::ended`]; a turn that fails (which
+    /// host's own guest code never lets happen) or a trap is an internal error quoting the
+    /// guest's stderr.
+    pub fn run(&self, policy: &Policy, door: Door, turns: &[&str]) -> Result<Run> {
+        let streams = Streams::new(policy.limits.output);
+        let wasi = self.wasi(policy, &streams)?;
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("host-call".into())
+                .stack_size(self.native_stack)
+                .spawn_scoped(scope, || {
+                    self.run_on_this_thread(policy, wasi, door, turns, &streams)
+                })
+                .context("failed to start the call's thread")?
+                .join()
+                .map_err(|_| anyhow!("the call's thread panicked"))?
+        })
+    }
+
+    fn run_on_this_thread(
+        &self,
+        policy: &Policy,
+        wasi: WasiP1Ctx,
+        door: Door,
+        turns: &[&str],
+        streams: &Streams,
+    ) -> Result<Run> {
+        let limits = policy.limits;
+        let state = State {
+            wasi,
+            limiter: Limiter {
+                memory: limits.memory,
+            },
+            door,
+            output_limit: limits.output,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        let ticks = (limits.timeout.as_nanos() / TICK.as_nanos()).max(1) as u64;
+        store.set_epoch_deadline(ticks + 1);
+        store.epoch_deadline_trap();
+
+        let outcome = (|| -> wasmtime::Result<()> {
+            let instance = self.pre.instantiate(&mut store)?;
+            if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+                init.call(&mut store, ())?;
+            }
+            let alloc = instance.get_typed_func::<i32, i32>(&mut store, "host_alloc")?;
+            let turn = instance.get_typed_func::<(i32, i32), i32>(&mut store, "turn")?;
+            let memory = instance
+                .get_memory(&mut store, "memory")
+                .ok_or_else(|| wasmtime::format_err!("the interpreter exports no memory"))?;
+            for source in turns {
+                let len = i32::try_from(source.len())
+                    .map_err(|_| wasmtime::format_err!("turn too large"))?;
+                let ptr = alloc.call(&mut store, len)?;
+                memory.write(&mut store, ptr as u32 as usize, source.as_bytes())?;
+                let status = turn.call(&mut store, (ptr, len))?;
+                if status != 0 {
+                    return Err(wasmtime::format_err!(
+                        "a turn of host's guest code failed (status {status})"
+                    ));
+                }
+            }
+            Ok(())
+        })();
+
+        let (stdout, stderr) = streams.take();
+        let ended = match outcome {
+            Ok(()) => Ended::Finished,
+            Err(e) => classify(e, &limits, &stderr)?,
+        };
+        Ok(Run {
+            ended,
+            door: store.into_data().door,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// The WASI context: the standard library read-only, the grants, the given environment,
+    /// capped output streams, an empty stdin, and nothing else.
+    fn wasi(&self, policy: &Policy, streams: &Streams) -> Result<WasiP1Ctx> {
+        let mut b = WasiCtxBuilder::new();
+        b.stdout(streams.handle(Which::Stdout))
+            .stderr(streams.handle(Which::Stderr))
+            .allow_blocking_current_thread(true)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        for (k, v) in &policy.env {
+            b.env(k, v);
+        }
+        b.preopened_dir(
+            self.runtime.stdlib_dir(),
+            STDLIB_GUEST_DIR,
+            FsPerms::ReadOnly,
+        )
+        .map_err(anyhow::Error::from)
+        .with_context(|| {
+            format!(
+                "failed to open the runtime's `{}`",
+                self.runtime.stdlib_dir().display()
+            )
+        })?;
+        for grant in &policy.grants {
+            check_grant_dir(&grant.host)?;
+            let perms = if grant.writable {
+                FsPerms::ReadWrite
+            } else {
+                FsPerms::ReadOnly
+            };
+            b.preopened_dir(&grant.host, &grant.guest, perms)
+                .map_err(|e| {
+                    bad_input(format!(
+                        "--grant: cannot open `{}`: {e}",
+                        grant.host.display()
+                    ))
+                })?;
+        }
+        Ok(b.build_p1())
+    }
+}
+
+fn check_grant_dir(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(bad_input(format!(
+            "--grant: `{}` is not a directory",
+            path.display()
+        ))),
+        Err(e) => Err(bad_input(format!(
+            "--grant: cannot open `{}`: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Sorts a failed run: a limit by name, an exit, or else an internal error.
+fn classify(e: wasmtime::Error, limits: &Limits, stderr: &[u8]) -> Result<Ended> {
+    if let Some(limit) = e.downcast_ref::<LimitExceeded>() {
+        return Ok(Ended::Limit(*limit));
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => return Ok(Ended::Limit(LimitExceeded::Time(limits.timeout))),
+        Some(Trap::StackOverflow) => return Ok(Ended::Limit(LimitExceeded::Stack)),
+        _ => {}
+    }
+    if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return Ok(Ended::Exit(exit.0));
+    }
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+    Err(anyhow::Error::from(e).context(format!("the interpreter failed; its last output:\n{tail}")))
+}
+
+/// `host::call(ptr, len, out_ptr_ptr, out_len_ptr) -> i32`: 0 with the answer written to
+/// memory from the guest's `host_alloc`; -2 when the request is malformed or unknown.
+fn door_call(
+    mut caller: Caller<'_, State>,
+    ptr: i32,
+    len: i32,
+    out_ptr_ptr: i32,
+    out_len_ptr: i32,
+) -> wasmtime::Result<i32> {
+    const FAULT: i32 = -2;
+    let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+        return Ok(FAULT);
+    };
+    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
+    if len as u64 > caller.data().output_limit {
+        return Err(wasmtime::Error::new(LimitExceeded::Output(
+            caller.data().output_limit,
+        )));
+    }
+    let mut request = vec![0; len];
+    if memory.read(&caller, ptr, &mut request).is_err() {
+        return Ok(FAULT);
+    }
+    let Some(answer) = caller.data_mut().door.handle(&request) else {
+        return Ok(FAULT);
+    };
+    let Some(alloc) = caller.get_export("host_alloc").and_then(|e| e.into_func()) else {
+        return Ok(FAULT);
+    };
+    let alloc = alloc.typed::<i32, i32>(&caller)?;
+    let out = alloc.call(&mut caller, answer.len().max(1) as i32)? as u32 as usize;
+    if out == 0 || memory.write(&mut caller, out, &answer).is_err() {
+        return Ok(FAULT);
+    }
+    let addr = (out as u32).to_le_bytes();
+    let size = (answer.len() as u32).to_le_bytes();
+    if memory
+        .write(&mut caller, out_ptr_ptr as u32 as usize, &addr)
+        .is_err()
+        || memory
+            .write(&mut caller, out_len_ptr as u32 as usize, &size)
+            .is_err()
+    {
+        return Ok(FAULT);
+    }
+    Ok(0)
+}
+
+/// Caps linear memory; growing past the cap ends the call at once, naming the limit, rather
+/// than handing Python a `MemoryError` it might swallow.
+struct Limiter {
+    memory: u64,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired as u64 > self.memory {
+            return Err(wasmtime::Error::new(LimitExceeded::Memory(self.memory)));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 10_000_000)
+    }
+}
+
+/// The guest's stdout and stderr, captured in memory under one shared byte budget.
+#[derive(Clone)]
+struct Streams(Arc<Mutex<Captured>>);
+
+#[derive(Default)]
+struct Captured {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    budget: u64,
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Clone)]
+struct StreamHandle {
+    streams: Streams,
+    which: Which,
+}
+
+impl Streams {
+    fn new(budget: u64) -> Streams {
+        Streams(Arc::new(Mutex::new(Captured {
+            budget,
+            ..Default::default()
+        })))
+    }
+
+    fn handle(&self, which: Which) -> StreamHandle {
+        StreamHandle {
+            streams: self.clone(),
+            which,
+        }
+    }
+
+    fn take(&self) -> (Vec<u8>, Vec<u8>) {
+        let mut c = self.0.lock().unwrap();
+        (std::mem::take(&mut c.stdout), std::mem::take(&mut c.stderr))
+    }
+
+    fn write(&self, which: Which, bytes: &[u8]) -> Result<(), LimitExceeded> {
+        let mut c = self.0.lock().unwrap();
+        let used = (c.stdout.len() + c.stderr.len()) as u64;
+        let room = c.budget.saturating_sub(used) as usize;
+        let limit = c.budget;
+        let buf = match which {
+            Which::Stdout => &mut c.stdout,
+            Which::Stderr => &mut c.stderr,
+        };
+        // Keep what fits, so the user sees the start of the flood.
+        buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        if bytes.len() > room {
+            Err(LimitExceeded::Output(limit))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl IsTerminal for StreamHandle {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for StreamHandle {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for StreamHandle {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for StreamHandle {
+    fn write(&mut self, bytes: bytes::Bytes) -> Result<(), StreamError> {
+        self.streams
+            .write(self.which, &bytes)
+            .map_err(|limit| StreamError::Trap(wasmtime::Error::new(limit)))
+    }
+
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        Ok(1 << 20)
+    }
+}
+
+impl tokio::io::AsyncWrite for StreamHandle {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(
+            self.streams
+                .write(self.which, buf)
+                .map(|()| buf.len())
+                .map_err(|limit| std::io::Error::other(limit.to_string())),
+        )
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_parse_with_modes_and_refuse_bad_guest_paths() {
+        let g: Grant = "./models:/models".parse().unwrap();
+        assert_eq!((g.guest.as_str(), g.writable), ("/models", false));
+        let g: Grant = "/tmp/out:/out/:rw".parse().unwrap();
+        assert_eq!((g.guest.as_str(), g.writable), ("/out", true));
+        for bad in [
+            "nocolon",
+            "a:relative",
+            "a:/x:rx",
+            "a:/../etc",
+            "a:/",
+            "a:/usr/local/lib",
+            ":/x",
+            "a:/x:ro:rw",
+        ] {
+            assert!(bad.parse::<Grant>().is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("12X").is_err());
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("1h").is_err());
+    }
+
+    #[test]
+    fn output_budget_is_shared_and_keeps_what_fits() {
+        let s = Streams::new(10);
+        s.write(Which::Stdout, b"hello").unwrap();
+        assert_eq!(
+            s.write(Which::Stderr, b"world!!"),
+            Err(LimitExceeded::Output(10))
+        );
+        let (out, err) = s.take();
+        assert_eq!(
+            (out.as_slice(), err.as_slice()),
+            (&b"hello"[..], &b"world"[..])
+        );
+    }
+}
