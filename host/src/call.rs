@@ -68,12 +68,12 @@ impl Arguments {
         };
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| bad_input(format!("input {name} is not valid JSON: {e}")))?;
-        if let Value::Object(o) = &value {
-            if let Some(k) = o.keys().find(|k| *k != "args" && *k != "kwargs") {
-                return Err(bad_input(format!(
-                    "input {name} has an unknown key `{k}`: expected {{\"args\": [...], \"kwargs\": {{...}}}}"
-                )));
-            }
+        if let Value::Object(o) = &value
+            && let Some(k) = o.keys().find(|k| *k != "args" && *k != "kwargs")
+        {
+            return Err(bad_input(format!(
+                "input {name} has an unknown key `{k}`: expected {{\"args\": [...], \"kwargs\": {{...}}}}"
+            )));
         }
         serde_json::from_value(value).map_err(|e| {
             bad_input(format!(

@@ -153,10 +153,10 @@ pub fn analyse(sandbox: &Sandbox, notebook: &Notebook) -> Result<Analysis> {
         .cache_dir()
         .join("analysis")
         .join(format!("{}.json", hex::encode(h.finalize())));
-    if let Ok(bytes) = std::fs::read(&cached) {
-        if let Ok(analysis) = serde_json::from_slice(&bytes) {
-            return Ok(analysis);
-        }
+    if let Ok(bytes) = std::fs::read(&cached)
+        && let Ok(analysis) = serde_json::from_slice(&bytes)
+    {
+        return Ok(analysis);
     }
     // host's own code runs here, not the user's: generous limits, and no grants.
     let policy = Policy {
@@ -263,12 +263,12 @@ impl Extraction {
         let mut names = Vec::new();
         for cell in &self.analysis.cells {
             for stmt in &cell.statements {
-                if stmt.function && stmt.kind.is_kept() {
-                    if let Some(name) = stmt.name.as_deref() {
-                        if seen.insert(name) {
-                            names.push(name);
-                        }
-                    }
+                if stmt.function
+                    && stmt.kind.is_kept()
+                    && let Some(name) = stmt.name.as_deref()
+                    && seen.insert(name)
+                {
+                    names.push(name);
                 }
             }
         }
@@ -311,6 +311,11 @@ impl Extraction {
                 continue;
             }
             let stmt = self.statement(id);
+            if stmt.kind == Kind::Export {
+                // A cell tagged `export` runs whole or not at all.
+                let cell = &self.analysis.cells[id.0];
+                work.extend((0..cell.statements.len()).map(|s| (id.0, s)));
+            }
             if !stmt.magic_lines.is_empty() {
                 warnings.push(format!(
                     "{}, cell {}: magic or shell lines inside `{}` (lines {}) are not run: IPython is not in the sandbox",

@@ -82,10 +82,10 @@ impl Notebook {
                 raw.nbformat
             );
         }
-        if let Some(language) = raw.metadata.language() {
-            if !language.eq_ignore_ascii_case("python") {
-                bail!("has a {language} kernel; host runs Python notebooks only");
-            }
+        if let Some(language) = raw.metadata.language()
+            && !language.eq_ignore_ascii_case("python")
+        {
+            bail!("has a {language} kernel; host runs Python notebooks only");
         }
         let cells = raw
             .cells

@@ -36,7 +36,7 @@ pub struct GlobalOptions {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Call one function of a notebook and print its return value as JSON.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Compile the Python runtime for this machine now, so the first call does not wait.
     Prepare,
 }

@@ -120,8 +120,12 @@ pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
 pub fn report(result: call::CallResult) -> Result<Exit> {
     {
         let mut stderr = std::io::stderr().lock();
-        let _ = stderr.write_all(&result.stdout);
-        let _ = stderr.write_all(&result.stderr);
+        for stream in [&result.stdout, &result.stderr] {
+            let _ = stderr.write_all(stream);
+            if stream.last().is_some_and(|&b| b != b'\n') {
+                let _ = stderr.write_all(b"\n");
+            }
+        }
     }
     match result.outcome {
         Outcome::Returned(value) => {

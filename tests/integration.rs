@@ -1,0 +1,19 @@
+//! Integration tests: the real `host` binary, the real Python runtime, real Wasmtime.
+//!
+//! Each test makes its own temporary directory and notebook. The runtime is compiled once
+//! (and cached on disk) before the first test that needs it.
+
+mod common;
+
+/// Arguments in, JSON out, exceptions and exit codes.
+mod calling;
+/// `host run` on the example notebooks in `notebooks/`, as `make demo` runs them.
+mod examples;
+/// Which statements are kept, the dependency closure, and the refusals.
+mod extraction;
+/// Memory, time and output limits.
+mod limits;
+/// Reading `.ipynb` files, good and broken.
+mod notebooks;
+/// What the sandbox lets the function see: grants, escapes, environment, network.
+mod sandbox;
