@@ -223,6 +223,7 @@ def load():
 def invoke():
     """Call the requested function with the host's arguments and report what happened."""
     call = _door({"op": "call"})
+    _fresh_process_state(call.get("env", {}))
     name = call["function"]
     function = getattr(_module, name, None)
     if not callable(function):
@@ -241,6 +242,23 @@ def invoke():
         _door({"op": "error", "phase": "result", "type": "TypeError", "message": str(e), "frames": []})
         return
     _host.call(b'{"op":"result","value":' + encoded.encode() + b"}")
+
+
+def _fresh_process_state(env):
+    """What a fresh process would have, for a call that starts from a pre-initialised image:
+    the call's own environment (the image holds the environment of the instance that made it),
+    and fresh random state (the generators seeded while the bundle loaded would otherwise start
+    every call from the same state; reseeding draws from the sandbox's random source, as a
+    fresh import would)."""
+    import os
+
+    os.environ.clear()
+    os.environ.update(env)
+    if "random" in sys.modules:
+        sys.modules["random"].seed()
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        numpy_random.seed()
 
 
 def _drive(coroutine):

@@ -1,25 +1,64 @@
-//! A bundle: the source a set of functions needs, extracted from a notebook, ready to load
-//! into the interpreter.
+//! A bundle: the source a set of functions needs, extracted from a notebook, with a manifest.
+//!
+//! A bundle is small (kilobytes: source and metadata, never the interpreter), self-contained
+//! (calling it needs no notebook) and content-addressed: its [`Bundle::version`] is a hash of
+//! the extracted source, the functions and the runtime's hash, so the same notebook content
+//! always makes the same version, and anything that changes what runs changes it.
 
-use anyhow::Result;
-use serde::Serialize;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::error::bad_input;
-use crate::extract::{self, Chunk, Extraction};
+use crate::extract::{self, Chunk, Extraction, StatementSummary};
 use crate::notebook::Notebook;
 use crate::sandbox::Sandbox;
 
+/// The `format` field of a bundle file.
+pub const FORMAT: &str = "host-bundle/1";
+
 /// Extracted source and what it offers.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Bundle {
+    pub format: String,
+    /// sha256 of the notebook name, the kept source, the functions and the runtime's hash.
+    pub version: String,
+    pub manifest: Manifest,
+    /// The kept source, cell by cell, each line at its notebook line number.
+    pub chunks: Vec<Chunk>,
+}
+
+/// What a bundle records about where it came from and what it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
     /// The notebook's file name, which tracebacks show.
     pub notebook: String,
+    /// sha256 of the notebook file's bytes.
+    pub notebook_sha256: String,
     /// The functions this bundle can call.
     pub functions: Vec<String>,
-    /// The kept source, cell by cell.
-    pub chunks: Vec<Chunk>,
+    /// sha256 of the runtime wheel the bundle was made for.
+    pub runtime_sha256: String,
+    /// The version of host that made it.
+    pub host_version: String,
+    /// When it was made (UTC, RFC 3339). Not part of the version.
+    pub created: String,
+    /// A free-form label (`--label`), e.g. a release name. Not part of the version.
+    pub label: Option<String>,
+    /// For each function, the statements it needs: the source map from the bundle back to
+    /// the notebook's cells and lines.
+    pub closures: Vec<FunctionClosure>,
     /// What extraction noticed that does not stop a call.
     pub warnings: Vec<String>,
+}
+
+/// One function's dependency closure, as the manifest records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionClosure {
+    pub function: String,
+    pub statements: Vec<StatementSummary>,
 }
 
 /// What the guest's `load()` asks for.
@@ -29,45 +68,267 @@ pub struct LoadRequest<'a> {
     chunks: &'a [Chunk],
 }
 
+/// How to pick the functions of a new bundle.
+#[derive(Debug, Clone, Copy)]
+pub enum Select<'a> {
+    /// These functions; any that cannot be extracted is an error.
+    Only(&'a [&'a str]),
+    /// Every function the notebook defines whose dependencies can be extracted; the others
+    /// are left out with a warning.
+    All,
+}
+
 impl Bundle {
-    /// Extracts `functions` (and what they need) from `notebook`.
+    /// Extracts functions (and what they need) from `notebook`.
     pub fn from_notebook(
         sandbox: &Sandbox,
         notebook: &Notebook,
-        functions: &[&str],
+        select: Select<'_>,
+        label: Option<&str>,
     ) -> Result<Bundle> {
         let analysis = extract::analyse(sandbox, notebook)?;
         let extraction = Extraction::new(notebook, analysis);
-        Self::from_extraction(&extraction, functions)
+        let mut warnings = Vec::new();
+        let functions: Vec<&str> = match select {
+            Select::Only(functions) => functions.to_vec(),
+            Select::All => {
+                let all = extraction.functions();
+                let callable: Vec<&str> = all
+                    .iter()
+                    .copied()
+                    .filter(|f| extraction.closure(f).is_ok())
+                    .collect();
+                for f in all.iter().filter(|f| !callable.contains(f)) {
+                    let why = extraction.closure(f).unwrap_err();
+                    warnings.push(format!("`{f}` is left out of the bundle: {why:#}"));
+                }
+                if callable.is_empty() {
+                    return Err(bad_input(format!(
+                        "{} has no function host can extract{}",
+                        notebook.name,
+                        warnings
+                            .iter()
+                            .map(|w| format!("\n  {w}"))
+                            .collect::<String>()
+                    )));
+                }
+                callable
+            }
+        };
+        let closure = extraction.closure_of(&functions)?;
+        warnings.extend(closure.warnings.iter().cloned());
+        let closures = functions
+            .iter()
+            .map(|f| -> Result<FunctionClosure> {
+                Ok(FunctionClosure {
+                    function: f.to_string(),
+                    statements: extraction.summary(&extraction.closure(f)?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let chunks = extraction.source(&closure);
+        let functions: Vec<String> = functions.iter().map(|f| f.to_string()).collect();
+        let runtime_sha256 = sandbox.runtime().sha256().to_owned();
+        let version = version(&notebook.name, &chunks, &functions, &runtime_sha256);
+        Ok(Bundle {
+            format: FORMAT.to_owned(),
+            version,
+            manifest: Manifest {
+                notebook: notebook.name.clone(),
+                notebook_sha256: notebook.sha256.clone(),
+                functions,
+                runtime_sha256,
+                host_version: env!("CARGO_PKG_VERSION").to_owned(),
+                created: now_rfc3339(),
+                label: label.map(str::to_owned),
+                closures,
+                warnings,
+            },
+            chunks,
+        })
     }
 
-    /// The bundle of `functions` from an analysed notebook.
-    pub fn from_extraction(extraction: &Extraction, functions: &[&str]) -> Result<Bundle> {
-        let closure = extraction.closure_of(functions)?;
-        Ok(Bundle {
-            notebook: extraction.notebook.clone(),
-            functions: functions.iter().map(|f| f.to_string()).collect(),
-            chunks: extraction.source(&closure),
-            warnings: closure.warnings,
-        })
+    /// A bundle from a path that holds either a bundle or a notebook (which is extracted now,
+    /// its analysis cached by content).
+    pub fn open(sandbox: &Sandbox, path: &Path, select: Select<'_>) -> Result<Bundle> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            bad_input(format!(
+                "cannot read notebook or bundle `{}`: {e}",
+                path.display()
+            ))
+        })?;
+        if Self::sniff(&bytes) {
+            let bundle = Self::parse(path, &bytes)?;
+            if let Select::Only(functions) = select {
+                for f in functions {
+                    bundle.check_function(f)?;
+                }
+            }
+            return Ok(bundle);
+        }
+        let notebook = Notebook::parse(path, &bytes)?;
+        Self::from_notebook(sandbox, &notebook, select, None)
+    }
+
+    /// Reads a bundle file and checks that its content matches its version.
+    pub fn read(path: &Path) -> Result<Bundle> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| bad_input(format!("cannot read bundle `{}`: {e}", path.display())))?;
+        Self::parse(path, &bytes)
+    }
+
+    /// Parses bundle bytes; `path` names the bundle in messages.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Bundle> {
+        let bundle: Bundle = serde_json::from_slice(bytes)
+            .map_err(|e| bad_input(format!("`{}` is not a host bundle: {e}", path.display())))?;
+        if bundle.format != FORMAT {
+            return Err(bad_input(format!(
+                "`{}` is a bundle of format `{}`; this host reads `{FORMAT}`",
+                path.display(),
+                bundle.format
+            )));
+        }
+        let m = &bundle.manifest;
+        let expected = version(&m.notebook, &bundle.chunks, &m.functions, &m.runtime_sha256);
+        if expected != bundle.version {
+            return Err(bad_input(format!(
+                "bundle `{}` was changed after it was made: its content hashes to {expected}, not to its version {}",
+                path.display(),
+                bundle.version
+            )));
+        }
+        Ok(bundle)
+    }
+
+    /// Writes the bundle as JSON.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let mut text = serde_json::to_string_pretty(self)?;
+        text.push('\n');
+        std::fs::write(path, text)
+            .with_context(|| format!("failed to write bundle `{}`", path.display()))
+    }
+
+    /// Refuses a bundle made for another runtime: its source was analysed, and will be
+    /// snapshotted, by that runtime's interpreter.
+    pub fn check_runtime(&self, sandbox: &Sandbox) -> Result<()> {
+        if self.manifest.runtime_sha256 == sandbox.runtime().sha256() {
+            return Ok(());
+        }
+        Err(bad_input(format!(
+            "this bundle of {} was made for runtime {}, and this host runs {}: make it again with `host bundle`",
+            self.manifest.notebook,
+            short(&self.manifest.runtime_sha256),
+            short(sandbox.runtime().sha256())
+        )))
     }
 
     pub fn load_request(&self) -> LoadRequest<'_> {
         LoadRequest {
-            notebook: &self.notebook,
+            notebook: &self.manifest.notebook,
             chunks: &self.chunks,
         }
     }
 
     /// Refuses a function the bundle was not made for.
     pub fn check_function(&self, function: &str) -> Result<()> {
-        if self.functions.iter().any(|f| f == function) {
+        if self.manifest.functions.iter().any(|f| f == function) {
             return Ok(());
         }
         Err(bad_input(format!(
             "this bundle of {} offers {}, not `{function}`",
-            self.notebook,
-            self.functions.join(", ")
+            self.manifest.notebook,
+            self.manifest.functions.join(", ")
         )))
+    }
+
+    /// Whether these bytes look like a bundle rather than a notebook.
+    pub fn sniff(bytes: &[u8]) -> bool {
+        #[derive(Deserialize)]
+        struct Probe {
+            format: Option<String>,
+        }
+        serde_json::from_slice::<Probe>(bytes)
+            .is_ok_and(|p| p.format.is_some_and(|f| f.starts_with("host-bundle/")))
+    }
+}
+
+/// The content hash that names a bundle.
+fn version(notebook: &str, chunks: &[Chunk], functions: &[String], runtime_sha256: &str) -> String {
+    #[derive(Serialize)]
+    struct Versioned<'a> {
+        notebook: &'a str,
+        chunks: &'a [Chunk],
+        functions: &'a [String],
+        runtime_sha256: &'a str,
+    }
+    let canonical = serde_json::to_vec(&Versioned {
+        notebook,
+        chunks,
+        functions,
+        runtime_sha256,
+    })
+    .unwrap();
+    hex::encode(Sha256::digest(canonical))
+}
+
+/// The first 12 hex digits: enough to tell versions apart in messages and file names.
+pub fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
+}
+
+/// The current UTC time as RFC 3339, to the second.
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_change_with_what_runs_only() {
+        let chunks = vec![Chunk {
+            cell: 2,
+            text: "def f():\n    return 1\n".into(),
+        }];
+        let v = version("nb.ipynb", &chunks, &["f".into()], "abc");
+        assert_eq!(v, version("nb.ipynb", &chunks, &["f".into()], "abc"));
+        assert_ne!(v, version("nb.ipynb", &chunks, &["f".into()], "abd"));
+        assert_ne!(
+            v,
+            version("nb.ipynb", &chunks, &["f".into(), "g".into()], "abc")
+        );
+        let changed = vec![Chunk {
+            cell: 2,
+            text: "def f():\n    return 2\n".into(),
+        }];
+        assert_ne!(v, version("nb.ipynb", &changed, &["f".into()], "abc"));
+    }
+
+    #[test]
+    fn rfc3339_has_the_right_shape() {
+        let now = now_rfc3339();
+        assert_eq!(now.len(), 20, "{now}");
+        assert!(now.starts_with("20") && now.ends_with('Z'));
     }
 }

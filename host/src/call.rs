@@ -1,5 +1,6 @@
 //! Calling one function of a bundle: the arguments in, the value or the exception out.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
@@ -7,9 +8,9 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::bundle::Bundle;
 use crate::error::bad_input;
 use crate::sandbox::{Door, Ended, LimitExceeded, Policy, Sandbox};
+use crate::snapshot::Prepared;
 
 /// The guest's half of host, run as the first turn of every instance.
 pub const GUEST_SOURCE: &str = include_str!("../../guest-python/guest.py");
@@ -158,31 +159,42 @@ pub struct CallResult {
 #[derive(Serialize)]
 struct CallRequest<'a> {
     function: &'a str,
+    env: BTreeMap<&'a str, &'a str>,
     args: &'a [Value],
     kwargs: &'a Map<String, Value>,
 }
 
-/// Calls `function` of `bundle` in a fresh instance: runs the bundle's kept source, then the
-/// function with `arguments`.
+/// Calls `function` of a prepared bundle in a fresh instance: from the bundle's
+/// pre-initialised image when it has one, else loading the bundle's source first.
 pub fn call(
     sandbox: &Sandbox,
     policy: &Policy,
-    bundle: &Bundle,
+    prepared: &Prepared,
     function: &str,
     arguments: &Arguments,
 ) -> Result<CallResult> {
+    let bundle = &prepared.bundle;
     bundle.check_function(function)?;
-    let door = Door::default()
-        .answer("bundle", &bundle.load_request())?
-        .answer(
-            "call",
-            &CallRequest {
-                function,
-                args: &arguments.args,
-                kwargs: &arguments.kwargs,
-            },
-        )?;
-    let run = sandbox.run(policy, door, &[GUEST_SOURCE, "if load():\n    invoke()\n"])?;
+    let door = Door::default().answer(
+        "call",
+        &CallRequest {
+            function,
+            env: policy
+                .env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            args: &arguments.args,
+            kwargs: &arguments.kwargs,
+        },
+    )?;
+    let run = match &prepared.image {
+        Some(image) => sandbox.run_image(image, policy, door, &["invoke()\n"])?,
+        None => {
+            let door = door.answer("bundle", &bundle.load_request())?;
+            sandbox.run(policy, door, &[GUEST_SOURCE, "if load():\n    invoke()\n"])?
+        }
+    };
     let outcome = match run.ended {
         Ended::Finished => outcome(&run.door.received)?,
         Ended::Limit(limit) => Outcome::Limit(limit),

@@ -202,6 +202,20 @@ pub struct Chunk {
     pub text: String,
 }
 
+/// A statement as `host inspect` and a bundle's manifest show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatementSummary {
+    pub cell: usize,
+    /// First and last line in the cell.
+    pub lines: [usize; 2],
+    pub kind: Kind,
+    pub kept: bool,
+    pub reason: String,
+    pub binds: Vec<String>,
+    /// The statement's first line of source.
+    pub text: String,
+}
+
 /// A function's dependency closure: the statements to run, in notebook order.
 #[derive(Debug, Clone)]
 pub struct Closure {
@@ -251,6 +265,40 @@ impl Extraction {
 
     pub fn statement(&self, id: StatementId) -> &Statement {
         &self.analysis.cells[id.0].statements[id.1]
+    }
+
+    /// How a statement is shown to a user.
+    pub fn summarize(&self, id: StatementId) -> StatementSummary {
+        let stmt = self.statement(id);
+        let cell = &self.analysis.cells[id.0];
+        StatementSummary {
+            cell: cell.index,
+            lines: [stmt.span[0], stmt.span[2]],
+            kind: stmt.kind,
+            kept: stmt.kind.is_kept(),
+            reason: stmt.kind.reason().to_owned(),
+            binds: stmt.binds.clone(),
+            text: self.first_line(id).to_owned(),
+        }
+    }
+
+    /// The statements of a closure, in notebook order.
+    pub fn summary(&self, closure: &Closure) -> Vec<StatementSummary> {
+        closure
+            .statements
+            .iter()
+            .map(|&id| self.summarize(id))
+            .collect()
+    }
+
+    fn first_line(&self, id: StatementId) -> &str {
+        let cell = &self.analysis.cells[id.0];
+        let line = self.statement(id).span[0];
+        cell.text
+            .as_deref()
+            .and_then(|t| t.lines().nth(line - 1))
+            .map(str::trim)
+            .unwrap_or_default()
     }
 
     fn cell_number(&self, id: StatementId) -> usize {
@@ -446,12 +494,7 @@ impl Extraction {
         let stmt = self.statement(binder);
         let cell = &self.analysis.cells[binder.0];
         let line = stmt.span[0];
-        let text = cell
-            .text
-            .as_deref()
-            .and_then(|t| t.lines().nth(line - 1))
-            .map(str::trim)
-            .unwrap_or_default();
+        let text = self.first_line(binder);
         bad_input(format!(
             "{} uses the global `{name}`, which only dropped {} binds: {}, cell {}, line {line}: `{text}`\n  \
              host never runs top-level code. Tag cell {} `export` to keep it, or move that code into a function \

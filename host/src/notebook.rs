@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 use crate::error::UserError;
 
@@ -18,6 +19,8 @@ pub struct Notebook {
     pub name: String,
     /// Where it was read from.
     pub path: PathBuf,
+    /// sha256 of the file's bytes.
+    pub sha256: String,
     /// Every cell, markdown and raw included, so cell numbers match what a user counts.
     pub cells: Vec<Cell>,
 }
@@ -71,11 +74,12 @@ impl Notebook {
             };
             UserError::BadInput(format!("notebook `{}` {what}: {e}", path.display()))
         })?;
-        Self::from_raw(path, name, raw)
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        Self::from_raw(path, name, sha256, raw)
             .map_err(|e| UserError::BadInput(format!("notebook `{}` {e:#}", path.display())).into())
     }
 
-    fn from_raw(path: &Path, name: String, raw: RawNotebook) -> Result<Notebook> {
+    fn from_raw(path: &Path, name: String, sha256: String, raw: RawNotebook) -> Result<Notebook> {
         if raw.nbformat != 4 {
             bail!(
                 "is nbformat {}; host reads nbformat 4 (re-save it with a current Jupyter)",
@@ -110,6 +114,7 @@ impl Notebook {
         Ok(Notebook {
             name,
             path: path.to_owned(),
+            sha256,
             cells,
         })
     }

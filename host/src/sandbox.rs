@@ -24,7 +24,8 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::engine::{Engine, TICK};
 use crate::error::bad_input;
-use crate::runtime::Runtime;
+use crate::runtime::{RESET_PREOPENS, Runtime};
+use crate::snapshot::Image;
 
 /// Where the guest looks for its standard library (`python315.zip`).
 const STDLIB_GUEST_DIR: &str = "/usr/local/lib";
@@ -271,8 +272,17 @@ pub struct Sandbox {
     cache_dir: PathBuf,
 }
 
+/// Where an instance's memory starts.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// The interpreter module's own initial memory.
+    Fresh,
+    /// A pre-initialised image of a bundle.
+    Image(&'a Image),
+}
+
 /// Per-call store data.
-struct State {
+pub(crate) struct State {
     wasi: WasiP1Ctx,
     limiter: Limiter,
     door: Door,
@@ -317,14 +327,58 @@ impl Sandbox {
     /// host's own guest code never lets happen) or a trap is an internal error quoting the
     /// guest's stderr.
     pub fn run(&self, policy: &Policy, door: Door, turns: &[&str]) -> Result<Run> {
+        Ok(self.execute(Start::Fresh, policy, door, turns, false)?.0)
+    }
+
+    /// Like [`Sandbox::run`], but the instance starts from a pre-initialised memory image
+    /// instead of the interpreter's own initial state.
+    pub fn run_image(
+        &self,
+        image: &Image,
+        policy: &Policy,
+        door: Door,
+        turns: &[&str],
+    ) -> Result<Run> {
+        Ok(self
+            .execute(Start::Image(image), policy, door, turns, false)?
+            .0)
+    }
+
+    /// Like [`Sandbox::run`], and also returns the linear memory as the turns left it.
+    pub(crate) fn capture(
+        &self,
+        policy: &Policy,
+        door: Door,
+        turns: &[&str],
+    ) -> Result<(Run, Option<Vec<u8>>)> {
+        self.execute(Start::Fresh, policy, door, turns, true)
+    }
+
+    fn execute(
+        &self,
+        start: Start<'_>,
+        policy: &Policy,
+        door: Door,
+        turns: &[&str],
+        capture: bool,
+    ) -> Result<(Run, Option<Vec<u8>>)> {
         let streams = Streams::new(policy.limits.output);
         let wasi = self.wasi(policy, &streams)?;
+        let state = State {
+            wasi,
+            limiter: Limiter {
+                memory: policy.limits.memory,
+            },
+            door,
+            output_limit: policy.limits.output,
+        };
+        // CPython's deep recursion needs a large native stack under the wasm one.
         std::thread::scope(|scope| {
             std::thread::Builder::new()
                 .name("host-call".into())
                 .stack_size(self.native_stack)
                 .spawn_scoped(scope, || {
-                    self.run_on_this_thread(policy, wasi, door, turns, &streams)
+                    self.execute_here(start, &policy.limits, state, turns, &streams, capture)
                 })
                 .context("failed to start the call's thread")?
                 .join()
@@ -332,39 +386,42 @@ impl Sandbox {
         })
     }
 
-    fn run_on_this_thread(
+    fn execute_here(
         &self,
-        policy: &Policy,
-        wasi: WasiP1Ctx,
-        door: Door,
+        start: Start<'_>,
+        limits: &Limits,
+        state: State,
         turns: &[&str],
         streams: &Streams,
-    ) -> Result<Run> {
-        let limits = policy.limits;
-        let state = State {
-            wasi,
-            limiter: Limiter {
-                memory: limits.memory,
-            },
-            door,
-            output_limit: limits.output,
-        };
+        capture: bool,
+    ) -> Result<(Run, Option<Vec<u8>>)> {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
         let ticks = (limits.timeout.as_nanos() / TICK.as_nanos()).max(1) as u64;
         store.set_epoch_deadline(ticks + 1);
         store.epoch_deadline_trap();
 
+        let mut captured = None;
         let outcome = (|| -> wasmtime::Result<()> {
             let instance = self.pre.instantiate(&mut store)?;
-            if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
-                init.call(&mut store, ())?;
-            }
-            let alloc = instance.get_typed_func::<i32, i32>(&mut store, "host_alloc")?;
-            let turn = instance.get_typed_func::<(i32, i32), i32>(&mut store, "turn")?;
             let memory = instance
                 .get_memory(&mut store, "memory")
                 .ok_or_else(|| wasmtime::format_err!("the interpreter exports no memory"))?;
+            match start {
+                Start::Fresh => {
+                    if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+                        init.call(&mut store, ())?;
+                    }
+                }
+                Start::Image(image) => {
+                    image.map_into(&mut store, memory)?;
+                    instance
+                        .get_typed_func::<(), ()>(&mut store, RESET_PREOPENS)?
+                        .call(&mut store, ())?;
+                }
+            }
+            let alloc = instance.get_typed_func::<i32, i32>(&mut store, "host_alloc")?;
+            let turn = instance.get_typed_func::<(i32, i32), i32>(&mut store, "turn")?;
             for source in turns {
                 let len = i32::try_from(source.len())
                     .map_err(|_| wasmtime::format_err!("turn too large"))?;
@@ -377,20 +434,26 @@ impl Sandbox {
                     ));
                 }
             }
+            if capture {
+                captured = Some(memory.data(&store).to_vec());
+            }
             Ok(())
         })();
 
         let (stdout, stderr) = streams.take();
         let ended = match outcome {
             Ok(()) => Ended::Finished,
-            Err(e) => classify(e, &limits, &stderr)?,
+            Err(e) => classify(e, limits, &stderr)?,
         };
-        Ok(Run {
-            ended,
-            door: store.into_data().door,
-            stdout,
-            stderr,
-        })
+        Ok((
+            Run {
+                ended,
+                door: store.into_data().door,
+                stdout,
+                stderr,
+            },
+            captured,
+        ))
     }
 
     /// The WASI context: the standard library read-only, the grants, the given environment,

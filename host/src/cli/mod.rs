@@ -6,9 +6,14 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::engine::Engine;
 use crate::error::{Exit, UserError};
+use crate::runtime::Runtime;
 use crate::sandbox::LimitExceeded;
+use crate::sandbox::Sandbox;
 
+mod bundle;
+mod inspect;
 mod prepare;
 mod run;
 
@@ -33,10 +38,24 @@ pub struct GlobalOptions {
     pub cache_dir: Option<PathBuf>,
 }
 
+impl GlobalOptions {
+    /// The engine and a sandbox on the located runtime (compiled once per machine).
+    pub fn sandbox(&self) -> anyhow::Result<(Engine, Sandbox)> {
+        let runtime = Runtime::locate(self.runtime.as_deref())?;
+        let engine = Engine::new(self.cache_dir.clone())?;
+        let sandbox = Sandbox::new(&engine, &runtime)?;
+        Ok((engine, sandbox))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Call one function of a notebook and print its return value as JSON.
     Run(Box<run::RunArgs>),
+    /// Extract functions of a notebook into a bundle file: their source and a manifest.
+    Bundle(bundle::BundleArgs),
+    /// Show what extraction keeps and drops, cell by cell, and each function's dependencies.
+    Inspect(inspect::InspectArgs),
     /// Compile the Python runtime for this machine now, so the first call does not wait.
     Prepare,
 }
@@ -45,6 +64,8 @@ pub enum Command {
 pub fn main(cli: Cli) -> Exit {
     let result = match &cli.command {
         Command::Run(args) => run::run(&cli.global, args),
+        Command::Bundle(args) => bundle::bundle(&cli.global, args),
+        Command::Inspect(args) => inspect::inspect(&cli.global, args),
         Command::Prepare => prepare::prepare(&cli.global),
     };
     match result {

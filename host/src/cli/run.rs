@@ -7,20 +7,24 @@ use anyhow::Result;
 use clap::Args;
 
 use super::GlobalOptions;
-use crate::bundle::Bundle;
+use crate::bundle::{Bundle, Select};
 use crate::call::{self, Arguments, Outcome};
-use crate::engine::Engine;
 use crate::error::{Exit, bad_input};
-use crate::notebook::Notebook;
-use crate::runtime::Runtime;
-use crate::sandbox::{Grant, Limits, Policy, Sandbox, parse_duration, parse_size};
+use crate::sandbox::{Grant, Limits, Policy, parse_duration, parse_size};
+use crate::snapshot::Prepared;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The notebook (.ipynb) that defines the function.
+    /// The notebook (.ipynb) that defines the function, or a bundle made by `host bundle`.
     pub notebook: PathBuf,
     /// The function to call.
     pub function: String,
+    /// Print {"bundle": VERSION, "function": NAME, "result": VALUE} instead of the bare value.
+    #[arg(long)]
+    pub envelope: bool,
+    /// Load the bundle's source in the call instead of starting from its pre-initialised image.
+    #[arg(long)]
+    pub no_image: bool,
     #[command(flatten)]
     pub input: InputArgs,
     #[command(flatten)]
@@ -103,21 +107,26 @@ impl SandboxArgs {
 pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
     let arguments = args.input.arguments()?;
     let policy = args.sandbox.policy()?;
-    let notebook = Notebook::read(&args.notebook)?;
-    let runtime = Runtime::locate(global.runtime.as_deref())?;
-    let engine = Engine::new(global.cache_dir.clone())?;
-    let sandbox = Sandbox::new(&engine, &runtime)?;
-    let bundle = Bundle::from_notebook(&sandbox, &notebook, &[&args.function])?;
-    for warning in &bundle.warnings {
+    let (_engine, sandbox) = global.sandbox()?;
+    let bundle = Bundle::open(&sandbox, &args.notebook, Select::Only(&[&args.function]))?;
+    for warning in &bundle.manifest.warnings {
         eprintln!("host: warning: {warning}");
     }
-    let result = call::call(&sandbox, &policy, &bundle, &args.function, &arguments)?;
-    report(result)
+    let prepared = if args.no_image {
+        Prepared::without_image(bundle)
+    } else {
+        Prepared::new(&sandbox, bundle)?
+    };
+    let result = call::call(&sandbox, &policy, &prepared, &args.function, &arguments)?;
+    let envelope = args
+        .envelope
+        .then(|| (prepared.bundle.version.as_str(), args.function.as_str()));
+    report(result, envelope)
 }
 
 /// Prints what the guest printed (on stderr, so stdout stays the result alone), then the
 /// value or the exception.
-pub fn report(result: call::CallResult) -> Result<Exit> {
+pub fn report(result: call::CallResult, envelope: Option<(&str, &str)>) -> Result<Exit> {
     {
         let mut stderr = std::io::stderr().lock();
         for stream in [&result.stdout, &result.stderr] {
@@ -129,6 +138,12 @@ pub fn report(result: call::CallResult) -> Result<Exit> {
     }
     match result.outcome {
         Outcome::Returned(value) => {
+            let value = match envelope {
+                Some((version, function)) => {
+                    serde_json::json!({"bundle": version, "function": function, "result": value})
+                }
+                None => value,
+            };
             let mut stdout = std::io::stdout().lock();
             match writeln!(stdout, "{value}").and_then(|()| stdout.flush()) {
                 Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),

@@ -1,0 +1,245 @@
+//! Pre-initialisation: a bundle's imports and definitions run once, and every call starts from
+//! the memory they leave.
+//!
+//! Why a memory image and not a Wizer snapshot module: a snapshot module is a new 100 MB
+//! module that Cranelift must compile (about 45 s, and still 17 s with its incremental cache
+//! warm), so a changed notebook would wait that long for its first result. The interpreter's
+//! only mutable global is the stack pointer, which every turn restores, and its table never
+//! changes, so its whole state after the bundle's load turn is its linear memory. host saves
+//! that memory to a sparse file once per (bundle, runtime, host) and, for each call,
+//! instantiates the already compiled interpreter and maps the file over its memory
+//! copy-on-write (`MAP_PRIVATE`): the call sees the loaded state at once, its writes stay its
+//! own, and no call sees another's.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use wasmtime::{Memory, Store};
+
+use crate::bundle::{Bundle, short};
+use crate::call::GUEST_SOURCE;
+use crate::engine::write_cache_file;
+use crate::progress::Progress;
+use crate::sandbox::{Door, Ended, Limits, Policy, Sandbox, State};
+
+const WASM_PAGE: u64 = 64 << 10;
+
+/// A bundle's loaded interpreter memory, ready to map into fresh instances.
+#[derive(Debug)]
+pub struct Image {
+    file: File,
+    pages: u64,
+}
+
+/// The record kept next to an image, or in place of one when a bundle cannot be
+/// pre-initialised (so the attempt is not repeated on every call).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Record {
+    Image { pages: u64 },
+    Unavailable { reason: String },
+}
+
+/// A bundle ready to call: its pre-initialised image when it has one.
+#[derive(Debug)]
+pub struct Prepared {
+    pub bundle: Bundle,
+    pub image: Option<Image>,
+    /// Why there is no image: the bundle's load needs something only a call has (a granted
+    /// file, an environment variable), or failed. Calls then load the bundle themselves.
+    pub unavailable: Option<String>,
+}
+
+impl Prepared {
+    /// The bundle with its image, from the cache or built now (a second or two for pandas).
+    pub fn new(sandbox: &Sandbox, bundle: Bundle) -> Result<Prepared> {
+        bundle.check_runtime(sandbox)?;
+        let key = image_key(sandbox, &bundle);
+        let dir = sandbox.cache_dir().join("images");
+        let record_path = dir.join(format!("{key}.json"));
+        let memory_path = dir.join(format!("{key}.mem"));
+        let record = match read_record(&record_path) {
+            Some(record) => record,
+            None => {
+                let progress = Progress::start(&format!(
+                    "pre-initialising bundle {}",
+                    short(&bundle.version)
+                ));
+                let record = build(sandbox, &bundle, &memory_path)?;
+                progress.finish();
+                write_cache_file(&record_path, &serde_json::to_vec(&record)?)?;
+                record
+            }
+        };
+        Ok(match record {
+            Record::Image { pages } => match Image::open(&memory_path, pages) {
+                Ok(image) => Prepared {
+                    bundle,
+                    image: Some(image),
+                    unavailable: None,
+                },
+                // A cache entry that went missing is rebuilt by the next process.
+                Err(e) => {
+                    let _ = std::fs::remove_file(&record_path);
+                    Prepared {
+                        bundle,
+                        image: None,
+                        unavailable: Some(format!("{e:#}")),
+                    }
+                }
+            },
+            Record::Unavailable { reason } => Prepared {
+                bundle,
+                image: None,
+                unavailable: Some(reason),
+            },
+        })
+    }
+
+    /// A bundle that loads its source in every call: no image is built or used.
+    pub fn without_image(bundle: Bundle) -> Prepared {
+        Prepared {
+            bundle,
+            image: None,
+            unavailable: Some("pre-initialisation was not asked for".into()),
+        }
+    }
+}
+
+/// The cache key of an image: what the memory after loading depends on.
+fn image_key(sandbox: &Sandbox, bundle: &Bundle) -> String {
+    let mut h = Sha256::new();
+    h.update(&bundle.version);
+    h.update(sandbox.runtime().sha256());
+    h.update(env!("CARGO_PKG_VERSION"));
+    h.update(GUEST_SOURCE);
+    hex::encode(h.finalize())
+}
+
+fn read_record(path: &Path) -> Option<Record> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Loads the bundle in a fresh instance with no grants and no environment, and saves the
+/// memory it leaves. A load that fails there (it reads a granted file, say) makes the bundle
+/// one that loads per call.
+fn build(sandbox: &Sandbox, bundle: &Bundle, memory_path: &Path) -> Result<Record> {
+    let policy = Policy {
+        limits: Limits {
+            memory: 4 << 30,
+            ..Limits::default()
+        },
+        ..Policy::default()
+    };
+    let door = Door::default().answer("bundle", &bundle.load_request())?;
+    let (run, memory) = sandbox.capture(&policy, door, &[GUEST_SOURCE, "load()\n"])?;
+    if run.ended != Ended::Finished {
+        return Ok(Record::Unavailable {
+            reason: format!("loading the bundle did not finish: {:?}", run.ended),
+        });
+    }
+    if let Some(error) = run.door.received.iter().find(|r| r["op"] == "error") {
+        return Ok(Record::Unavailable {
+            reason: format!(
+                "loading the bundle without the call's grants raised {}: {}",
+                error["type"], error["message"]
+            ),
+        });
+    }
+    let memory = memory.context("the load turn left no memory to save")?;
+    write_sparse(memory_path, &memory)?;
+    Ok(Record::Image {
+        pages: memory.len() as u64 / WASM_PAGE,
+    })
+}
+
+/// Writes `bytes` leaving all-zero pages as holes: most of a fresh interpreter's memory is
+/// zero, and a hole costs neither disk nor page cache.
+fn write_sparse(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp: PathBuf = path.with_extension(format!("{}.tmp", std::process::id()));
+    let dir = path.parent().context("an image needs a folder")?;
+    crate::engine::create_private_dir(dir)?;
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+    }
+    .with_context(|| format!("failed to create `{}`", tmp.display()))?;
+    for (i, page) in bytes.chunks(WASM_PAGE as usize).enumerate() {
+        if page.iter().any(|&b| b != 0) {
+            file.write_all_at(page, i as u64 * WASM_PAGE)?;
+        }
+    }
+    file.set_len(bytes.len() as u64)?;
+    (&file).flush()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("failed to write `{}`", path.display()))
+}
+
+impl Image {
+    fn open(path: &Path, pages: u64) -> Result<Image> {
+        let file = File::open(path)
+            .with_context(|| format!("the image `{}` is missing", path.display()))?;
+        let len = file.metadata()?.len();
+        anyhow::ensure!(
+            len == pages * WASM_PAGE,
+            "the image `{}` has {len} bytes, not {} pages",
+            path.display(),
+            pages
+        );
+        Ok(Image { file, pages })
+    }
+
+    /// The image's size in bytes.
+    pub fn len(&self) -> u64 {
+        self.pages * WASM_PAGE
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages == 0
+    }
+
+    /// Grows a fresh instance's memory to the image's size (the memory limit applies as to any
+    /// growth) and maps the image over it, copy-on-write.
+    pub(crate) fn map_into(
+        &self,
+        store: &mut Store<State>,
+        memory: Memory,
+    ) -> wasmtime::Result<()> {
+        let have = memory.size(&*store);
+        if self.pages < have {
+            return Err(wasmtime::format_err!(
+                "the image is smaller than the interpreter's initial memory"
+            ));
+        }
+        memory.grow(&mut *store, self.pages - have)?;
+        let base = memory.data_ptr(&*store);
+        // SAFETY: `base..base + len` is this instance's linear memory, just grown to exactly
+        // `len` bytes, so it is mapped read-write, page-aligned, and owned by this store alone;
+        // no reference into it is alive here. MAP_FIXED replaces those pages with a private
+        // copy-on-write mapping of the image file: same size, same protection, so Wasmtime's
+        // view of the memory (its base, length and guard region) is unchanged, and writes go to
+        // this mapping's private pages, never to the file. Wasmtime unmaps the whole region when
+        // the instance is dropped.
+        unsafe {
+            rustix::mm::mmap(
+                base.cast(),
+                self.len() as usize,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED,
+                &self.file,
+                0,
+            )
+        }
+        .map_err(|e| wasmtime::format_err!("failed to map the bundle's image: {e}"))?;
+        Ok(())
+    }
+}
