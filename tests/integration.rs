@@ -5,12 +5,16 @@
 
 mod common;
 
+/// `host bundle`, `host inspect`, versions and pre-initialised images.
+mod bundles;
 /// Arguments in, JSON out, exceptions and exit codes.
 mod calling;
 /// `host run` on the example notebooks in `notebooks/`, as `make demo` runs them.
 mod examples;
 /// Which statements are kept, the dependency closure, and the refusals.
 mod extraction;
+/// The library without the CLI: one engine, many concurrent calls.
+mod library;
 /// Memory, time and output limits.
 mod limits;
 /// Reading `.ipynb` files, good and broken.

@@ -229,6 +229,8 @@ pub struct Closure {
 pub struct Extraction {
     pub notebook: String,
     pub analysis: Analysis,
+    /// The code cells' original text, by cell number: what messages quote.
+    sources: HashMap<usize, String>,
     kept_binders: HashMap<String, Vec<StatementId>>,
     dropped_binders: HashMap<String, Vec<StatementId>>,
     star_imports: Vec<StatementId>,
@@ -254,9 +256,14 @@ impl Extraction {
                 }
             }
         }
+        let sources = notebook
+            .code_cells()
+            .map(|c| (c.number, c.source.clone()))
+            .collect();
         Extraction {
             notebook: notebook.name.clone(),
             analysis,
+            sources,
             kept_binders,
             dropped_binders,
             star_imports,
@@ -294,8 +301,8 @@ impl Extraction {
     fn first_line(&self, id: StatementId) -> &str {
         let cell = &self.analysis.cells[id.0];
         let line = self.statement(id).span[0];
-        cell.text
-            .as_deref()
+        self.sources
+            .get(&cell.index)
             .and_then(|t| t.lines().nth(line - 1))
             .map(str::trim)
             .unwrap_or_default()

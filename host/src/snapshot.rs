@@ -137,7 +137,8 @@ fn build(sandbox: &Sandbox, bundle: &Bundle, memory_path: &Path) -> Result<Recor
         ..Policy::default()
     };
     let door = Door::default().answer("bundle", &bundle.load_request())?;
-    let (run, memory) = sandbox.capture(&policy, door, &[GUEST_SOURCE, "load()\n"])?;
+    let (run, memory) =
+        sandbox.capture(&policy, door, &[GUEST_SOURCE, "if load():\n    freeze()\n"])?;
     if run.ended != Ended::Finished {
         return Ok(Record::Unavailable {
             reason: format!("loading the bundle did not finish: {:?}", run.ended),

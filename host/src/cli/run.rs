@@ -120,7 +120,7 @@ pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
     let result = call::call(&sandbox, &policy, &prepared, &args.function, &arguments)?;
     let envelope = args
         .envelope
-        .then(|| (prepared.bundle.version.as_str(), args.function.as_str()));
+        .then_some((prepared.bundle.version.as_str(), args.function.as_str()));
     report(result, envelope)
 }
 

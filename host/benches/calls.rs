@@ -1,0 +1,347 @@
+//! `make bench`: host's call latency and throughput next to what users run today, measured
+//! in the same run on the same machine, printed as ratios.
+//!
+//! (a) in-process latency, a fresh instance per call, from the bundle's pre-initialised image
+//!     (and, for contrast, loading the source in each call);
+//! (b) a whole `host run BUNDLE FUNCTION` process;
+//! (c) calls per second on every core;
+//! (d) the same call in a native CPython subprocess and through papermill.
+//!
+//! The native baselines need `BENCH_PYTHON` (a Python with pandas and papermill; `make bench`
+//! makes one); without it they are skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use host::bundle::Select;
+use host::{Arguments, Bundle, Engine, Notebook, Outcome, Policy, Prepared, Runtime, Sandbox};
+
+fn main() -> Result<()> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let host_bin = repo.join("target/release/host");
+    let work = tempfile::tempdir()?;
+    let engine = Engine::new(None)?;
+    let sandbox = Sandbox::new(&engine, &Runtime::locate(None)?)?;
+    let notebook = Notebook::read(&repo.join("notebooks/churn.ipynb"))?;
+    let input_path = repo.join("notebooks/churn-input.json");
+    let pandas_input = Arguments::from_input(&input_path)?;
+    let trivial_input = Arguments::from_flags(Some("[12345]"), None)?;
+    let trivial_input_path = work.path().join("trivial.json");
+    std::fs::write(&trivial_input_path, r#"{"args": [12345]}"#)?;
+
+    let cases = [
+        Case {
+            name: "pandas  process(records)",
+            function: "process",
+            args: &pandas_input,
+            input: &input_path,
+            runs: 300,
+        },
+        Case {
+            name: "trivial to_units(cents)",
+            function: "to_units",
+            args: &trivial_input,
+            input: &trivial_input_path,
+            runs: 1000,
+        },
+    ];
+    println!(
+        "host benchmark on {} cores (notebooks/churn.ipynb)\n",
+        cores()
+    );
+    let policy = Policy::default();
+    let mut rows = Vec::new();
+    for case in &cases {
+        let bundle =
+            Bundle::from_notebook(&sandbox, &notebook, Select::Only(&[case.function]), None)?;
+        let bundle_path = work.path().join(format!("{}.bundle.json", case.function));
+        bundle.write(&bundle_path)?;
+        let started = Instant::now();
+        let prepared = Prepared::new(&sandbox, bundle.clone())?;
+        let prepare_time = started.elapsed();
+        anyhow::ensure!(
+            prepared.image.is_some(),
+            "no image: {:?}",
+            prepared.unavailable
+        );
+        let call = || -> Result<()> {
+            let r = host::call::call(&sandbox, &policy, &prepared, case.function, case.args)?;
+            match r.outcome {
+                Outcome::Returned(_) => Ok(()),
+                other => bail!("the call did not return: {other:?}"),
+            }
+        };
+        call()?; // warm the page cache
+        let image = sample(case.runs, call)?;
+        let fresh_load = {
+            let unprepared = Prepared::without_image(bundle);
+            sample(5, || {
+                host::call::call(&sandbox, &policy, &unprepared, case.function, case.args).map(drop)
+            })?
+        };
+        let process = sample(20, || {
+            run(Command::new(&host_bin)
+                .arg("run")
+                .arg(&bundle_path)
+                .arg(case.function)
+                .arg("--input")
+                .arg(case.input))
+        })?;
+        let throughput = throughput(Duration::from_secs(3), call)?;
+        let native = baseline(
+            &repo,
+            "native_call.py",
+            &[&bundle_path, Path::new(case.function), case.input],
+            10,
+        )?;
+        let papermill = baseline(
+            &repo,
+            "papermill_call.py",
+            &[
+                &bundle_path,
+                Path::new(case.function),
+                case.input,
+                work.path(),
+            ],
+            5,
+        )?;
+        rows.push(Row {
+            case,
+            prepare_time,
+            image,
+            fresh_load,
+            process,
+            throughput,
+            native,
+            papermill,
+        });
+    }
+
+    for row in &rows {
+        row.print();
+    }
+    changed_notebook(&host_bin, &repo, work.path())?;
+    Ok(())
+}
+
+struct Case<'a> {
+    name: &'a str,
+    function: &'a str,
+    args: &'a Arguments,
+    input: &'a Path,
+    runs: usize,
+}
+
+struct Row<'a> {
+    case: &'a Case<'a>,
+    prepare_time: Duration,
+    image: Stats,
+    fresh_load: Stats,
+    process: Stats,
+    throughput: f64,
+    native: Option<Stats>,
+    papermill: Option<Stats>,
+}
+
+impl Row<'_> {
+    fn print(&self) {
+        println!("== {}", self.case.name);
+        println!(
+            "  pre-initialised image, built or loaded:    {:>9}",
+            ms(self.prepare_time)
+        );
+        println!(
+            "  (a) in-process call, fresh instance:       p50 {:>9}  p99 {:>9}  (n={})",
+            ms(self.image.p50),
+            ms(self.image.p99),
+            self.image.n
+        );
+        println!(
+            "      same, loading the source in the call:  p50 {:>9}  ({:.0}x slower than from the image)",
+            ms(self.fresh_load.p50),
+            ratio(self.fresh_load.p50, self.image.p50)
+        );
+        println!(
+            "  (b) whole `host run BUNDLE` process:       p50 {:>9}  p99 {:>9}",
+            ms(self.process.p50),
+            ms(self.process.p99)
+        );
+        println!(
+            "  (c) calls per second on {} cores:           {:>9.0}",
+            cores(),
+            self.throughput
+        );
+        match (&self.native, &self.papermill) {
+            (Some(native), Some(papermill)) => {
+                println!(
+                    "  (d) native CPython subprocess:             p50 {:>9}",
+                    ms(native.p50)
+                );
+                println!(
+                    "      papermill, parameterised notebook:     p50 {:>9}",
+                    ms(papermill.p50)
+                );
+                println!(
+                    "  ratios: `host run` is {:.1}x faster than the native subprocess, {:.1}x faster than papermill",
+                    ratio(native.p50, self.process.p50),
+                    ratio(papermill.p50, self.process.p50)
+                );
+                println!(
+                    "  targets: (a) p50 <= 5 ms: {}; (b) <= 100 ms: {}, >= 5x native: {}, >= 20x papermill: {}",
+                    verdict(self.image.p50 <= Duration::from_millis(5)),
+                    verdict(self.process.p50 <= Duration::from_millis(100)),
+                    verdict(ratio(native.p50, self.process.p50) >= 5.0),
+                    verdict(ratio(papermill.p50, self.process.p50) >= 20.0),
+                );
+            }
+            _ => println!(
+                "  (d) skipped: set BENCH_PYTHON to a Python with pandas and papermill (make bench does)"
+            ),
+        }
+        if self.case.function == "to_units" {
+            println!(
+                "  target: (c) >= 300 calls per second: {}",
+                verdict(self.throughput >= 300.0)
+            );
+        }
+        println!();
+    }
+}
+
+/// Time from `host bundle` of a changed notebook to its first result.
+fn changed_notebook(host_bin: &Path, repo: &Path, work: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(repo.join("notebooks/churn.ipynb"))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    // A new constant value: a new bundle version, so nothing is cached for it yet.
+    let changed = text.replace(
+        "HIGH_VALUE_THRESHOLD = 250.0",
+        &format!("HIGH_VALUE_THRESHOLD = 250.{stamp}"),
+    );
+    anyhow::ensure!(
+        changed != text,
+        "the example notebook no longer has the constant this benchmark edits"
+    );
+    let notebook = work.join("churn-changed.ipynb");
+    std::fs::write(&notebook, changed)?;
+    let bundle = work.join("changed.bundle.json");
+    let started = Instant::now();
+    run(Command::new(host_bin)
+        .arg("bundle")
+        .arg(&notebook)
+        .args(["-f", "process", "-o"])
+        .arg(&bundle))?;
+    let bundled = started.elapsed();
+    run(Command::new(host_bin)
+        .arg("run")
+        .arg(&bundle)
+        .arg("process")
+        .arg("--input")
+        .arg(repo.join("notebooks/churn-input.json")))?;
+    let total = started.elapsed();
+    println!("== a changed notebook, runtime already compiled");
+    println!(
+        "  `host bundle` (extract, analyse, pre-initialise):  {:>9}",
+        ms(bundled)
+    );
+    println!(
+        "  then its first `host run` result:                  {:>9}  (target <= 10 s: {})",
+        ms(total),
+        verdict(total <= Duration::from_secs(10))
+    );
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stats {
+    n: usize,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn sample(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<Stats> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    let at = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
+    Ok(Stats {
+        n,
+        p50: at(0.50),
+        p99: at(0.99),
+    })
+}
+
+/// Calls per second with one thread per core, each calling in a loop for `length`.
+fn throughput(length: Duration, call: impl Fn() -> Result<()> + Sync) -> Result<f64> {
+    let done = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..cores() {
+            s.spawn(|| {
+                while started.elapsed() < length {
+                    if call().is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    anyhow::ensure!(
+        !failed.load(Ordering::Relaxed),
+        "a call failed during the throughput run"
+    );
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+fn baseline(repo: &Path, script: &str, args: &[&Path], n: usize) -> Result<Option<Stats>> {
+    let Some(python) = std::env::var_os("BENCH_PYTHON").map(PathBuf::from) else {
+        return Ok(None);
+    };
+    let script = repo.join("host/benches").join(script);
+    sample(n, || run(Command::new(&python).arg(&script).args(args))).map(Some)
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let out = command
+        .output()
+        .with_context(|| format!("failed to start {command:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn ratio(slow: Duration, fast: Duration) -> f64 {
+    slow.as_secs_f64() / fast.as_secs_f64()
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
+}

@@ -1,0 +1,258 @@
+use serde_json::{Value, json};
+
+use crate::common::{Fixture, host};
+
+const NOTEBOOK: &[&str] = &[
+    "import random\nimport numpy as np",
+    "SCALE = 3\nseen = []",
+    "def scale(x):\n    return x * SCALE",
+    "def remember(x):\n    HISTORY.append(x)\n    return list(HISTORY)",
+    "HISTORY = []",
+    "def noise():\n    return [random.random(), float(np.random.rand())]",
+    "def needs_dropped():\n    return seen",
+    "print('exploring')",
+];
+
+fn bundle(fx: &Fixture, extra: &[&str]) -> (std::path::PathBuf, Value) {
+    let out = fx.path("out.bundle.json");
+    let mut args = vec![
+        "bundle",
+        fx.notebook.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let run = host(&args);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stdout.trim(), out.to_str().unwrap());
+    let value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    (out, value)
+}
+
+#[test]
+fn a_bundle_holds_the_source_and_a_manifest_and_runs_without_the_notebook() {
+    let fx = Fixture::code(NOTEBOOK);
+    let (path, b) = bundle(&fx, &["-f", "scale", "--label", "release-7"]);
+    assert_eq!(b["format"], json!("host-bundle/1"));
+    let m = &b["manifest"];
+    assert_eq!(m["notebook"], json!("nb.ipynb"));
+    assert_eq!(m["functions"], json!(["scale"]));
+    assert_eq!(m["label"], json!("release-7"));
+    assert_eq!(m["notebook_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(m["runtime_sha256"].as_str().unwrap().len(), 64);
+    assert!(m["created"].as_str().unwrap().ends_with('Z'));
+    let lines: Vec<Value> = m["closures"][0]["statements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["text"].clone())
+        .collect();
+    assert_eq!(lines, [json!("SCALE = 3"), json!("def scale(x):")]);
+    // Small: the extracted source, not the interpreter.
+    assert!(std::fs::metadata(&path).unwrap().len() < 8 << 10);
+    std::fs::remove_file(&fx.notebook).unwrap();
+    let run = host(&[
+        "run",
+        path.to_str().unwrap(),
+        "scale",
+        "--args",
+        "[2]",
+        "--envelope",
+    ]);
+    assert_eq!(
+        run.value(),
+        json!({"bundle": b["version"], "function": "scale", "result": 6})
+    );
+    host(&["run", path.to_str().unwrap(), "noise"]).fails(2, &["offers scale, not `noise`"]);
+}
+
+#[test]
+fn versions_follow_what_runs() {
+    let fx = Fixture::code(NOTEBOOK);
+    let (_, first) = bundle(&fx, &["-f", "scale"]);
+    let (_, again) = bundle(&fx, &["-f", "scale", "--label", "other"]);
+    assert_eq!(
+        first["version"], again["version"],
+        "label and time are not part of the version"
+    );
+
+    let mut cells = NOTEBOOK.to_vec();
+    cells[7] = "print('exploring something else')";
+    let dropped_changed = Fixture::code(&cells);
+    let (_, b) = bundle(&dropped_changed, &["-f", "scale"]);
+    assert_eq!(
+        first["version"], b["version"],
+        "a change to dropped code is not a new version"
+    );
+    assert_ne!(
+        first["manifest"]["notebook_sha256"],
+        b["manifest"]["notebook_sha256"]
+    );
+
+    cells[1] = "SCALE = 4\nseen = []";
+    let kept_changed = Fixture::code(&cells);
+    let (path, b) = bundle(&kept_changed, &["-f", "scale"]);
+    assert_ne!(first["version"], b["version"]);
+    assert_eq!(
+        host(&["run", path.to_str().unwrap(), "scale", "--args", "[2]"]).value(),
+        json!(8)
+    );
+}
+
+#[test]
+fn without_functions_a_bundle_takes_every_function_it_can() {
+    let fx = Fixture::code(NOTEBOOK);
+    let out = fx.path("all.bundle.json");
+    let run = host(&[
+        "bundle",
+        fx.notebook.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("`needs_dropped` is left out of the bundle"),
+        "{}",
+        run.stderr
+    );
+    let b: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(
+        b["manifest"]["functions"],
+        json!(["scale", "remember", "noise"])
+    );
+    // Progress lines are for terminals only.
+    assert!(!run.stderr.contains('\r'));
+    // Asked for by name, the same function is an error.
+    host(&[
+        "bundle",
+        fx.notebook.to_str().unwrap(),
+        "-f",
+        "needs_dropped",
+    ])
+    .fails(2, &["global `seen`"]);
+}
+
+#[test]
+fn a_changed_bundle_is_refused() {
+    let fx = Fixture::code(NOTEBOOK);
+    let (path, _) = bundle(&fx, &["-f", "scale"]);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("SCALE = 3", "SCALE = 9");
+    std::fs::write(&path, text).unwrap();
+    host(&["run", path.to_str().unwrap(), "scale", "--args", "[1]"])
+        .fails(2, &["was changed after it was made"]);
+    std::fs::write(&path, r#"{"format": "host-bundle/99"}"#).unwrap();
+    host(&["run", path.to_str().unwrap(), "scale"]).fails(2, &["not a host bundle"]);
+}
+
+#[test]
+fn calls_from_the_image_share_no_state() {
+    let fx = Fixture::code(NOTEBOOK);
+    let (path, _) = bundle(&fx, &[]);
+    let path = path.to_str().unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            host(&["run", path, "remember", "--args", "[1]"]).value(),
+            json!([1])
+        );
+    }
+    let a = host(&["run", path, "noise"]).value();
+    let b = host(&["run", path, "noise"]).value();
+    assert_ne!(a[0], b[0], "each call gets fresh randomness");
+    assert_ne!(a[1], b[1], "numpy's global generator too");
+    // The same, loading the source in the call.
+    assert_eq!(
+        host(&["run", path, "remember", "--args", "[2]", "--no-image"]).value(),
+        json!([2])
+    );
+}
+
+#[test]
+fn a_bundle_whose_load_needs_a_grant_loads_per_call() {
+    let fx = Fixture::code(&[
+        "import json\nCONFIG = json.load(open('/config/settings.json'))",
+        "def setting(k):\n    return CONFIG[k]",
+    ]);
+    std::fs::create_dir(fx.path("config")).unwrap();
+    std::fs::write(fx.path("config/settings.json"), r#"{"mode": "strict"}"#).unwrap();
+    let out = fx.path("b.json");
+    let run = host(&[
+        "bundle",
+        fx.notebook.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.stderr.contains("no pre-initialised image"),
+        "{}",
+        run.stderr
+    );
+    let grant = format!("{}:/config", fx.path("config").display());
+    let v = host(&[
+        "run",
+        out.to_str().unwrap(),
+        "setting",
+        "--args",
+        r#"["mode"]"#,
+        "--grant",
+        &grant,
+    ])
+    .value();
+    assert_eq!(v, json!("strict"));
+}
+
+#[test]
+fn inspect_shows_each_cell_and_each_closure() {
+    let fx = Fixture::code(&[
+        "%matplotlib inline\nimport math",
+        "x = 1",
+        "RATE = 2\ndef f():\n    return math.pi * RATE",
+        "def g():\n    return x",
+    ]);
+    let run = host(&["inspect", fx.notebook.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    for needle in [
+        "%matplotlib inline",
+        "dropped: IPython magic",
+        "import math",
+        "kept: import",
+        "x = 1",
+        "dropped: top-level code",
+        "kept: ALL_CAPS constant",
+        "f needs 3 statements:",
+        "g: cannot be called",
+        "global `x`",
+    ] {
+        assert!(
+            run.stdout.contains(needle),
+            "inspect lacks `{needle}`:\n{}",
+            run.stdout
+        );
+    }
+    let json: Value =
+        serde_json::from_str(&host(&["inspect", "--json", fx.notebook.to_str().unwrap()]).stdout)
+            .unwrap();
+    assert_eq!(json["cells"][0]["statements"][0]["kind"], json!("magic"));
+    assert_eq!(json["cells"][1]["statements"][0]["kept"], json!(false));
+    assert_eq!(json["functions"][0]["function"], json!("f"));
+    assert_eq!(json["functions"][0]["closure"].as_array().unwrap().len(), 3);
+    assert!(
+        json["functions"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("`x`")
+    );
+
+    let (path, b) = bundle(&fx, &["-f", "f"]);
+    let json: Value =
+        serde_json::from_str(&host(&["inspect", "--json", path.to_str().unwrap()]).stdout).unwrap();
+    assert_eq!(json["bundle"], b["version"]);
+    assert_eq!(json["functions"][0]["closure"].as_array().unwrap().len(), 3);
+    let text = host(&["inspect", path.to_str().unwrap()]).stdout;
+    assert!(
+        text.contains("f needs 3 statements") && text.contains(b["version"].as_str().unwrap()),
+        "{text}"
+    );
+}
