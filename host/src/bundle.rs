@@ -188,16 +188,24 @@ impl Bundle {
                 bundle.format
             )));
         }
-        let m = &bundle.manifest;
-        let expected = version(&m.notebook, &bundle.chunks, &m.functions, &m.runtime_sha256);
-        if expected != bundle.version {
+        bundle
+            .check_version()
+            .with_context(|| format!("bundle `{}`", path.display()))?;
+        Ok(bundle)
+    }
+
+    /// Refuses a bundle whose content does not hash to its version: it was changed after it
+    /// was made.
+    pub fn check_version(&self) -> Result<()> {
+        let m = &self.manifest;
+        let expected = version(&m.notebook, &self.chunks, &m.functions, &m.runtime_sha256);
+        if expected != self.version {
             return Err(bad_input(format!(
-                "bundle `{}` was changed after it was made: its content hashes to {expected}, not to its version {}",
-                path.display(),
-                bundle.version
+                "was changed after it was made: its content hashes to {expected}, not to its version {}",
+                self.version
             )));
         }
-        Ok(bundle)
+        Ok(())
     }
 
     /// Writes the bundle as JSON.
@@ -277,7 +285,7 @@ pub fn short(hash: &str) -> &str {
 }
 
 /// The current UTC time as RFC 3339, to the second.
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

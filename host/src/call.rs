@@ -6,11 +6,14 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 
 use crate::error::bad_input;
-use crate::sandbox::{Door, Ended, LimitExceeded, Policy, Sandbox};
+use crate::sandbox::{Door, Ended, LimitExceeded, Policy, Sandbox, Setup, Start, World};
 use crate::snapshot::Prepared;
+use crate::trace::{
+    Blobs, Divergence, EngineSettings, GrantRecord, Header, Outputs, RuntimeFiles, Trace, Tracer,
+};
 
 /// The guest's half of host, run as the first turn of every instance.
 pub const GUEST_SOURCE: &str = include_str!("../../guest-python/guest.py");
@@ -95,6 +98,21 @@ pub enum Outcome {
     Limit(LimitExceeded),
     /// The function ended the interpreter (`os._exit(status)`).
     Exited(i32),
+    /// A replay went another way than its recording (never the outcome of a live call).
+    Diverged(Divergence),
+}
+
+impl Outcome {
+    /// The outcome as a trace records it and a replay compares it.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Outcome::Returned(v) => json!({"returned": v}),
+            Outcome::Raised(e) => json!({"raised": e}),
+            Outcome::Limit(l) => json!({"limit": l.to_string()}),
+            Outcome::Exited(code) => json!({"exited": code}),
+            Outcome::Diverged(d) => json!({"diverged": d.to_string()}),
+        }
+    }
 }
 
 /// An exception raised in the guest, with the frames that lead to it.
@@ -173,38 +191,143 @@ pub fn call(
     function: &str,
     arguments: &Arguments,
 ) -> Result<CallResult> {
+    Ok(execute(
+        sandbox,
+        policy,
+        prepared,
+        function,
+        arguments,
+        World::Live,
+        None,
+    )?
+    .0)
+}
+
+/// Like [`call`], recording every value the guest receives: the result and its trace.
+pub fn call_recorded(
+    sandbox: &Sandbox,
+    policy: &Policy,
+    prepared: &Prepared,
+    function: &str,
+    arguments: &Arguments,
+) -> Result<(CallResult, Trace)> {
+    let tracer = Tracer::Record {
+        events: Vec::new(),
+        blobs: Blobs::default(),
+        files: RuntimeFiles::default(),
+    };
+    let (result, tracer) = execute(
+        sandbox,
+        policy,
+        prepared,
+        function,
+        arguments,
+        World::Live,
+        Some(tracer),
+    )?;
+    let Some(Tracer::Record {
+        events, mut blobs, ..
+    }) = tracer
+    else {
+        anyhow::bail!("the recording was lost");
+    };
+    let outputs = Outputs {
+        stdout: Some(blobs.put(&result.stdout)),
+        stderr: Some(blobs.put(&result.stderr)),
+        outcome: result.outcome.to_json(),
+    };
+    let header = Header {
+        host_version: env!("CARGO_PKG_VERSION").to_owned(),
+        runtime_sha256: sandbox.runtime().sha256().to_owned(),
+        bundle: prepared.bundle.clone(),
+        function: function.to_owned(),
+        arguments: arguments.clone(),
+        env: policy.env.clone(),
+        grants: policy
+            .grants
+            .iter()
+            .map(|g| GrantRecord {
+                guest: g.guest.clone(),
+                writable: g.writable,
+            })
+            .collect(),
+        limits: policy.limits.into(),
+        engine: EngineSettings::current(),
+        image_sha256: prepared.image.as_ref().map(|i| i.sha256.clone()),
+        recorded_at: crate::bundle::now_rfc3339(),
+    };
+    Ok((
+        result,
+        Trace {
+            header,
+            events,
+            blobs: blobs.map,
+            outputs,
+        },
+    ))
+}
+
+/// One call, in the given world, with an optional tracer: the result, the tracer back, and
+/// the divergence a replay met.
+pub(crate) fn execute(
+    sandbox: &Sandbox,
+    policy: &Policy,
+    prepared: &Prepared,
+    function: &str,
+    arguments: &Arguments,
+    world: World,
+    tracer: Option<Tracer>,
+) -> Result<(CallResult, Option<Tracer>)> {
     let bundle = &prepared.bundle;
     bundle.check_function(function)?;
-    let door = Door::default().answer(
-        "call",
-        &CallRequest {
-            function,
-            env: policy
-                .env
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect(),
-            args: &arguments.args,
-            kwargs: &arguments.kwargs,
-        },
-    )?;
-    let run = match &prepared.image {
-        Some(image) => sandbox.run_image(image, policy, door, &["invoke()\n"])?,
-        None => {
-            let door = door.answer("bundle", &bundle.load_request())?;
-            sandbox.run(policy, door, &[GUEST_SOURCE, "if load():\n    invoke()\n"])?
-        }
+    let request = CallRequest {
+        function,
+        env: policy
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        args: &arguments.args,
+        kwargs: &arguments.kwargs,
     };
+    let door = Door::default().answer("call", &request)?;
+    let (setup, door, turns): (_, _, &[&str]) = match &prepared.image {
+        Some(image) => (
+            Setup {
+                start: Start::Image(image),
+                world,
+                tracer,
+                capture: false,
+            },
+            door,
+            &["invoke()\n"],
+        ),
+        None => (
+            Setup {
+                start: Start::Fresh,
+                world,
+                tracer,
+                capture: false,
+            },
+            door.answer("bundle", &bundle.load_request())?,
+            &[GUEST_SOURCE, "if load():\n    invoke()\n"],
+        ),
+    };
+    let run = sandbox.execute(setup, policy, door, turns)?;
     let outcome = match run.ended {
         Ended::Finished => outcome(&run.door.received)?,
         Ended::Limit(limit) => Outcome::Limit(limit),
         Ended::Exit(status) => Outcome::Exited(status),
+        Ended::Diverged(divergence) => Outcome::Diverged(divergence),
     };
-    Ok(CallResult {
-        outcome,
-        stdout: run.stdout,
-        stderr: run.stderr,
-    })
+    Ok((
+        CallResult {
+            outcome,
+            stdout: run.stdout,
+            stderr: run.stderr,
+        },
+        run.tracer,
+    ))
 }
 
 /// The outcome the guest handed back: exactly one `result` or `error`.

@@ -39,13 +39,6 @@ impl Engine {
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Engine> {
         let cache_dir = cache_dir.unwrap_or_else(default_cache_dir);
         let mut config = Config::new();
-        // Every snapshot of a bundle is a new module whose functions are the interpreter's,
-        // unchanged: with Cranelift's incremental cache they are looked up, not recompiled.
-        config
-            .enable_incremental_compilation(Arc::new(IncrementalCache::new(
-                cache_dir.join("cranelift"),
-            )))
-            .map_err(anyhow::Error::from)?;
         config
             .wasm_exceptions(true)
             .max_wasm_stack(MAX_WASM_STACK)
@@ -150,93 +143,6 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.ticking.store(false, Ordering::Relaxed);
-    }
-}
-
-/// Cranelift's incremental cache, on disk: one append-only pack file of (key, compiled
-/// function) records, read into memory the first time a compilation asks for an entry.
-///
-/// Several processes may append at once; each record is written with one `write` call to a
-/// file opened for appending and carries a checksum, so a torn record is skipped on load.
-#[derive(Debug)]
-struct IncrementalCache {
-    pack: PathBuf,
-    entries: Mutex<Option<HashMap<Vec<u8>, Vec<u8>>>>,
-}
-
-impl IncrementalCache {
-    fn new(dir: PathBuf) -> IncrementalCache {
-        IncrementalCache {
-            pack: dir.join("functions.pack"),
-            entries: Mutex::new(None),
-        }
-    }
-
-    fn checksum(key: &[u8], value: &[u8]) -> u64 {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        value.hash(&mut h);
-        h.finish()
-    }
-
-    fn load(&self) -> HashMap<Vec<u8>, Vec<u8>> {
-        let mut entries = HashMap::new();
-        let Ok(bytes) = std::fs::read(&self.pack) else {
-            return entries;
-        };
-        let mut at = 0;
-        while at + 16 <= bytes.len() {
-            let key_len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-            let value_len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
-            let sum = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap());
-            let end = at + 16 + key_len + value_len;
-            if end > bytes.len() {
-                break;
-            }
-            let key = &bytes[at + 16..at + 16 + key_len];
-            let value = &bytes[at + 16 + key_len..end];
-            if Self::checksum(key, value) != sum {
-                break; // a torn write: nothing after it can be trusted to be aligned
-            }
-            entries.insert(key.to_vec(), value.to_vec());
-            at = end;
-        }
-        entries
-    }
-}
-
-impl wasmtime::CacheStore for IncrementalCache {
-    fn get(&self, key: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
-        let mut entries = self.entries.lock().unwrap();
-        let entries = entries.get_or_insert_with(|| self.load());
-        entries.get(key).map(|v| std::borrow::Cow::Owned(v.clone()))
-    }
-
-    fn insert(&self, key: &[u8], value: Vec<u8>) -> bool {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut record = Vec::with_capacity(16 + key.len() + value.len());
-        record.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        record.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        record.extend_from_slice(&Self::checksum(key, &value).to_le_bytes());
-        record.extend_from_slice(key);
-        record.extend_from_slice(&value);
-        let written = self
-            .pack
-            .parent()
-            .is_some_and(|d| create_private_dir(d).is_ok())
-            && std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .mode(0o600)
-                .open(&self.pack)
-                .and_then(|mut f| f.write_all(&record))
-                .is_ok();
-        let mut entries = self.entries.lock().unwrap();
-        entries
-            .get_or_insert_with(|| self.load())
-            .insert(key.to_vec(), value);
-        written
     }
 }
 

@@ -18,6 +18,8 @@ pub enum Exit {
     Limit = 3,
     /// Anything else: a bug in host or its runtime.
     Internal = 4,
+    /// `host replay`: the replay went another way than the recording.
+    Diverged = 5,
 }
 
 /// Input the user gave that host cannot use. The message says what to change.

@@ -41,9 +41,11 @@ pub mod error;
 pub mod extract;
 pub mod notebook;
 pub mod progress;
+pub mod replay;
 pub mod runtime;
 pub mod sandbox;
 pub mod snapshot;
+pub mod trace;
 
 pub use bundle::Bundle;
 pub use call::{Arguments, CallResult, GuestException, Outcome};

@@ -16,7 +16,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use wasmtime::{Caller, InstancePre, Linker, Module, ResourceLimiter, Store, Trap};
+use wasmtime::{Caller, Func, InstancePre, Linker, Module, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
@@ -24,11 +24,13 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::engine::{Engine, TICK};
 use crate::error::bad_input;
+use crate::replay::Served;
 use crate::runtime::{RESET_PREOPENS, Runtime};
 use crate::snapshot::Image;
+use crate::trace::{self, Divergence, DoorStep, Tracer};
 
 /// Where the guest looks for its standard library (`python315.zip`).
-const STDLIB_GUEST_DIR: &str = "/usr/local/lib";
+pub(crate) const STDLIB_GUEST_DIR: &str = "/usr/local/lib";
 
 /// A host directory made visible to the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,16 +246,19 @@ impl Door {
 
 /// What a run leaves: how it ended, the door's record and the guest's output streams (what
 /// was written before a limit stopped it included).
-#[derive(Debug)]
 pub struct Run {
     pub ended: Ended,
     pub door: Door,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// The tracer the run was given, with what it recorded or how far it replayed.
+    pub tracer: Option<Tracer>,
+    /// The linear memory as the turns left it, when asked for.
+    pub memory: Option<Vec<u8>>,
 }
 
 /// How a run ended, short of a failure of host or the interpreter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ended {
     /// Every turn ran to its end.
     Finished,
@@ -261,24 +266,49 @@ pub enum Ended {
     Limit(LimitExceeded),
     /// The guest called WASI's `proc_exit` (Python's `os._exit`).
     Exit(i32),
+    /// A replay went another way than the recording.
+    Diverged(Divergence),
 }
 
-/// An interpreter ready to instantiate, with its imports linked once.
+/// An interpreter ready to instantiate, with its imports linked once: directly, and through
+/// the tracer (for recording, replaying, and building images that are the same everywhere).
 pub struct Sandbox {
     engine: wasmtime::Engine,
     runtime: Runtime,
     pre: InstancePre<State>,
+    traced: InstancePre<State>,
     native_stack: usize,
     cache_dir: PathBuf,
 }
 
 /// Where an instance's memory starts.
 #[derive(Clone, Copy)]
-enum Start<'a> {
+pub(crate) enum Start<'a> {
     /// The interpreter module's own initial memory.
     Fresh,
     /// A pre-initialised image of a bundle.
     Image(&'a Image),
+}
+
+/// What the guest's WASI world is made of.
+pub enum World {
+    /// The host's clocks and random source, the standard library and the policy's grants.
+    Live,
+    /// As `Live` without grants, with a fixed clock and a fixed random sequence: for
+    /// pre-initialised images, which must be the same on every machine.
+    Fixed,
+    /// Nothing but the policy's environment: a replay answers every other import itself.
+    Replay,
+    /// As `Live`, with clock readings and random bytes served from a recording.
+    Served(Served),
+}
+
+/// How to run: the options of [`Sandbox::execute`].
+pub(crate) struct Setup<'a> {
+    pub start: Start<'a>,
+    pub world: World,
+    pub tracer: Option<Tracer>,
+    pub capture: bool,
 }
 
 /// Per-call store data.
@@ -287,6 +317,26 @@ pub(crate) struct State {
     limiter: Limiter,
     door: Door,
     output_limit: u64,
+    streams: Streams,
+    pub(crate) tracer: Option<Tracer>,
+    /// The real WASI functions behind the traced ones (the shim's exports), found once per
+    /// call.
+    pub(crate) originals: HashMap<&'static str, Func>,
+    pub(crate) shim: Option<wasmtime::Instance>,
+}
+
+impl State {
+    /// Writes what a replayed guest wrote to stdout or stderr into the call's streams.
+    pub(crate) fn echo(&mut self, fd: i64, bytes: &[u8]) -> wasmtime::Result<()> {
+        let which = if fd == 1 {
+            Which::Stdout
+        } else {
+            Which::Stderr
+        };
+        self.streams
+            .write(which, bytes)
+            .map_err(wasmtime::Error::new)
+    }
 }
 
 impl Sandbox {
@@ -302,10 +352,44 @@ impl Sandbox {
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut State| &mut s.wasi)?;
         linker.func_wrap("host", "call", door_call)?;
         let pre = linker.instantiate_pre(module)?;
+
+        // The traced linker defines each WASI import as a wrapper that records or replays
+        // around the real function. The real one must be called from wasm, not from the host
+        // (it finds the guest's memory through its caller's exports), so each traced call gets
+        // a shim instance: a few bytes of wasm that export the guest's memory and one
+        // forwarding function per WASI import.
+        let imports = trace::wasi_imports(module);
+        let shim = Arc::new((
+            Module::new(engine.wasmtime(), trace::shim_wat(&imports))?,
+            linker,
+        ));
+        let mut traced: Linker<State> = Linker::new(engine.wasmtime());
+        for (name, ty) in imports {
+            let shim = shim.clone();
+            traced.func_new(
+                "wasi_snapshot_preview1",
+                name,
+                ty,
+                move |mut caller, args, results| {
+                    let original = match caller.data().originals.get(name) {
+                        Some(f) => f.clone(),
+                        None => {
+                            let f = trace::original(&mut caller, &shim.0, &shim.1, name)?;
+                            caller.data_mut().originals.insert(name, f.clone());
+                            f
+                        }
+                    };
+                    trace::wasi_call(name, &original, &mut caller, args, results)
+                },
+            )?;
+        }
+        traced.func_wrap("host", "call", door_call)?;
+        let traced = traced.instantiate_pre(module)?;
         Ok(Sandbox {
             engine: engine.wasmtime().clone(),
             runtime: runtime.clone(),
             pre,
+            traced,
             native_stack: engine.native_stack(),
             cache_dir: engine.cache_dir().to_owned(),
         })
@@ -327,7 +411,13 @@ impl Sandbox {
     /// host's own guest code never lets happen) or a trap is an internal error quoting the
     /// guest's stderr.
     pub fn run(&self, policy: &Policy, door: Door, turns: &[&str]) -> Result<Run> {
-        Ok(self.execute(Start::Fresh, policy, door, turns, false)?.0)
+        let setup = Setup {
+            start: Start::Fresh,
+            world: World::Live,
+            tracer: None,
+            capture: false,
+        };
+        self.execute(setup, policy, door, turns)
     }
 
     /// Like [`Sandbox::run`], but the instance starts from a pre-initialised memory image
@@ -339,31 +429,24 @@ impl Sandbox {
         door: Door,
         turns: &[&str],
     ) -> Result<Run> {
-        Ok(self
-            .execute(Start::Image(image), policy, door, turns, false)?
-            .0)
+        let setup = Setup {
+            start: Start::Image(image),
+            world: World::Live,
+            tracer: None,
+            capture: false,
+        };
+        self.execute(setup, policy, door, turns)
     }
 
-    /// Like [`Sandbox::run`], and also returns the linear memory as the turns left it.
-    pub(crate) fn capture(
+    pub(crate) fn execute(
         &self,
+        setup: Setup<'_>,
         policy: &Policy,
         door: Door,
         turns: &[&str],
-    ) -> Result<(Run, Option<Vec<u8>>)> {
-        self.execute(Start::Fresh, policy, door, turns, true)
-    }
-
-    fn execute(
-        &self,
-        start: Start<'_>,
-        policy: &Policy,
-        door: Door,
-        turns: &[&str],
-        capture: bool,
-    ) -> Result<(Run, Option<Vec<u8>>)> {
+    ) -> Result<Run> {
         let streams = Streams::new(policy.limits.output);
-        let wasi = self.wasi(policy, &streams)?;
+        let wasi = self.wasi(policy, &streams, setup.world)?;
         let state = State {
             wasi,
             limiter: Limiter {
@@ -371,7 +454,12 @@ impl Sandbox {
             },
             door,
             output_limit: policy.limits.output,
+            streams: streams.clone(),
+            tracer: setup.tracer,
+            originals: HashMap::new(),
+            shim: None,
         };
+        let (start, capture) = (setup.start, setup.capture);
         // CPython's deep recursion needs a large native stack under the wasm one.
         std::thread::scope(|scope| {
             std::thread::Builder::new()
@@ -394,7 +482,12 @@ impl Sandbox {
         turns: &[&str],
         streams: &Streams,
         capture: bool,
-    ) -> Result<(Run, Option<Vec<u8>>)> {
+    ) -> Result<Run> {
+        let pre = if state.tracer.is_some() {
+            &self.traced
+        } else {
+            &self.pre
+        };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
         let ticks = (limits.timeout.as_nanos() / TICK.as_nanos()).max(1) as u64;
@@ -403,7 +496,7 @@ impl Sandbox {
 
         let mut captured = None;
         let outcome = (|| -> wasmtime::Result<()> {
-            let instance = self.pre.instantiate(&mut store)?;
+            let instance = pre.instantiate(&mut store)?;
             let memory = instance
                 .get_memory(&mut store, "memory")
                 .ok_or_else(|| wasmtime::format_err!("the interpreter exports no memory"))?;
@@ -445,20 +538,21 @@ impl Sandbox {
             Ok(()) => Ended::Finished,
             Err(e) => classify(e, limits, &stderr)?,
         };
-        Ok((
-            Run {
-                ended,
-                door: store.into_data().door,
-                stdout,
-                stderr,
-            },
-            captured,
-        ))
+        let State { door, tracer, .. } = store.into_data();
+        Ok(Run {
+            ended,
+            door,
+            stdout,
+            stderr,
+            tracer,
+            memory: captured,
+        })
     }
 
     /// The WASI context: the standard library read-only, the grants, the given environment,
     /// capped output streams, an empty stdin, and nothing else.
-    fn wasi(&self, policy: &Policy, streams: &Streams) -> Result<WasiP1Ctx> {
+    fn wasi(&self, policy: &Policy, streams: &Streams, world: World) -> Result<WasiP1Ctx> {
+        let grants = matches!(world, World::Live | World::Served(_));
         let mut b = WasiCtxBuilder::new();
         b.stdout(streams.handle(Which::Stdout))
             .stderr(streams.handle(Which::Stderr))
@@ -468,6 +562,22 @@ impl Sandbox {
             .allow_ip_name_lookup(false);
         for (k, v) in &policy.env {
             b.env(k, v);
+        }
+        match world {
+            World::Replay => return Ok(b.build_p1()),
+            World::Fixed => {
+                b.wall_clock(FixedClock::default())
+                    .monotonic_clock(FixedClock::default())
+                    .secure_random(wasmtime_wasi::Deterministic::new(FIXED_RANDOM.to_vec()))
+                    .insecure_random(wasmtime_wasi::Deterministic::new(FIXED_RANDOM.to_vec()))
+                    .insecure_random_seed(0);
+            }
+            World::Served(served) => {
+                b.wall_clock(served.wall)
+                    .monotonic_clock(served.monotonic)
+                    .secure_random(served.random);
+            }
+            World::Live => {}
         }
         b.preopened_dir(
             self.runtime.stdlib_dir(),
@@ -481,22 +591,57 @@ impl Sandbox {
                 self.runtime.stdlib_dir().display()
             )
         })?;
-        for grant in &policy.grants {
-            check_grant_dir(&grant.host)?;
-            let perms = if grant.writable {
-                FsPerms::ReadWrite
-            } else {
-                FsPerms::ReadOnly
-            };
-            b.preopened_dir(&grant.host, &grant.guest, perms)
-                .map_err(|e| {
-                    bad_input(format!(
-                        "--grant: cannot open `{}`: {e}",
-                        grant.host.display()
-                    ))
-                })?;
+        if grants {
+            for grant in &policy.grants {
+                check_grant_dir(&grant.host)?;
+                let perms = if grant.writable {
+                    FsPerms::ReadWrite
+                } else {
+                    FsPerms::ReadOnly
+                };
+                b.preopened_dir(&grant.host, &grant.guest, perms)
+                    .map_err(|e| {
+                        bad_input(format!(
+                            "--grant: cannot open `{}`: {e}",
+                            grant.host.display()
+                        ))
+                    })?;
+            }
         }
         Ok(b.build_p1())
+    }
+}
+
+/// The random bytes of a [`World::Fixed`] instance: any fixed sequence would do.
+const FIXED_RANDOM: [u8; 32] = *b"host: the same image everywhere.";
+
+/// A clock that starts at 2000-01-01 and advances one microsecond per reading, for
+/// [`World::Fixed`] instances.
+#[derive(Default)]
+struct FixedClock(std::sync::atomic::AtomicU64);
+
+impl FixedClock {
+    fn tick(&self) -> u64 {
+        self.0
+            .fetch_add(1_000, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl wasmtime_wasi::HostWallClock for FixedClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_micros(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::from_secs(946_684_800) + Duration::from_nanos(self.tick())
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for FixedClock {
+    fn resolution(&self) -> u64 {
+        1_000
+    }
+    fn now(&self) -> u64 {
+        self.tick()
     }
 }
 
@@ -519,6 +664,9 @@ fn classify(e: wasmtime::Error, limits: &Limits, stderr: &[u8]) -> Result<Ended>
     if let Some(limit) = e.downcast_ref::<LimitExceeded>() {
         return Ok(Ended::Limit(*limit));
     }
+    if let Some(divergence) = e.downcast_ref::<Divergence>() {
+        return Ok(Ended::Diverged(divergence.clone()));
+    }
     match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => return Ok(Ended::Limit(LimitExceeded::Time(limits.timeout))),
         Some(Trap::StackOverflow) => return Ok(Ended::Limit(LimitExceeded::Stack)),
@@ -534,7 +682,9 @@ fn classify(e: wasmtime::Error, limits: &Limits, stderr: &[u8]) -> Result<Ended>
 }
 
 /// `host::call(ptr, len, out_ptr_ptr, out_len_ptr) -> i32`: 0 with the answer written to
-/// memory from the guest's `host_alloc`; -2 when the request is malformed or unknown.
+/// memory from the guest's `host_alloc`; -2 when the request is malformed or unknown. Traced
+/// like a WASI import: a replay answers from the trace (and still collects what the guest
+/// hands back).
 fn door_call(
     mut caller: Caller<'_, State>,
     ptr: i32,
@@ -546,18 +696,35 @@ fn door_call(
     let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
         return Ok(FAULT);
     };
-    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
-    if len as u64 > caller.data().output_limit {
+    if len as u32 as u64 > caller.data().output_limit {
         return Err(wasmtime::Error::new(LimitExceeded::Output(
             caller.data().output_limit,
         )));
     }
-    let mut request = vec![0; len];
-    if memory.read(&caller, ptr, &mut request).is_err() {
+    let mut request = vec![0; len as u32 as usize];
+    if memory
+        .read(&caller, ptr as u32 as usize, &mut request)
+        .is_err()
+    {
         return Ok(FAULT);
     }
-    let Some(answer) = caller.data_mut().door.handle(&request) else {
-        return Ok(FAULT);
+    let args = [ptr, len, out_ptr_ptr, out_len_ptr].map(i64::from);
+    let (status, answer) = match caller.data_mut().door_before(&args, &request)? {
+        DoorStep::Answer(status, answer) => {
+            caller.data_mut().door.handle(&request);
+            (status, answer)
+        }
+        DoorStep::Live => {
+            let answer = caller.data_mut().door.handle(&request);
+            let status = if answer.is_some() { 0 } else { FAULT };
+            caller
+                .data_mut()
+                .door_after(args.to_vec(), &request, status, answer.as_deref());
+            (status, answer)
+        }
+    };
+    let Some(answer) = answer.filter(|_| status == 0) else {
+        return Ok(status);
     };
     let Some(alloc) = caller.get_export("host_alloc").and_then(|e| e.into_func()) else {
         return Ok(FAULT);

@@ -25,7 +25,8 @@ use crate::bundle::{Bundle, short};
 use crate::call::GUEST_SOURCE;
 use crate::engine::write_cache_file;
 use crate::progress::Progress;
-use crate::sandbox::{Door, Ended, Limits, Policy, Sandbox, State};
+use crate::sandbox::{Door, Ended, Limits, Policy, Sandbox, Setup, Start, State, World};
+use crate::trace::Tracer;
 
 const WASM_PAGE: u64 = 64 << 10;
 
@@ -34,6 +35,8 @@ const WASM_PAGE: u64 = 64 << 10;
 pub struct Image {
     file: File,
     pages: u64,
+    /// sha256 of the memory: a trace records it, and a replay checks it.
+    pub sha256: String,
 }
 
 /// The record kept next to an image, or in place of one when a bundle cannot be
@@ -41,7 +44,7 @@ pub struct Image {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Record {
-    Image { pages: u64 },
+    Image { pages: u64, sha256: String },
     Unavailable { reason: String },
 }
 
@@ -77,7 +80,7 @@ impl Prepared {
             }
         };
         Ok(match record {
-            Record::Image { pages } => match Image::open(&memory_path, pages) {
+            Record::Image { pages, sha256 } => match Image::open(&memory_path, pages, sha256) {
                 Ok(image) => Prepared {
                     bundle,
                     image: Some(image),
@@ -128,6 +131,10 @@ fn read_record(path: &Path) -> Option<Record> {
 /// Loads the bundle in a fresh instance with no grants and no environment, and saves the
 /// memory it leaves. A load that fails there (it reads a granted file, say) makes the bundle
 /// one that loads per call.
+///
+/// The instance sees a fixed clock, a fixed random sequence and file metadata without
+/// device, inode or times, so the image is the same on every machine: a trace records its
+/// hash, and a replay elsewhere starts from the same bytes.
 fn build(sandbox: &Sandbox, bundle: &Bundle, memory_path: &Path) -> Result<Record> {
     let policy = Policy {
         limits: Limits {
@@ -137,8 +144,19 @@ fn build(sandbox: &Sandbox, bundle: &Bundle, memory_path: &Path) -> Result<Recor
         ..Policy::default()
     };
     let door = Door::default().answer("bundle", &bundle.load_request())?;
-    let (run, memory) =
-        sandbox.capture(&policy, door, &[GUEST_SOURCE, "if load():\n    freeze()\n"])?;
+    let setup = Setup {
+        start: Start::Fresh,
+        world: World::Fixed,
+        tracer: Some(Tracer::Normalize),
+        capture: true,
+    };
+    let run = sandbox.execute(
+        setup,
+        &policy,
+        door,
+        &[GUEST_SOURCE, "if load():\n    freeze()\n"],
+    )?;
+    let memory = run.memory;
     if run.ended != Ended::Finished {
         return Ok(Record::Unavailable {
             reason: format!("loading the bundle did not finish: {:?}", run.ended),
@@ -156,6 +174,7 @@ fn build(sandbox: &Sandbox, bundle: &Bundle, memory_path: &Path) -> Result<Recor
     write_sparse(memory_path, &memory)?;
     Ok(Record::Image {
         pages: memory.len() as u64 / WASM_PAGE,
+        sha256: hex::encode(Sha256::digest(&memory)),
     })
 }
 
@@ -186,7 +205,7 @@ fn write_sparse(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 impl Image {
-    fn open(path: &Path, pages: u64) -> Result<Image> {
+    fn open(path: &Path, pages: u64, sha256: String) -> Result<Image> {
         let file = File::open(path)
             .with_context(|| format!("the image `{}` is missing", path.display()))?;
         let len = file.metadata()?.len();
@@ -196,7 +215,11 @@ impl Image {
             path.display(),
             pages
         );
-        Ok(Image { file, pages })
+        Ok(Image {
+            file,
+            pages,
+            sha256,
+        })
     }
 
     /// The image's size in bytes.

@@ -15,6 +15,7 @@ use crate::sandbox::Sandbox;
 mod bundle;
 mod inspect;
 mod prepare;
+mod replay;
 mod run;
 
 /// Run one function of a Jupyter notebook inside a WebAssembly sandbox.
@@ -56,6 +57,8 @@ pub enum Command {
     Bundle(bundle::BundleArgs),
     /// Show what extraction keeps and drops, cell by cell, and each function's dependencies.
     Inspect(inspect::InspectArgs),
+    /// Re-execute a recorded call from its trace, exactly, or with an updated notebook.
+    Replay(replay::ReplayArgs),
     /// Compile the Python runtime for this machine now, so the first call does not wait.
     Prepare,
 }
@@ -66,6 +69,7 @@ pub fn main(cli: Cli) -> Exit {
         Command::Run(args) => run::run(&cli.global, args),
         Command::Bundle(args) => bundle::bundle(&cli.global, args),
         Command::Inspect(args) => inspect::inspect(&cli.global, args),
+        Command::Replay(args) => replay::replay(&cli.global, args),
         Command::Prepare => prepare::prepare(&cli.global),
     };
     match result {

@@ -25,6 +25,9 @@ pub struct RunArgs {
     /// Load the bundle's source in the call instead of starting from its pre-initialised image.
     #[arg(long)]
     pub no_image: bool,
+    /// Record every nondeterministic input of the call to this trace file (for `host replay`).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
     #[command(flatten)]
     pub input: InputArgs,
     #[command(flatten)]
@@ -117,7 +120,20 @@ pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
     } else {
         Prepared::new(&sandbox, bundle)?
     };
-    let result = call::call(&sandbox, &policy, &prepared, &args.function, &arguments)?;
+    let result = match &args.record {
+        None => call::call(&sandbox, &policy, &prepared, &args.function, &arguments)?,
+        Some(path) => {
+            let (result, trace) =
+                call::call_recorded(&sandbox, &policy, &prepared, &args.function, &arguments)?;
+            trace.write(path)?;
+            eprintln!(
+                "host: recorded {} events to {}",
+                trace.events.len(),
+                path.display()
+            );
+            result
+        }
+    };
     let envelope = args
         .envelope
         .then_some((prepared.bundle.version.as_str(), args.function.as_str()));
@@ -162,6 +178,10 @@ pub fn report(result: call::CallResult, envelope: Option<(&str, &str)>) -> Resul
         Outcome::Exited(status) => {
             eprintln!("host: the function ended the interpreter with exit status {status}");
             Ok(Exit::FunctionRaised)
+        }
+        Outcome::Diverged(divergence) => {
+            eprintln!("host: {divergence}");
+            Ok(Exit::Diverged)
         }
     }
 }

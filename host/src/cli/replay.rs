@@ -1,0 +1,79 @@
+//! `host replay TRACE [--notebook UPDATED]`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::GlobalOptions;
+use super::run::report;
+use crate::bundle::short;
+use crate::error::Exit;
+use crate::notebook::Notebook;
+use crate::replay;
+use crate::trace::Trace;
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// A trace written by `host run --record`.
+    pub trace: PathBuf,
+    /// Run this notebook's version of the function on the recorded inputs instead, and show
+    /// how its result differs from the recorded one.
+    #[arg(long, value_name = "UPDATED.ipynb")]
+    pub notebook: Option<PathBuf>,
+}
+
+pub fn replay(global: &GlobalOptions, args: &ReplayArgs) -> Result<Exit> {
+    let trace = Trace::read(&args.trace)?;
+    let notebook = args.notebook.as_deref().map(Notebook::read).transpose()?;
+    let (_engine, sandbox) = global.sandbox()?;
+    let h = &trace.header;
+    match notebook {
+        None => {
+            let replayed = replay::replay(&sandbox, &trace)?;
+            if let Some(divergence) = &replayed.divergence {
+                eprintln!("host: {divergence}");
+                return Ok(Exit::Diverged);
+            }
+            eprintln!(
+                "host: replay identical to the recording: {} events, bundle {}, {}() recorded {}",
+                trace.events.len(),
+                short(&h.bundle.version),
+                h.function,
+                h.recorded_at
+            );
+            report(replayed.result, None)
+        }
+        Some(notebook) => {
+            let what_if = replay::what_if(&sandbox, &trace, &notebook)?;
+            let result = &what_if.result;
+            {
+                use std::io::Write;
+                let mut stderr = std::io::stderr().lock();
+                let _ = stderr.write_all(&result.stdout);
+                let _ = stderr.write_all(&result.stderr);
+            }
+            println!(
+                "recorded ({} of bundle {}): {}",
+                h.function,
+                short(&h.bundle.version),
+                what_if.recorded
+            );
+            println!(
+                "updated  ({} of bundle {}): {}",
+                h.function,
+                short(&what_if.version),
+                result.outcome.to_json()
+            );
+            if what_if.differences.is_empty() {
+                println!("no difference");
+            } else {
+                println!("differences:");
+                for d in &what_if.differences {
+                    println!("  {d}");
+                }
+            }
+            Ok(Exit::Success)
+        }
+    }
+}

@@ -1,0 +1,547 @@
+//! Replaying a recorded call: exactly (every import answered from the trace, every call and
+//! output checked), or what-if (an updated notebook run on the recorded inputs).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::bundle::{Bundle, Select, short};
+use crate::call::{self, CallResult, Outcome};
+use crate::error::bad_input;
+use crate::notebook::Notebook;
+use crate::sandbox::{Grant, Policy, Sandbox, World};
+use crate::snapshot::Prepared;
+use crate::trace::{Blobs, Data, Divergence, EngineSettings, Trace, Tracer};
+
+/// What an exact replay found.
+pub struct Replayed {
+    /// The replayed call, with what the guest printed.
+    pub result: CallResult,
+    /// Where the replay first went another way, if it did.
+    pub divergence: Option<Divergence>,
+}
+
+/// Re-executes a recorded call with nothing from the host: no grants, no clocks, no random
+/// source. Every import the guest makes is checked against the trace and answered from it; so
+/// are the outputs at the end.
+pub fn replay(sandbox: &Sandbox, trace: &Trace) -> Result<Replayed> {
+    let h = &trace.header;
+    check_setup(sandbox, trace)?;
+    let prepared = prepare(sandbox, h.bundle.clone(), h.image_sha256.as_deref())?;
+    let policy = Policy {
+        grants: Vec::new(),
+        env: h.env.clone(),
+        limits: h.limits.into(),
+    };
+    let tracer = Tracer::Replay {
+        events: trace.events.clone(),
+        blobs: Blobs::of(trace, &sandbox.runtime().stdlib_dir()),
+        next: 0,
+        divergence: None,
+    };
+    let (result, tracer) = call::execute(
+        sandbox,
+        &policy,
+        &prepared,
+        &h.function,
+        &h.arguments,
+        World::Replay,
+        Some(tracer),
+    )?;
+    if let Outcome::Diverged(d) = &result.outcome {
+        return Ok(Replayed {
+            divergence: Some(d.clone()),
+            result,
+        });
+    }
+    let Some(Tracer::Replay {
+        events,
+        blobs,
+        next,
+        ..
+    }) = tracer
+    else {
+        anyhow::bail!("the replay lost its tracer");
+    };
+    let mut divergence = None;
+    if next < events.len() {
+        let e = &events[next];
+        divergence = Some(Divergence {
+            index: next,
+            expected: Some(format!(
+                "{}({:?}), and {} more recorded events",
+                e.call,
+                e.args,
+                events.len() - next - 1
+            )),
+            actual: "the call ended".into(),
+        });
+    } else if let Some(what) = output_mismatch(trace, &blobs, &result)? {
+        divergence = Some(Divergence {
+            index: events.len(),
+            expected: Some(what.0),
+            actual: what.1,
+        });
+    }
+    Ok(Replayed { result, divergence })
+}
+
+/// The recorded and replayed outputs, when they differ: (expected, actual).
+fn output_mismatch(
+    trace: &Trace,
+    blobs: &Blobs,
+    result: &CallResult,
+) -> Result<Option<(String, String)>> {
+    let recorded = |d: &Option<Data>| {
+        d.as_ref()
+            .map(|d| blobs.get(d))
+            .transpose()
+            .map(Option::unwrap_or_default)
+    };
+    for (name, want, got) in [
+        ("stdout", recorded(&trace.outputs.stdout)?, &result.stdout),
+        ("stderr", recorded(&trace.outputs.stderr)?, &result.stderr),
+    ] {
+        if &want != got {
+            return Ok(Some((
+                format!("{name} of {} bytes", want.len()),
+                format!(
+                    "{name} of {} bytes: {:?}",
+                    got.len(),
+                    String::from_utf8_lossy(&got[..got.len().min(200)])
+                ),
+            )));
+        }
+    }
+    let outcome = result.outcome.to_json();
+    if outcome != trace.outputs.outcome {
+        return Ok(Some((
+            format!("outcome {}", trace.outputs.outcome),
+            format!("outcome {outcome}"),
+        )));
+    }
+    Ok(None)
+}
+
+/// Refuses a trace this host cannot replay exactly, saying why.
+fn check_setup(sandbox: &Sandbox, trace: &Trace) -> Result<()> {
+    let h = &trace.header;
+    if h.runtime_sha256 != sandbox.runtime().sha256() {
+        return Err(bad_input(format!(
+            "the trace was recorded with runtime {}, and this host runs {}: replay it with the same runtime",
+            short(&h.runtime_sha256),
+            short(sandbox.runtime().sha256())
+        )));
+    }
+    if h.engine != EngineSettings::current() {
+        return Err(bad_input(format!(
+            "the trace was recorded with engine settings {:?}",
+            h.engine
+        )));
+    }
+    h.bundle.check_version().context("the trace's bundle")?;
+    Ok(())
+}
+
+/// The bundle ready to call, from the same pre-initialised memory as the recording.
+fn prepare(sandbox: &Sandbox, bundle: Bundle, image_sha256: Option<&str>) -> Result<Prepared> {
+    let Some(want) = image_sha256 else {
+        return Ok(Prepared::without_image(bundle));
+    };
+    let prepared = Prepared::new(sandbox, bundle)?;
+    match &prepared.image {
+        Some(image) if image.sha256 == want => Ok(prepared),
+        Some(image) => Err(anyhow::anyhow!(
+            "the pre-initialised memory built here ({}) differs from the recording's ({}), so the call cannot be replayed exactly",
+            short(&image.sha256),
+            short(want)
+        )),
+        None => Err(anyhow::anyhow!(
+            "the recording started from a pre-initialised image, and none can be built here: {}",
+            prepared.unavailable.as_deref().unwrap_or("unknown reason")
+        )),
+    }
+}
+
+/// What a what-if run found: the recorded outcome and the updated notebook's.
+pub struct WhatIf {
+    pub recorded: Value,
+    pub result: CallResult,
+    /// The new bundle's version.
+    pub version: String,
+    /// Where the two outcomes differ, one line each (`result[0].spend: 280.49 -> 290.49`).
+    pub differences: Vec<String>,
+}
+
+/// Runs `notebook`'s version of the recorded function on the recorded inputs: the same
+/// arguments and environment, the files the recording read (rebuilt in temporary directories
+/// at the same guest paths), and its clock readings and random bytes as far as they go.
+pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<WhatIf> {
+    let h = &trace.header;
+    let function = h.function.as_str();
+    let bundle = Bundle::from_notebook(sandbox, notebook, Select::Only(&[function]), None)?;
+    let version = bundle.version.clone();
+    let prepared = Prepared::new(sandbox, bundle)?;
+    let blobs = Blobs::of(trace, &sandbox.runtime().stdlib_dir());
+    let files = RecordedFiles::from_trace(trace, &blobs)?;
+    let mut dirs = Vec::new();
+    let mut grants = Vec::new();
+    for g in &h.grants {
+        let dir =
+            tempfile::tempdir().context("failed to make a directory for the recorded files")?;
+        files.write_under(&g.guest, dir.path())?;
+        grants.push(Grant {
+            host: dir.path().to_owned(),
+            guest: g.guest.clone(),
+            writable: g.writable,
+        });
+        dirs.push(dir);
+    }
+    let policy = Policy {
+        grants,
+        env: h.env.clone(),
+        limits: h.limits.into(),
+    };
+    let served = Served::from_trace(trace, &blobs)?;
+    let (result, _) = call::execute(
+        sandbox,
+        &policy,
+        &prepared,
+        function,
+        &h.arguments,
+        World::Served(served),
+        None,
+    )?;
+    let mut differences = Vec::new();
+    diff(
+        &trace.outputs.outcome,
+        &result.outcome.to_json(),
+        "",
+        &mut differences,
+    );
+    drop(dirs);
+    Ok(WhatIf {
+        recorded: trace.outputs.outcome.clone(),
+        result,
+        version,
+        differences,
+    })
+}
+
+/// Clock readings and random bytes from a trace, served in the order they were recorded;
+/// after the last one, clocks go on from their last reading and random bytes are fresh.
+pub struct Served {
+    pub(crate) wall: ServedClock,
+    pub(crate) monotonic: ServedClock,
+    pub(crate) random: ServedRandom,
+}
+
+impl Served {
+    fn from_trace(trace: &Trace, blobs: &Blobs) -> Result<Served> {
+        let (mut wall, mut monotonic, mut random) = (Vec::new(), Vec::new(), Vec::new());
+        for e in &trace.events {
+            let Some((_, data)) = e.writes.first() else {
+                continue;
+            };
+            match e.call.as_str() {
+                "clock_time_get" => {
+                    let bytes = blobs.get(data)?;
+                    let value = u64::from_le_bytes(
+                        bytes.get(..8).context("short clock reading")?.try_into()?,
+                    );
+                    if e.args.first() == Some(&0) {
+                        wall.push(value)
+                    } else {
+                        monotonic.push(value)
+                    }
+                }
+                "random_get" => random.extend(blobs.get(data)?),
+                _ => {}
+            }
+        }
+        let random = ServedRandom {
+            bytes: random.into_iter(),
+            fresh: wasmtime_wasi::thread_rng(),
+        };
+        Ok(Served {
+            wall: ServedClock::new(wall),
+            monotonic: ServedClock::new(monotonic),
+            random,
+        })
+    }
+}
+
+/// Recorded random bytes, served in order, then fresh ones from the host.
+pub(crate) struct ServedRandom {
+    bytes: std::vec::IntoIter<u8>,
+    fresh: Box<dyn wasmtime_wasi::Rng + Send>,
+}
+
+impl ServedRandom {
+    fn next(&mut self) -> u8 {
+        self.bytes
+            .next()
+            .unwrap_or_else(|| self.fresh.next_u32() as u8)
+    }
+}
+
+/// WASI draws each random byte as the low byte of one `next_u32`, so that is where a served
+/// byte goes.
+impl rand_core::TryRng for ServedRandom {
+    type Error = std::convert::Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        Ok(u32::from(self.next()))
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        Ok(u64::from(self.next()))
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        dst.iter_mut().for_each(|b| *b = self.next());
+        Ok(())
+    }
+}
+
+/// Recorded nanosecond readings, then the last one plus the real time since it ran out.
+pub(crate) struct ServedClock(Mutex<(std::vec::IntoIter<u64>, u64, Option<Instant>)>);
+
+impl ServedClock {
+    fn new(readings: Vec<u64>) -> ServedClock {
+        ServedClock(Mutex::new((readings.into_iter(), 0, None)))
+    }
+
+    pub(crate) fn read(&self) -> u64 {
+        let mut state = self.0.lock().unwrap();
+        if let Some(v) = state.0.next() {
+            state.1 = v;
+            return v;
+        }
+        let since = *state.2.get_or_insert_with(Instant::now);
+        state.1 + since.elapsed().as_nanos() as u64
+    }
+}
+
+impl wasmtime_wasi::HostWallClock for ServedClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_nanos(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::from_nanos(self.read())
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for ServedClock {
+    fn resolution(&self) -> u64 {
+        1
+    }
+    fn now(&self) -> u64 {
+        self.read()
+    }
+}
+
+/// The files and directories a recorded call saw in its grants, rebuilt from its reads.
+#[derive(Debug, Default)]
+struct RecordedFiles {
+    files: BTreeMap<String, Vec<u8>>,
+    dirs: BTreeSet<String>,
+}
+
+impl RecordedFiles {
+    fn from_trace(trace: &Trace, blobs: &Blobs) -> Result<RecordedFiles> {
+        let mut out = RecordedFiles::default();
+        let mut paths: HashMap<i64, String> = HashMap::new();
+        let mut positions: HashMap<i64, u64> = HashMap::new();
+        for e in trace.events.iter().filter(|e| e.result == 0) {
+            let fd = e.args.first().copied().unwrap_or(-1);
+            let bytes = |i: usize| -> Result<Vec<u8>> {
+                e.writes
+                    .get(i)
+                    .map(|(_, d)| blobs.get(d))
+                    .transpose()
+                    .map(Option::unwrap_or_default)
+            };
+            match e.call.as_str() {
+                "fd_prestat_dir_name" => {
+                    paths.insert(fd, String::from_utf8_lossy(&bytes(0)?).into_owned());
+                }
+                "path_open" => {
+                    let (Some(dir), Some(path)) = (paths.get(&fd), &e.path) else {
+                        continue;
+                    };
+                    let full = join(dir, path);
+                    let new_fd = bytes(0)?
+                        .get(..4)
+                        .map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+                    if e.args.get(4).is_some_and(|flags| flags & 2 != 0) {
+                        out.dirs.insert(full.clone());
+                    }
+                    if let Some(new_fd) = new_fd {
+                        paths.insert(i64::from(new_fd), full);
+                        positions.insert(i64::from(new_fd), 0);
+                    }
+                }
+                "fd_read" | "fd_pread" => {
+                    let Some(path) = paths.get(&fd) else { continue };
+                    let data: Vec<u8> = (0..e.writes.len().saturating_sub(1))
+                        .map(bytes)
+                        .collect::<Result<Vec<_>>>()?
+                        .concat();
+                    let at = if e.call == "fd_pread" {
+                        e.args[3] as u64
+                    } else {
+                        positions.get(&fd).copied().unwrap_or(0)
+                    };
+                    let file = out.files.entry(path.clone()).or_default();
+                    let end = at as usize + data.len();
+                    if file.len() < end {
+                        file.resize(end, 0);
+                    }
+                    file[at as usize..end].copy_from_slice(&data);
+                    if e.call == "fd_read" {
+                        positions.insert(fd, at + data.len() as u64);
+                    }
+                }
+                "fd_seek" => {
+                    if let Some(b) = bytes(0)?.get(..8) {
+                        positions.insert(fd, u64::from_le_bytes(b.try_into().unwrap()));
+                    }
+                }
+                "fd_readdir" => {
+                    let Some(path) = paths.get(&fd).cloned() else {
+                        continue;
+                    };
+                    out.dirs.insert(path.clone());
+                    let listing = bytes(0)?;
+                    let mut at = 0;
+                    while at + 24 <= listing.len() {
+                        let len = u32::from_le_bytes(listing[at + 16..at + 20].try_into().unwrap())
+                            as usize;
+                        let kind = listing[at + 20];
+                        let Some(name) = listing.get(at + 24..at + 24 + len) else {
+                            break;
+                        };
+                        let name = String::from_utf8_lossy(name);
+                        if name != "." && name != ".." {
+                            let child = join(&path, &name);
+                            if kind == 3 {
+                                out.dirs.insert(child);
+                            } else {
+                                out.files.entry(child).or_default();
+                            }
+                        }
+                        at += 24 + len;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes what lies under the guest path `guest` into `dir`.
+    fn write_under(&self, guest: &str, dir: &std::path::Path) -> Result<()> {
+        let prefix = format!("{}/", guest.trim_end_matches('/'));
+        let inside = |p: &String| p.strip_prefix(&prefix).map(str::to_owned);
+        for d in self.dirs.iter().filter_map(inside) {
+            std::fs::create_dir_all(dir.join(d))?;
+        }
+        for (path, content) in &self.files {
+            if let Some(rel) = inside(path) {
+                let target = dir.join(rel);
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::write(target, content)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A guest path joined with a relative one, `.` components dropped.
+fn join(dir: &str, path: &str) -> String {
+    let mut out = dir.trim_end_matches('/').to_owned();
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        out.push('/');
+        out.push_str(part);
+    }
+    out
+}
+
+/// One line per difference between two JSON values: `path: old -> new`.
+pub fn diff(old: &Value, new: &Value, path: &str, out: &mut Vec<String>) {
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                let p = format!("{path}.{k}");
+                match b.get(k) {
+                    Some(w) => diff(v, w, &p, out),
+                    None => out.push(format!("{}: {v} -> (absent)", p.trim_start_matches('.'))),
+                }
+            }
+            for (k, w) in b.iter().filter(|(k, _)| !a.contains_key(*k)) {
+                out.push(format!(
+                    "{}: (absent) -> {w}",
+                    format!("{path}.{k}").trim_start_matches('.')
+                ));
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for i in 0..a.len().max(b.len()) {
+                let p = format!("{path}[{i}]");
+                match (a.get(i), b.get(i)) {
+                    (Some(v), Some(w)) => diff(v, w, &p, out),
+                    (Some(v), None) => out.push(format!("{p}: {v} -> (absent)")),
+                    (None, Some(w)) => out.push(format!("{p}: (absent) -> {w}")),
+                    (None, None) => {}
+                }
+            }
+        }
+        _ if old != new => out.push(format!(
+            "{}: {old} -> {new}",
+            if path.is_empty() {
+                "(the whole value)"
+            } else {
+                path.trim_start_matches('.')
+            }
+        )),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn diffs_name_the_paths_that_changed() {
+        let mut out = Vec::new();
+        diff(
+            &json!({"returned": [{"a": 1, "b": 2}], "x": 1}),
+            &json!({"returned": [{"a": 1, "b": 3}, {"a": 0}], "y": 2}),
+            "",
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            [
+                "returned[0].b: 2 -> 3",
+                "returned[1]: (absent) -> {\"a\":0}",
+                "x: 1 -> (absent)",
+                "y: (absent) -> 2",
+            ]
+        );
+    }
+
+    #[test]
+    fn guest_paths_join_without_dots() {
+        assert_eq!(join("/data", "./sub//a.txt"), "/data/sub/a.txt");
+        assert_eq!(join("/data/", "a"), "/data/a");
+    }
+}
