@@ -19,5 +19,7 @@ mod library;
 mod limits;
 /// Reading `.ipynb` files, good and broken.
 mod notebooks;
+/// `host run --record` and `host replay`: round trips, tampering, divergence, what-if.
+mod replay;
 /// What the sandbox lets the function see: grants, escapes, environment, network.
 mod sandbox;

@@ -1,9 +1,7 @@
 //! Replaying a recorded call: exactly (every import answered from the trace, every call and
 //! output checked), or what-if (an updated notebook run on the recorded inputs).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -205,15 +203,15 @@ pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<
         env: h.env.clone(),
         limits: h.limits.into(),
     };
-    let served = Served::from_trace(trace, &blobs)?;
+    let tracer = served(trace, &blobs)?;
     let (result, _) = call::execute(
         sandbox,
         &policy,
         &prepared,
         function,
         &h.arguments,
-        World::Served(served),
-        None,
+        World::Live,
+        Some(tracer),
     )?;
     let mut differences = Vec::new();
     diff(
@@ -231,117 +229,25 @@ pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<
     })
 }
 
-/// Clock readings and random bytes from a trace, served in the order they were recorded;
-/// after the last one, clocks go on from their last reading and random bytes are fresh.
-pub struct Served {
-    pub(crate) wall: ServedClock,
-    pub(crate) monotonic: ServedClock,
-    pub(crate) random: ServedRandom,
-}
-
-impl Served {
-    fn from_trace(trace: &Trace, blobs: &Blobs) -> Result<Served> {
-        let (mut wall, mut monotonic, mut random) = (Vec::new(), Vec::new(), Vec::new());
-        for e in &trace.events {
-            let Some((_, data)) = e.writes.first() else {
-                continue;
-            };
-            match e.call.as_str() {
-                "clock_time_get" => {
-                    let bytes = blobs.get(data)?;
-                    let value = u64::from_le_bytes(
-                        bytes.get(..8).context("short clock reading")?.try_into()?,
-                    );
-                    if e.args.first() == Some(&0) {
-                        wall.push(value)
-                    } else {
-                        monotonic.push(value)
-                    }
-                }
-                "random_get" => random.extend(blobs.get(data)?),
-                _ => {}
-            }
-        }
-        let random = ServedRandom {
-            bytes: random.into_iter(),
-            fresh: wasmtime_wasi::thread_rng(),
+/// The tracer of a what-if run: the recording's clock readings (per clock) and random bytes,
+/// served in order to the guest's own `clock_time_get` and `random_get` calls, then live.
+fn served(trace: &Trace, blobs: &Blobs) -> Result<Tracer> {
+    let mut clocks: HashMap<i64, VecDeque<Vec<u8>>> = HashMap::new();
+    let mut random = VecDeque::new();
+    for e in trace.events.iter().filter(|e| e.result == 0) {
+        let Some((_, data)) = e.writes.first() else {
+            continue;
         };
-        Ok(Served {
-            wall: ServedClock::new(wall),
-            monotonic: ServedClock::new(monotonic),
-            random,
-        })
-    }
-}
-
-/// Recorded random bytes, served in order, then fresh ones from the host.
-pub(crate) struct ServedRandom {
-    bytes: std::vec::IntoIter<u8>,
-    fresh: Box<dyn wasmtime_wasi::Rng + Send>,
-}
-
-impl ServedRandom {
-    fn next(&mut self) -> u8 {
-        self.bytes
-            .next()
-            .unwrap_or_else(|| self.fresh.next_u32() as u8)
-    }
-}
-
-/// WASI draws each random byte as the low byte of one `next_u32`, so that is where a served
-/// byte goes.
-impl rand_core::TryRng for ServedRandom {
-    type Error = std::convert::Infallible;
-
-    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
-        Ok(u32::from(self.next()))
-    }
-
-    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
-        Ok(u64::from(self.next()))
-    }
-
-    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
-        dst.iter_mut().for_each(|b| *b = self.next());
-        Ok(())
-    }
-}
-
-/// Recorded nanosecond readings, then the last one plus the real time since it ran out.
-pub(crate) struct ServedClock(Mutex<(std::vec::IntoIter<u64>, u64, Option<Instant>)>);
-
-impl ServedClock {
-    fn new(readings: Vec<u64>) -> ServedClock {
-        ServedClock(Mutex::new((readings.into_iter(), 0, None)))
-    }
-
-    pub(crate) fn read(&self) -> u64 {
-        let mut state = self.0.lock().unwrap();
-        if let Some(v) = state.0.next() {
-            state.1 = v;
-            return v;
+        match e.call.as_str() {
+            "clock_time_get" => clocks
+                .entry(e.args[0])
+                .or_default()
+                .push_back(blobs.get(data)?),
+            "random_get" => random.extend(blobs.get(data)?),
+            _ => {}
         }
-        let since = *state.2.get_or_insert_with(Instant::now);
-        state.1 + since.elapsed().as_nanos() as u64
     }
-}
-
-impl wasmtime_wasi::HostWallClock for ServedClock {
-    fn resolution(&self) -> Duration {
-        Duration::from_nanos(1)
-    }
-    fn now(&self) -> Duration {
-        Duration::from_nanos(self.read())
-    }
-}
-
-impl wasmtime_wasi::HostMonotonicClock for ServedClock {
-    fn resolution(&self) -> u64 {
-        1
-    }
-    fn now(&self) -> u64 {
-        self.read()
-    }
+    Ok(Tracer::Serve { clocks, random })
 }
 
 /// The files and directories a recorded call saw in its grants, rebuilt from its reads.
@@ -475,20 +381,23 @@ fn join(dir: &str, path: &str) -> String {
 
 /// One line per difference between two JSON values: `path: old -> new`.
 pub fn diff(old: &Value, new: &Value, path: &str, out: &mut Vec<String>) {
+    let key = |k: &str| {
+        if path.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
     match (old, new) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in a {
-                let p = format!("{path}.{k}");
                 match b.get(k) {
-                    Some(w) => diff(v, w, &p, out),
-                    None => out.push(format!("{}: {v} -> (absent)", p.trim_start_matches('.'))),
+                    Some(w) => diff(v, w, &key(k), out),
+                    None => out.push(format!("{}: {v} -> (absent)", key(k))),
                 }
             }
             for (k, w) in b.iter().filter(|(k, _)| !a.contains_key(*k)) {
-                out.push(format!(
-                    "{}: (absent) -> {w}",
-                    format!("{path}.{k}").trim_start_matches('.')
-                ));
+                out.push(format!("{}: (absent) -> {w}", key(k)));
             }
         }
         (Value::Array(a), Value::Array(b)) => {
@@ -502,14 +411,14 @@ pub fn diff(old: &Value, new: &Value, path: &str, out: &mut Vec<String>) {
                 }
             }
         }
-        _ if old != new => out.push(format!(
-            "{}: {old} -> {new}",
-            if path.is_empty() {
-                "(the whole value)"
+        _ if old != new => {
+            let place = if path.is_empty() {
+                "the whole outcome"
             } else {
-                path.trim_start_matches('.')
-            }
-        )),
+                path
+            };
+            out.push(format!("{place}: {old} -> {new}"));
+        }
         _ => {}
     }
 }

@@ -24,7 +24,6 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::engine::{Engine, TICK};
 use crate::error::bad_input;
-use crate::replay::Served;
 use crate::runtime::{RESET_PREOPENS, Runtime};
 use crate::snapshot::Image;
 use crate::trace::{self, Divergence, DoorStep, Tracer};
@@ -299,8 +298,6 @@ pub enum World {
     Fixed,
     /// Nothing but the policy's environment: a replay answers every other import itself.
     Replay,
-    /// As `Live`, with clock readings and random bytes served from a recording.
-    Served(Served),
 }
 
 /// How to run: the options of [`Sandbox::execute`].
@@ -372,10 +369,10 @@ impl Sandbox {
                 ty,
                 move |mut caller, args, results| {
                     let original = match caller.data().originals.get(name) {
-                        Some(f) => f.clone(),
+                        Some(f) => *f,
                         None => {
                             let f = trace::original(&mut caller, &shim.0, &shim.1, name)?;
-                            caller.data_mut().originals.insert(name, f.clone());
+                            caller.data_mut().originals.insert(name, f);
                             f
                         }
                     };
@@ -552,7 +549,6 @@ impl Sandbox {
     /// The WASI context: the standard library read-only, the grants, the given environment,
     /// capped output streams, an empty stdin, and nothing else.
     fn wasi(&self, policy: &Policy, streams: &Streams, world: World) -> Result<WasiP1Ctx> {
-        let grants = matches!(world, World::Live | World::Served(_));
         let mut b = WasiCtxBuilder::new();
         b.stdout(streams.handle(Which::Stdout))
             .stderr(streams.handle(Which::Stderr))
@@ -572,11 +568,6 @@ impl Sandbox {
                     .insecure_random(wasmtime_wasi::Deterministic::new(FIXED_RANDOM.to_vec()))
                     .insecure_random_seed(0);
             }
-            World::Served(served) => {
-                b.wall_clock(served.wall)
-                    .monotonic_clock(served.monotonic)
-                    .secure_random(served.random);
-            }
             World::Live => {}
         }
         b.preopened_dir(
@@ -591,7 +582,7 @@ impl Sandbox {
                 self.runtime.stdlib_dir().display()
             )
         })?;
-        if grants {
+        if matches!(world, World::Live) {
             for grant in &policy.grants {
                 check_grant_dir(&grant.host)?;
                 let perms = if grant.writable {

@@ -272,6 +272,12 @@ pub enum Tracer {
     /// Run imports, and make host-specific file metadata (device, inode, times) constant, so a
     /// pre-initialised image is the same on every machine.
     Normalize,
+    /// Run imports, except clock readings and random bytes, which come from these recorded
+    /// ones while they last (a what-if run of an updated notebook).
+    Serve {
+        clocks: std::collections::HashMap<i64, std::collections::VecDeque<Vec<u8>>>,
+        random: std::collections::VecDeque<u8>,
+    },
 }
 
 /// Which open files are the runtime's own (opened under its standard library folder), and
@@ -717,6 +723,14 @@ pub(crate) fn wasi_call(
         return Ok(());
     }
 
+    if let Some(served) = serve(caller, name, args) {
+        let (at, bytes) = served;
+        memory.write(&mut *caller, at as usize, &bytes)?;
+        if let Some(r) = results.first_mut() {
+            *r = Val::I32(0);
+        }
+        return Ok(());
+    }
     let before = {
         let data = memory.data(&*caller);
         (path_of(&spec, args, data), sent_bytes(&spec, args, data))
@@ -755,17 +769,47 @@ pub(crate) fn wasi_call(
             Vec::new()
         };
         let args: Vec<i64> = (0..args.len()).map(|i| arg(args, i)).collect();
-        caller.data_mut().record(
-            name,
+        caller.data_mut().record(Observed {
+            call: name,
             args,
             result,
-            before.0,
+            path: before.0,
             writes,
-            before.1.as_deref(),
+            sent: before.1.as_deref(),
             exit,
-        );
+        });
     }
     outcome
+}
+
+/// For a what-if run: the recorded answer to a clock reading or a random draw, while there
+/// is one, as (address, bytes).
+fn serve(caller: &mut Caller<'_, State>, name: &str, args: &[Val]) -> Option<(u32, Vec<u8>)> {
+    let Some(Tracer::Serve { clocks, random }) = &mut caller.data_mut().tracer else {
+        return None;
+    };
+    match name {
+        "clock_time_get" => Some((
+            arg(args, 2) as u32,
+            clocks.get_mut(&arg(args, 0))?.pop_front()?,
+        )),
+        "random_get" => {
+            let len = arg(args, 1) as usize;
+            (random.len() >= len).then(|| (arg(args, 0) as u32, random.drain(..len).collect()))
+        }
+        _ => None,
+    }
+}
+
+/// One import call as it ran, before it is kept as an [`Event`].
+struct Observed<'a> {
+    call: &'a str,
+    args: Vec<i64>,
+    result: i32,
+    path: Option<String>,
+    writes: Vec<(u32, Vec<u8>)>,
+    sent: Option<&'a [u8]>,
+    exit: Option<i32>,
 }
 
 /// The traced form of the door: the request is checked (replay) or kept (record) as sent
@@ -778,16 +822,16 @@ pub(crate) enum DoorStep {
 }
 
 impl State {
-    fn record(
-        &mut self,
-        call: &str,
-        args: Vec<i64>,
-        result: i32,
-        path: Option<String>,
-        writes: Vec<(u32, Vec<u8>)>,
-        sent: Option<&[u8]>,
-        exit: Option<i32>,
-    ) {
+    fn record(&mut self, observed: Observed<'_>) {
+        let Observed {
+            call,
+            args,
+            result,
+            path,
+            writes,
+            sent,
+            exit,
+        } = observed;
         if let Some(Tracer::Record {
             events,
             blobs,
@@ -796,10 +840,9 @@ impl State {
         {
             if let (true, 0, Some(p), Some((_, fd))) =
                 (call == "path_open", result, &path, writes.first())
+                && let Ok(fd) = <[u8; 4]>::try_from(fd.as_slice())
             {
-                if let Ok(fd) = <[u8; 4]>::try_from(fd.as_slice()) {
-                    files.opened(args[0], p, i64::from(u32::from_le_bytes(fd)));
-                }
+                files.opened(args[0], p, i64::from(u32::from_le_bytes(fd)));
             }
             let writes = match files.observe(call, &args, result, &writes) {
                 // Reads of the runtime's own files: where they came from, not their bytes.
@@ -895,15 +938,15 @@ impl State {
         answer: Option<&[u8]>,
     ) {
         let writes = answer.map(|a| vec![(0, a.to_vec())]).unwrap_or_default();
-        self.record(
-            "host::call",
+        self.record(Observed {
+            call: "host::call",
             args,
-            status,
-            None,
+            result: status,
+            path: None,
             writes,
-            Some(request),
-            None,
-        );
+            sent: Some(request),
+            exit: None,
+        });
     }
 }
 
