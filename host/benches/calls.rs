@@ -93,6 +93,31 @@ fn main() -> Result<()> {
                 .arg("--input")
                 .arg(case.input))
         })?;
+        // Recording and replaying, interleaved with plain calls so the three see the same
+        // machine: the overhead is the ratio of medians measured side by side.
+        let trace_path = work.path().join(format!("{}.trace", case.function));
+        let record = || -> Result<()> {
+            let (r, trace) =
+                host::call::call_recorded(&sandbox, &policy, &prepared, case.function, case.args)?;
+            anyhow::ensure!(
+                matches!(r.outcome, Outcome::Returned(_)),
+                "the recorded call did not return"
+            );
+            trace.write(&trace_path)
+        };
+        record()?;
+        let trace = host::trace::Trace::read(&trace_path)?;
+        let trace_size = std::fs::metadata(&trace_path)?.len();
+        let replay = || -> Result<()> {
+            let r = host::replay::replay(&sandbox, &trace)?;
+            anyhow::ensure!(
+                r.divergence.is_none(),
+                "the replay diverged: {:?}",
+                r.divergence
+            );
+            Ok(())
+        };
+        let [plain, recorded, replayed] = interleaved(case.runs / 3, [&call, &record, &replay])?;
         let throughput = throughput(Duration::from_secs(3), call)?;
         let native = baseline(
             &repo,
@@ -118,6 +143,10 @@ fn main() -> Result<()> {
             fresh_load,
             process,
             throughput,
+            plain,
+            recorded,
+            replayed,
+            trace_size,
             native,
             papermill,
         });
@@ -145,6 +174,10 @@ struct Row<'a> {
     fresh_load: Stats,
     process: Stats,
     throughput: f64,
+    plain: Stats,
+    recorded: Stats,
+    replayed: Stats,
+    trace_size: u64,
     native: Option<Stats>,
     papermill: Option<Stats>,
 }
@@ -176,6 +209,20 @@ impl Row<'_> {
             "  (c) calls per second on {} cores:           {:>9.0}",
             cores(),
             self.throughput
+        );
+        let overhead = (ratio(self.recorded.p50, self.plain.p50) - 1.0) * 100.0;
+        let replay = ratio(self.replayed.p50, self.plain.p50);
+        println!(
+            "  recording, trace written ({} bytes):    p50 {:>9}  ({overhead:+.1}% over plain calls run alongside, p50 {}; target <= 5%: {})",
+            self.trace_size,
+            ms(self.recorded.p50),
+            ms(self.plain.p50),
+            verdict(overhead <= 5.0)
+        );
+        println!(
+            "  replaying that trace:                      p50 {:>9}  ({replay:.2}x the plain call; target <= 1.1x: {})",
+            ms(self.replayed.p50),
+            verdict(replay <= 1.1)
         );
         match (&self.native, &self.papermill) {
             (Some(native), Some(papermill)) => {
@@ -280,6 +327,29 @@ fn sample(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<Stats> {
         p50: at(0.50),
         p99: at(0.99),
     })
+}
+
+/// Runs each of `fs` once per round, `n` rounds, and gives each one's statistics.
+fn interleaved<const K: usize>(n: usize, fs: [&dyn Fn() -> Result<()>; K]) -> Result<[Stats; K]> {
+    let mut times: [Vec<Duration>; K] = std::array::from_fn(|_| Vec::with_capacity(n));
+    for _ in 0..n {
+        for (f, t) in fs.iter().zip(times.iter_mut()) {
+            let start = Instant::now();
+            f()?;
+            t.push(start.elapsed());
+        }
+    }
+    Ok(times.map(stats))
+}
+
+fn stats(mut times: Vec<Duration>) -> Stats {
+    times.sort();
+    let at = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
+    Stats {
+        n: times.len(),
+        p50: at(0.50),
+        p99: at(0.99),
+    }
 }
 
 /// Calls per second with one thread per core, each calling in a loop for `length`.

@@ -11,7 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -274,8 +274,11 @@ pub enum Ended {
 pub struct Sandbox {
     engine: wasmtime::Engine,
     runtime: Runtime,
+    module: Module,
+    /// The real WASI functions (and the door), which the traced ones call through the shim.
+    linker: Arc<Linker<State>>,
     pre: InstancePre<State>,
-    traced: InstancePre<State>,
+    traced: OnceLock<InstancePre<State>>,
     native_stack: usize,
     cache_dir: PathBuf,
 }
@@ -350,17 +353,35 @@ impl Sandbox {
         linker.func_wrap("host", "call", door_call)?;
         let pre = linker.instantiate_pre(module)?;
 
-        // The traced linker defines each WASI import as a wrapper that records or replays
-        // around the real function. The real one must be called from wasm, not from the host
-        // (it finds the guest's memory through its caller's exports), so each traced call gets
-        // a shim instance: a few bytes of wasm that export the guest's memory and one
-        // forwarding function per WASI import.
-        let imports = trace::wasi_imports(module);
+        Ok(Sandbox {
+            engine: engine.wasmtime().clone(),
+            runtime: runtime.clone(),
+            module: module.clone(),
+            linker: Arc::new(linker),
+            pre,
+            traced: OnceLock::new(),
+            native_stack: engine.native_stack(),
+            cache_dir: engine.cache_dir().to_owned(),
+        })
+    }
+
+    /// The interpreter linked through the tracer, made on the first traced run.
+    ///
+    /// The traced linker defines each WASI import as a wrapper that records or replays around
+    /// the real function. The real one must be called from wasm, not from the host (it finds
+    /// the guest's memory through its caller's exports), so each traced run gets a shim
+    /// instance: a few bytes of wasm that export the guest's memory and one forwarding
+    /// function per WASI import.
+    fn traced(&self) -> Result<&InstancePre<State>> {
+        if let Some(pre) = self.traced.get() {
+            return Ok(pre);
+        }
+        let imports = trace::wasi_imports(&self.module);
         let shim = Arc::new((
-            Module::new(engine.wasmtime(), trace::shim_wat(&imports))?,
-            linker,
+            Module::new(&self.engine, trace::shim_wat(&imports))?,
+            self.linker.clone(),
         ));
-        let mut traced: Linker<State> = Linker::new(engine.wasmtime());
+        let mut traced: Linker<State> = Linker::new(&self.engine);
         for (name, ty) in imports {
             let shim = shim.clone();
             traced.func_new(
@@ -381,15 +402,8 @@ impl Sandbox {
             )?;
         }
         traced.func_wrap("host", "call", door_call)?;
-        let traced = traced.instantiate_pre(module)?;
-        Ok(Sandbox {
-            engine: engine.wasmtime().clone(),
-            runtime: runtime.clone(),
-            pre,
-            traced,
-            native_stack: engine.native_stack(),
-            cache_dir: engine.cache_dir().to_owned(),
-        })
+        let pre = traced.instantiate_pre(&self.module)?;
+        Ok(self.traced.get_or_init(|| pre))
     }
 
     pub fn runtime(&self) -> &Runtime {
@@ -481,7 +495,7 @@ impl Sandbox {
         capture: bool,
     ) -> Result<Run> {
         let pre = if state.tracer.is_some() {
-            &self.traced
+            self.traced()?
         } else {
             &self.pre
         };

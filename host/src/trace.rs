@@ -218,7 +218,7 @@ impl Trace {
     pub fn write(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_vec(self)?;
         let mut encoder =
-            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
         encoder.write_all(&json)?;
         let body = encoder.finish()?;
         let mut out = format!("{MAGIC}\n{}\n", hex::encode(Sha256::digest(&body))).into_bytes();
@@ -296,7 +296,7 @@ impl RuntimeFiles {
         call: &str,
         args: &[i64],
         result: i32,
-        writes: &[(u32, Vec<u8>)],
+        writes: &[(u32, &[u8])],
     ) -> Option<(String, u64)> {
         if result != 0 {
             return None;
@@ -316,7 +316,7 @@ impl RuntimeFiles {
             "fd_prestat_dir_name" => {
                 if writes
                     .first()
-                    .is_some_and(|(_, name)| name == crate::sandbox::STDLIB_GUEST_DIR.as_bytes())
+                    .is_some_and(|(_, name)| *name == crate::sandbox::STDLIB_GUEST_DIR.as_bytes())
                 {
                     self.stdlib_fd = Some(fd);
                 }
@@ -759,17 +759,20 @@ pub(crate) fn wasi_call(
         }
     }
     if let Some(Tracer::Record { .. }) = caller.data().tracer {
-        let writes: Vec<(u32, Vec<u8>)> = if result == 0 && exit.is_none() {
-            let data = memory.data(&*caller);
+        // The memory and the store's data at once: what the call wrote is recorded straight
+        // from guest memory, not copied first.
+        let (data, state) = memory.data_and_store_mut(&mut *caller);
+        let data: &[u8] = data;
+        let writes: Vec<(u32, &[u8])> = if result == 0 && exit.is_none() {
             written_regions(&spec, args, data)
                 .into_iter()
-                .filter_map(|r| slice(data, r).map(|b| (r.0, b.to_vec())))
+                .filter_map(|r| slice(data, r).map(|b| (r.0, b)))
                 .collect()
         } else {
             Vec::new()
         };
         let args: Vec<i64> = (0..args.len()).map(|i| arg(args, i)).collect();
-        caller.data_mut().record(Observed {
+        state.record(Observed {
             call: name,
             args,
             result,
@@ -807,7 +810,7 @@ struct Observed<'a> {
     args: Vec<i64>,
     result: i32,
     path: Option<String>,
-    writes: Vec<(u32, Vec<u8>)>,
+    writes: Vec<(u32, &'a [u8])>,
     sent: Option<&'a [u8]>,
     exit: Option<i32>,
 }
@@ -840,7 +843,7 @@ impl State {
         {
             if let (true, 0, Some(p), Some((_, fd))) =
                 (call == "path_open", result, &path, writes.first())
-                && let Ok(fd) = <[u8; 4]>::try_from(fd.as_slice())
+                && let Ok(fd) = <[u8; 4]>::try_from(*fd)
             {
                 files.opened(args[0], p, i64::from(u32::from_le_bytes(fd)));
             }
@@ -851,7 +854,7 @@ impl State {
                     let mut out = Vec::with_capacity(writes.len());
                     for (i, (at, bytes)) in writes.into_iter().enumerate() {
                         if i == last {
-                            out.push((at, blobs.put(&bytes)));
+                            out.push((at, blobs.put(bytes)));
                         } else {
                             out.push((
                                 at,
@@ -868,7 +871,7 @@ impl State {
                 }
                 None => writes
                     .into_iter()
-                    .map(|(at, bytes)| (at, blobs.put(&bytes)))
+                    .map(|(at, bytes)| (at, blobs.put(bytes)))
                     .collect(),
             };
             let sent = sent.map(|b| blobs.put(b));
@@ -937,7 +940,7 @@ impl State {
         status: i32,
         answer: Option<&[u8]>,
     ) {
-        let writes = answer.map(|a| vec![(0, a.to_vec())]).unwrap_or_default();
+        let writes = answer.map(|a| vec![(0, a)]).unwrap_or_default();
         self.record(Observed {
             call: "host::call",
             args,
