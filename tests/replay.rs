@@ -3,7 +3,7 @@ use std::os::unix::fs::PermissionsExt;
 use host::trace::Trace;
 use serde_json::{Value, json};
 
-use crate::common::{Fixture, host};
+use crate::common::{Fixture, host, host_in};
 
 const SOURCES: &str = r#"
 import os, time, random, uuid, json
@@ -319,4 +319,36 @@ fn what_if_runs_an_updated_notebook_on_the_recorded_inputs() {
         r.fx.notebook.to_str().unwrap(),
     ]);
     assert!(same.stdout.contains("no difference"), "{}", same.stdout);
+}
+
+#[test]
+fn a_trace_replays_where_the_runtime_and_caches_are_other_files() {
+    // Another machine, as far as one machine can be: the runtime's files at another path (as
+    // new links, so even their link counts differ) and an empty image cache, so the
+    // pre-initialised memory is built again there.
+    let r = record("nondeterministic", r#"["/data/input.txt"]"#, &[]);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let runtime = host::Runtime::locate(None).unwrap();
+    let copy = elsewhere.path().join("runtime");
+    std::fs::create_dir_all(copy.join("lib")).unwrap();
+    let source = runtime.interpreter().parent().unwrap().to_owned();
+    for file in ["python-snapshot.wasm", ".verified", "lib/python315.zip"] {
+        std::fs::hard_link(source.join(file), copy.join(file)).unwrap();
+    }
+    let cache = elsewhere.path().join("cache");
+    std::fs::create_dir_all(cache.join("modules")).unwrap();
+    let compiled = host::engine::default_cache_dir().join("modules");
+    for entry in std::fs::read_dir(compiled).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::hard_link(entry.path(), cache.join("modules").join(entry.file_name())).unwrap();
+    }
+    let run = host_in(
+        &["replay", r.trace.to_str().unwrap()],
+        None,
+        &[
+            ("HOST_RUNTIME", copy.as_path()),
+            ("HOST_CACHE_DIR", cache.as_path()),
+        ],
+    );
+    assert_eq!(run.value(), r.value);
 }

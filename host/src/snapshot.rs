@@ -29,6 +29,9 @@ use crate::sandbox::{Door, Ended, Limits, Policy, Sandbox, Setup, Start, State, 
 use crate::trace::Tracer;
 
 const WASM_PAGE: u64 = 64 << 10;
+/// Part of every image's cache key: changed whenever how an image is built changes (its
+/// fixed world, the metadata it normalises), so no stale image outlives the change.
+const RECIPE: &str = "fixed-clock, fixed-random, no dev/ino/nlink/times; 2";
 
 /// A bundle's loaded interpreter memory, ready to map into fresh instances.
 #[derive(Debug)]
@@ -121,6 +124,7 @@ fn image_key(sandbox: &Sandbox, bundle: &Bundle) -> String {
     h.update(sandbox.runtime().sha256());
     h.update(env!("CARGO_PKG_VERSION"));
     h.update(GUEST_SOURCE);
+    h.update(RECIPE);
     hex::encode(h.finalize())
 }
 

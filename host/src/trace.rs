@@ -748,15 +748,8 @@ pub(crate) fn wasi_call(
         _ => 0,
     };
     let normalize = matches!(caller.data().tracer, Some(Tracer::Normalize));
-    if normalize && result == 0 && matches!(name, "fd_filestat_get" | "path_filestat_get") {
-        // filestat: dev u64, ino u64, filetype, nlink u64, size u64, atim, mtim, ctim.
-        let (at, _) = written_regions(&spec, args, memory.data(&*caller))[0];
-        let data = memory.data_mut(&mut *caller);
-        for (offset, len) in [(0usize, 16usize), (40, 24)] {
-            if let Some(field) = data.get_mut(at as usize + offset..at as usize + offset + len) {
-                field.fill(0);
-            }
-        }
+    if normalize && result == 0 {
+        normalize_metadata(name, args, memory.data_mut(&mut *caller));
     }
     if let Some(Tracer::Record { .. }) = caller.data().tracer {
         // The memory and the store's data at once: what the call wrote is recorded straight
@@ -783,6 +776,43 @@ pub(crate) fn wasi_call(
         });
     }
     outcome
+}
+
+/// Zeroes what differs between two copies of the same files: device, inode, link count and
+/// times in a filestat, and inodes in a directory listing.
+fn normalize_metadata(name: &str, args: &[Val], data: &mut [u8]) {
+    let mut zero = |at: usize, len: usize| {
+        if let Some(field) = data.get_mut(at..at + len) {
+            field.fill(0);
+        }
+    };
+    match name {
+        "fd_filestat_get" | "path_filestat_get" => {
+            // dev u64, ino u64, filetype u8 (+7), nlink u64, size u64, atim, mtim, ctim.
+            let at = arg(args, if name == "fd_filestat_get" { 1 } else { 4 }) as u32 as usize;
+            for (offset, len) in [(0, 16), (24, 8), (40, 24)] {
+                zero(at + offset, len);
+            }
+        }
+        "fd_readdir" => {
+            // Entries of d_next u64, d_ino u64, d_namlen u32, d_type u8 (+3), then the name.
+            let Some(used) = read_u32(data, arg(args, 4)) else {
+                return;
+            };
+            let start = arg(args, 1) as u32 as usize;
+            let mut at = 0usize;
+            while at + 24 <= used as usize {
+                let Some(len) = read_u32(data, (start + at + 16) as i64) else {
+                    return;
+                };
+                if let Some(ino) = data.get_mut(start + at + 8..start + at + 16) {
+                    ino.fill(0);
+                }
+                at += 24 + len as usize;
+            }
+        }
+        _ => {}
+    }
 }
 
 /// For a what-if run: the recorded answer to a clock reading or a random draw, while there

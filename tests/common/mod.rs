@@ -108,9 +108,15 @@ pub fn host(args: &[&str]) -> Run {
 }
 
 pub fn host_with_stdin(args: &[&str], stdin: Option<&str>) -> Run {
+    host_in(args, stdin, &[])
+}
+
+/// Runs `host` with `args`, `stdin` and extra environment variables.
+pub fn host_in(args: &[&str], stdin: Option<&str>, env: &[(&str, &Path)]) -> Run {
     prepare();
     let mut child = Command::new(env!("CARGO_BIN_EXE_host"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
