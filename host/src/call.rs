@@ -30,31 +30,17 @@ pub struct Arguments {
 impl Arguments {
     /// From `--args` (a JSON array) and `--kwargs` (a JSON object).
     pub fn from_flags(args: Option<&str>, kwargs: Option<&str>) -> Result<Arguments> {
-        let args = match args {
-            Some(text) => match serde_json::from_str(text) {
-                Ok(Value::Array(a)) => a,
-                Ok(_) => {
-                    return Err(bad_input(
-                        "--args must be a JSON array, e.g. --args '[1, \"a\"]'",
-                    ));
-                }
-                Err(e) => return Err(bad_input(format!("--args is not valid JSON: {e}"))),
-            },
-            None => Vec::new(),
-        };
-        let kwargs = match kwargs {
-            Some(text) => match serde_json::from_str(text) {
-                Ok(Value::Object(o)) => o,
-                Ok(_) => {
-                    return Err(bad_input(
-                        "--kwargs must be a JSON object, e.g. --kwargs '{\"n\": 3}'",
-                    ));
-                }
-                Err(e) => return Err(bad_input(format!("--kwargs is not valid JSON: {e}"))),
-            },
-            None => Map::new(),
-        };
-        Ok(Arguments { args, kwargs })
+        Ok(Arguments {
+            args: flag(args, "--args", "array, e.g. --args '[1, \"a\"]'", |v| {
+                v.as_array().cloned()
+            })?,
+            kwargs: flag(
+                kwargs,
+                "--kwargs",
+                "object, e.g. --kwargs '{\"n\": 3}'",
+                |v| v.as_object().cloned(),
+            )?,
+        })
     }
 
     /// From an input file (`-` for stdin) holding `{"args": [...], "kwargs": {...}}`.
@@ -85,6 +71,21 @@ impl Arguments {
             ))
         })
     }
+}
+
+/// A JSON flag's value: absent is empty; `kind` says what it must be, for the error.
+fn flag<T: Default>(
+    text: Option<&str>,
+    name: &str,
+    kind: &str,
+    take: impl Fn(&Value) -> Option<T>,
+) -> Result<T> {
+    let Some(text) = text else {
+        return Ok(T::default());
+    };
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| bad_input(format!("{name} is not valid JSON: {e}")))?;
+    take(&value).ok_or_else(|| bad_input(format!("{name} must be a JSON {kind}")))
 }
 
 /// How a call ended, when it ran to its end.

@@ -431,24 +431,6 @@ impl Sandbox {
         self.execute(setup, policy, door, turns)
     }
 
-    /// Like [`Sandbox::run`], but the instance starts from a pre-initialised memory image
-    /// instead of the interpreter's own initial state.
-    pub fn run_image(
-        &self,
-        image: &Image,
-        policy: &Policy,
-        door: Door,
-        turns: &[&str],
-    ) -> Result<Run> {
-        let setup = Setup {
-            start: Start::Image(image),
-            world: World::Live,
-            tracer: None,
-            capture: false,
-        };
-        self.execute(setup, policy, door, turns)
-    }
-
     pub(crate) fn execute(
         &self,
         setup: Setup<'_>,

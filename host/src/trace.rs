@@ -436,158 +436,35 @@ const CONFIGURATION: &[&str] = &[
     "environ_sizes_get",
 ];
 
+#[rustfmt::skip]
 fn spec(name: &str) -> Spec {
     use Out::*;
     match name {
-        "clock_res_get" => Spec {
-            writes: &[Fixed { ptr: 1, len: 8 }],
-            ..NONE
-        },
-        "clock_time_get" => Spec {
-            writes: &[Fixed { ptr: 2, len: 8 }],
-            ..NONE
-        },
-        "fd_fdstat_get" => Spec {
-            writes: &[Fixed { ptr: 1, len: 24 }],
-            ..NONE
-        },
-        "fd_filestat_get" => Spec {
-            writes: &[Fixed { ptr: 1, len: 64 }],
-            ..NONE
-        },
-        "fd_prestat_get" => Spec {
-            writes: &[Fixed { ptr: 1, len: 8 }],
-            ..NONE
-        },
-        "fd_prestat_dir_name" => Spec {
-            writes: &[Sized { ptr: 1, len: 2 }],
-            ..NONE
-        },
-        "fd_read" => Spec {
-            writes: &[
-                Iovecs {
-                    iovs: 1,
-                    count: 2,
-                    used: 3,
-                },
-                Fixed { ptr: 3, len: 4 },
-            ],
-            ..NONE
-        },
-        "fd_pread" => Spec {
-            writes: &[
-                Iovecs {
-                    iovs: 1,
-                    count: 2,
-                    used: 4,
-                },
-                Fixed { ptr: 4, len: 4 },
-            ],
-            ..NONE
-        },
-        "fd_write" => Spec {
-            writes: &[Fixed { ptr: 3, len: 4 }],
-            sends: Some((1, 2, 3)),
-            path: None,
-        },
-        "fd_pwrite" => Spec {
-            writes: &[Fixed { ptr: 4, len: 4 }],
-            sends: Some((1, 2, 4)),
-            path: None,
-        },
-        "fd_readdir" => Spec {
-            writes: &[
-                Used {
-                    ptr: 1,
-                    used: 4,
-                    scale: 1,
-                },
-                Fixed { ptr: 4, len: 4 },
-            ],
-            ..NONE
-        },
-        "fd_seek" => Spec {
-            writes: &[Fixed { ptr: 3, len: 8 }],
-            ..NONE
-        },
-        "fd_tell" => Spec {
-            writes: &[Fixed { ptr: 1, len: 8 }],
-            ..NONE
-        },
-        "path_filestat_get" => Spec {
-            writes: &[Fixed { ptr: 4, len: 64 }],
-            path: Some((2, 3)),
-            ..NONE
-        },
-        "path_open" => Spec {
-            writes: &[Fixed { ptr: 8, len: 4 }],
-            path: Some((2, 3)),
-            ..NONE
-        },
-        "path_readlink" => Spec {
-            writes: &[
-                Used {
-                    ptr: 3,
-                    used: 5,
-                    scale: 1,
-                },
-                Fixed { ptr: 5, len: 4 },
-            ],
-            path: Some((1, 2)),
-            ..NONE
-        },
-        "poll_oneoff" => Spec {
-            writes: &[
-                Used {
-                    ptr: 1,
-                    used: 3,
-                    scale: 32,
-                },
-                Fixed { ptr: 3, len: 4 },
-            ],
-            ..NONE
-        },
-        "random_get" => Spec {
-            writes: &[Sized { ptr: 0, len: 1 }],
-            ..NONE
-        },
-        "sock_accept" => Spec {
-            writes: &[Fixed { ptr: 2, len: 4 }],
-            ..NONE
-        },
-        "sock_recv" => Spec {
-            writes: &[
-                Iovecs {
-                    iovs: 1,
-                    count: 2,
-                    used: 4,
-                },
-                Fixed { ptr: 4, len: 4 },
-                Fixed { ptr: 5, len: 2 },
-            ],
-            ..NONE
-        },
-        "sock_send" => Spec {
-            writes: &[Fixed { ptr: 4, len: 4 }],
-            sends: Some((1, 2, 4)),
-            path: None,
-        },
-        "path_create_directory" | "path_remove_directory" | "path_unlink_file" => Spec {
-            path: Some((1, 2)),
-            ..NONE
-        },
-        "path_filestat_set_times" | "path_link" => Spec {
-            path: Some((2, 3)),
-            ..NONE
-        },
-        "path_rename" => Spec {
-            path: Some((1, 2)),
-            ..NONE
-        },
-        "path_symlink" => Spec {
-            path: Some((0, 1)),
-            ..NONE
-        },
+        "clock_res_get" => Spec { writes: &[Fixed { ptr: 1, len: 8 }], ..NONE },
+        "clock_time_get" => Spec { writes: &[Fixed { ptr: 2, len: 8 }], ..NONE },
+        "fd_fdstat_get" => Spec { writes: &[Fixed { ptr: 1, len: 24 }], ..NONE },
+        "fd_filestat_get" => Spec { writes: &[Fixed { ptr: 1, len: 64 }], ..NONE },
+        "fd_prestat_get" => Spec { writes: &[Fixed { ptr: 1, len: 8 }], ..NONE },
+        "fd_prestat_dir_name" => Spec { writes: &[Sized { ptr: 1, len: 2 }], ..NONE },
+        "fd_read" => Spec { writes: &[Iovecs { iovs: 1, count: 2, used: 3 }, Fixed { ptr: 3, len: 4 }], ..NONE },
+        "fd_pread" => Spec { writes: &[Iovecs { iovs: 1, count: 2, used: 4 }, Fixed { ptr: 4, len: 4 }], ..NONE },
+        "fd_write" => Spec { writes: &[Fixed { ptr: 3, len: 4 }], sends: Some((1, 2, 3)), path: None },
+        "fd_pwrite" => Spec { writes: &[Fixed { ptr: 4, len: 4 }], sends: Some((1, 2, 4)), path: None },
+        "fd_readdir" => Spec { writes: &[Used { ptr: 1, used: 4, scale: 1 }, Fixed { ptr: 4, len: 4 }], ..NONE },
+        "fd_seek" => Spec { writes: &[Fixed { ptr: 3, len: 8 }], ..NONE },
+        "fd_tell" => Spec { writes: &[Fixed { ptr: 1, len: 8 }], ..NONE },
+        "path_filestat_get" => Spec { writes: &[Fixed { ptr: 4, len: 64 }], path: Some((2, 3)), ..NONE },
+        "path_open" => Spec { writes: &[Fixed { ptr: 8, len: 4 }], path: Some((2, 3)), ..NONE },
+        "path_readlink" => Spec { writes: &[Used { ptr: 3, used: 5, scale: 1 }, Fixed { ptr: 5, len: 4 }], path: Some((1, 2)), ..NONE },
+        "poll_oneoff" => Spec { writes: &[Used { ptr: 1, used: 3, scale: 32 }, Fixed { ptr: 3, len: 4 }], ..NONE },
+        "random_get" => Spec { writes: &[Sized { ptr: 0, len: 1 }], ..NONE },
+        "sock_accept" => Spec { writes: &[Fixed { ptr: 2, len: 4 }], ..NONE },
+        "sock_recv" => Spec { writes: &[Iovecs { iovs: 1, count: 2, used: 4 }, Fixed { ptr: 4, len: 4 }, Fixed { ptr: 5, len: 2 }], ..NONE },
+        "sock_send" => Spec { writes: &[Fixed { ptr: 4, len: 4 }], sends: Some((1, 2, 4)), path: None },
+        "path_create_directory" | "path_remove_directory" | "path_unlink_file" => Spec { path: Some((1, 2)), ..NONE },
+        "path_filestat_set_times" | "path_link" => Spec { path: Some((2, 3)), ..NONE },
+        "path_rename" => Spec { path: Some((1, 2)), ..NONE },
+        "path_symlink" => Spec { path: Some((0, 1)), ..NONE },
         _ => NONE,
     }
 }
