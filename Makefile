@@ -30,7 +30,9 @@ demo: prepare
 	$(HOST) run notebooks/churn.ipynb process --input notebooks/churn-input.json
 	@echo "== scoring: predict(features) from notebooks/scoring.ipynb, model weights granted read-only"
 	$(HOST) run notebooks/scoring.ipynb predict --input notebooks/scoring-input.json \
-	  --grant notebooks/models:/models:ro
+	  --grant notebooks/models:/models:ro --record $(RUNTIME_ROOT)/demo.trace
+	@echo "== the same call replayed from its trace, without the model directory"
+	$(HOST) replay $(RUNTIME_ROOT)/demo.trace
 
 test: prepare
 	$(CARGO) test --release --locked
