@@ -575,7 +575,13 @@ pub(crate) fn wasi_call(
             (path_of(&spec, args, data), sent_bytes(&spec, args, data))
         };
         let actual: Vec<i64> = (0..args.len()).map(|i| arg(args, i)).collect();
-        let answer = replay_next(caller, name, &actual, path.as_deref(), sent.as_deref())?;
+        let answer = replay_next(
+            caller.data_mut(),
+            name,
+            &actual,
+            path.as_deref(),
+            sent.as_deref(),
+        )?;
         let Some(event) = answer else { return Ok(()) };
         let blobs = match &caller.data().tracer {
             Some(Tracer::Replay { blobs, .. }) => blobs.clone(),
@@ -800,34 +806,12 @@ impl State {
         args: &[i64],
         request: &[u8],
     ) -> wasmtime::Result<DoorStep> {
-        let Some(Tracer::Replay {
-            events,
-            blobs,
-            next,
-            divergence,
-        }) = &mut self.tracer
-        else {
+        let Some(event) = replay_next(self, "host::call", args, None, Some(request))? else {
             return Ok(DoorStep::Live);
         };
-        let index = *next;
-        let actual = describe("host::call", &args[..2], None, Some(request));
-        let Some(event) = events.get(index) else {
-            return Err(diverge(divergence, index, None, actual));
+        let Some(Tracer::Replay { blobs, .. }) = &self.tracer else {
+            unreachable!()
         };
-        let expected_sent = event.sent.as_ref().and_then(|d| blobs.get(d).ok());
-        if event.call != "host::call"
-            || event.args[..2] != args[..2]
-            || expected_sent.as_deref() != Some(request)
-        {
-            let expected = describe(
-                &event.call,
-                &event.args,
-                event.path.as_deref(),
-                expected_sent.as_deref(),
-            );
-            return Err(diverge(divergence, index, Some(expected), actual));
-        }
-        *next += 1;
         let answer = match event.writes.first() {
             Some((_, data)) => Some(
                 blobs
@@ -875,10 +859,10 @@ fn diverge(
     wasmtime::Error::new(d)
 }
 
-/// Checks a WASI call against the next recorded event; the event to answer with, or None
-/// when the tracer does not replay.
+/// Checks an import call (WASI's or the door's) against the next recorded event; the event
+/// to answer with, or None when the tracer does not replay.
 fn replay_next(
-    caller: &mut Caller<'_, State>,
+    state: &mut State,
     name: &str,
     args: &[i64],
     path: Option<&str>,
@@ -889,7 +873,7 @@ fn replay_next(
         blobs,
         next,
         divergence,
-    }) = &mut caller.data_mut().tracer
+    }) = &mut state.tracer
     else {
         return Ok(None);
     };
