@@ -1,6 +1,6 @@
 use serde_json::json;
 
-use crate::common::{Fixture, code_cell, host};
+use crate::common::{Fixture, code_cell, host, host_in};
 
 #[test]
 fn source_as_string_or_list_and_other_cells_ignored() {
@@ -54,4 +54,16 @@ fn a_cell_that_does_not_parse_is_dropped_and_named() {
     assert_eq!(fx.run("ok", &[]).value(), json!(1));
     fx.run("broken", &[])
         .fails(2, &["cell 2 does not parse", "functions it defines: ok"]);
+}
+
+#[test]
+fn a_missing_runtime_names_the_make_target() {
+    let fx = Fixture::code(&["def f():\n    return 1"]);
+    let empty = tempfile::tempdir().unwrap();
+    let run = host_in(
+        &["run", fx.notebook.to_str().unwrap(), "f"],
+        None,
+        &[("HOST_RUNTIME", empty.path())],
+    );
+    run.fails(2, &["is not installed", "make runtime"]);
 }

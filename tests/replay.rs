@@ -171,6 +171,7 @@ fn the_trace_is_self_contained_private_and_small() {
     assert_eq!(mode & 0o777, 0o600, "traces carry production data");
     let trace = Trace::read(&r.trace).unwrap();
     let h = &trace.header;
+    assert_eq!(h.format, "host-trace/1");
     assert_eq!(h.function, "nondeterministic");
     assert_eq!(h.arguments.args, vec![json!("/data/input.txt")]);
     assert_eq!(h.env, vec![("MODE".to_owned(), "prod".to_owned())]);

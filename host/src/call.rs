@@ -238,6 +238,7 @@ pub fn call_recorded(
         outcome: result.outcome.to_json(),
     };
     let header = Header {
+        format: crate::trace::FORMAT.to_owned(),
         host_version: env!("CARGO_PKG_VERSION").to_owned(),
         runtime_sha256: sandbox.runtime().sha256().to_owned(),
         bundle: prepared.bundle.clone(),

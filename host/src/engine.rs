@@ -45,6 +45,7 @@ impl Engine {
             .async_stack_size(NATIVE_STACK)
             .epoch_interruption(true)
             // Deterministic execution, so a recorded call replays to the same bits elsewhere.
+            .wasm_threads(false)
             .cranelift_nan_canonicalization(true)
             .relaxed_simd_deterministic(true);
         let engine = wasmtime::Engine::new(&config)
@@ -135,8 +136,19 @@ impl Engine {
         unsafe { Module::deserialize_file(&self.engine, path) }.ok()
     }
 
+    /// Writes a compiled module, and removes what this one replaces: the same runtime compiled
+    /// for other engine settings or host versions (300 MB each).
     fn store_cached(&self, path: &Path, module: &Module) -> Result<()> {
-        write_cache_file(path, &module.serialize()?)
+        write_cache_file(path, &module.serialize()?)?;
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let runtime = name.split('-').next().unwrap_or_default();
+        for entry in std::fs::read_dir(path.parent().unwrap())?.flatten() {
+            let other = entry.file_name().to_string_lossy().into_owned();
+            if other != name && other.starts_with(runtime) && other.ends_with(".cwasm") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
     }
 }
 

@@ -7,7 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+
+use crate::error::bad_input;
 
 /// The export host adds to the interpreter: wasi-libc's `__wasilibc_reset_preopens`.
 pub const RESET_PREOPENS: &str = "host_reset_preopens";
@@ -68,21 +70,23 @@ impl Runtime {
         let stamp = dir.join(".verified");
         let found = match std::fs::read_to_string(&stamp) {
             Ok(s) => s.trim().to_owned(),
-            Err(_) => bail!(
-                "the Python runtime ({}=={}) is not installed at `{}`: run `make runtime` \
-                 (or point HOST_RUNTIME at a folder it made)",
-                pin.package,
-                pin.version,
-                dir.display()
-            ),
+            Err(_) => {
+                return Err(bad_input(format!(
+                    "the Python runtime ({}=={}) is not installed at `{}`: run `make runtime` \
+                     (or point HOST_RUNTIME at a folder it made)",
+                    pin.package,
+                    pin.version,
+                    dir.display()
+                )));
+            }
         };
         if found != pin.sha256 {
-            bail!(
+            return Err(bad_input(format!(
                 "the Python runtime at `{}` is not the one pinned in guest-python/runtime.pin \
                  (its wheel is {found}, the pin says {}): run `make runtime`",
                 dir.display(),
                 pin.sha256
-            );
+            )));
         }
         let runtime = Runtime { dir, sha256: found };
         for file in [

@@ -27,8 +27,8 @@ use crate::call::Arguments;
 use crate::error::bad_input;
 use crate::sandbox::{Limits, State};
 
-/// The first line of a trace file.
-const MAGIC: &str = "host-trace/1";
+/// The trace format: the first line of a trace file, and its header's `format`.
+pub const FORMAT: &str = "host-trace/1";
 /// Writes up to this size are stored in the event itself; larger ones once, by content.
 const INLINE: usize = 64;
 
@@ -45,6 +45,8 @@ pub struct Trace {
 /// Everything needed to set the call up again.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Header {
+    /// The trace format, as on the file's first line.
+    pub format: String,
     pub host_version: String,
     pub runtime_sha256: String,
     pub bundle: Bundle,
@@ -221,7 +223,7 @@ impl Trace {
             flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
         encoder.write_all(&json)?;
         let body = encoder.finish()?;
-        let mut out = format!("{MAGIC}\n{}\n", hex::encode(Sha256::digest(&body))).into_bytes();
+        let mut out = format!("{FORMAT}\n{}\n", hex::encode(Sha256::digest(&body))).into_bytes();
         out.extend_from_slice(&body);
         crate::engine::write_private(path, &out)
             .with_context(|| format!("failed to write trace `{}`", path.display()))
@@ -233,9 +235,9 @@ impl Trace {
             .map_err(|e| bad_input(format!("cannot read trace `{}`: {e}", path.display())))?;
         let refuse = |why: &str| bad_input(format!("trace `{}` is refused: {why}", path.display()));
         let mut lines = bytes.splitn(3, |&b| b == b'\n');
-        if lines.next() != Some(MAGIC.as_bytes()) {
+        if lines.next() != Some(FORMAT.as_bytes()) {
             return Err(refuse(&format!(
-                "it does not start with `{MAGIC}` (not a trace, or another version)"
+                "it does not start with `{FORMAT}` (not a trace, or another version)"
             )));
         }
         let (Some(sum), Some(body)) = (lines.next(), lines.next()) else {
