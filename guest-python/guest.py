@@ -1,7 +1,9 @@
 """host's half inside the sandbox.
 
-The host runs this file as the first turn of a fresh interpreter, then one more turn that
-calls `analyse()`, or `load()` and `invoke()`. Everything crosses the door (`_host.call`) as
+The host runs this file as the first turn of a fresh interpreter, then a turn that calls
+`analyse()`; or `load()` then `invoke()`; or, to make a bundle's pre-initialised image,
+`load()` then `freeze()`, after which each call from the image runs only `invoke()`.
+Everything crosses the door (`_host.call`) as
 JSON: the guest asks for its input and hands back its answer, so the host boundary sees (and a
 trace can record) every byte that goes in or out.
 
@@ -115,10 +117,9 @@ def _uses(source):
 
 
 def _binds(source):
-    """The module-level names a statement binds, and whether it is a star import."""
+    """The module-level names a statement binds."""
     table = symtable.symtable(source, "<statement>", "exec")
-    names = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()}
-    return names
+    return {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()}
 
 
 def _kind(stmt, exported):
