@@ -29,6 +29,8 @@ use crate::sandbox::{Door, Ended, Limits, Policy, Sandbox, Setup, Start, State, 
 use crate::trace::Tracer;
 
 const WASM_PAGE: u64 = 64 << 10;
+/// How many images the cache keeps (each holds tens of MB of non-zero pages).
+const KEEP_IMAGES: usize = 64;
 /// Part of every image's cache key: changed whenever how an image is built changes (its
 /// fixed world, the metadata it normalises), so no stale image outlives the change.
 const RECIPE: &str = "fixed-clock, fixed-random, no dev/ino/nlink/times; 2";
@@ -79,6 +81,7 @@ impl Prepared {
                 let record = build(sandbox, &bundle, &memory_path)?;
                 progress.finish();
                 write_cache_file(&record_path, &serde_json::to_vec(&record)?)?;
+                evict(&dir, KEEP_IMAGES);
                 record
             }
         };
@@ -114,6 +117,27 @@ impl Prepared {
             image: None,
             unavailable: Some("pre-initialisation was not asked for".into()),
         }
+    }
+}
+
+/// Removes all but the `keep` most recently built images. A process that still maps a removed
+/// image keeps its pages; the next one to need it builds it again.
+fn evict(dir: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut images: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "mem"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if images.len() <= keep {
+        return;
+    }
+    images.sort();
+    for (_, path) in &images[..images.len() - keep] {
+        let _ = std::fs::remove_file(path.with_extension("json"));
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -269,5 +293,33 @@ impl Image {
         }
         .map_err(|e| wasmtime::format_err!("failed to map the bundle's image: {e}"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eviction_keeps_the_newest_images() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..5 {
+            std::fs::write(dir.path().join(format!("{i}.mem")), b"m").unwrap();
+            std::fs::write(dir.path().join(format!("{i}.json")), b"{}").unwrap();
+            let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i);
+            std::fs::File::options()
+                .write(true)
+                .open(dir.path().join(format!("{i}.mem")))
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        evict(dir.path(), 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["3.json", "3.mem", "4.json", "4.mem"]);
     }
 }
