@@ -584,26 +584,19 @@ pub(crate) fn wasi_call(
             path.as_deref(),
             sent.as_deref(),
         )?;
-        let Some(event) = answer else { return Ok(()) };
-        let blobs = match &caller.data().tracer {
-            Some(Tracer::Replay { blobs, .. }) => blobs.clone(),
-            _ => unreachable!(),
-        };
+        let Some(answer) = answer else { return Ok(()) };
         // The guest's own output still reaches the call's streams, so a replay shows it.
         if let (Some(bytes), Some(fd @ (1 | 2))) = (&sent, actual.first()) {
             caller.data_mut().echo(*fd, bytes)?;
         }
-        for (at, data) in &event.writes {
-            let bytes = blobs
-                .get(data)
-                .map_err(|e| wasmtime::format_err!("{e:#}"))?;
-            memory.write(&mut *caller, *at as usize, &bytes)?;
+        for (at, bytes) in &answer.writes {
+            memory.write(&mut *caller, *at as usize, bytes)?;
         }
-        if let Some(code) = event.exit {
+        if let Some(code) = answer.exit {
             return Err(wasmtime::Error::new(wasmtime_wasi::I32Exit(code)));
         }
         if let Some(r) = results.first_mut() {
-            *r = Val::I32(event.result);
+            *r = Val::I32(answer.result);
         }
         return Ok(());
     }
@@ -808,21 +801,15 @@ impl State {
         args: &[i64],
         request: &[u8],
     ) -> wasmtime::Result<DoorStep> {
-        let Some(event) = replay_next(self, "host::call", args, None, Some(request))? else {
-            return Ok(DoorStep::Live);
-        };
-        let Some(Tracer::Replay { blobs, .. }) = &self.tracer else {
-            unreachable!()
-        };
-        let answer = match event.writes.first() {
-            Some((_, data)) => Some(
-                blobs
-                    .get(data)
-                    .map_err(|e| wasmtime::format_err!("{e:#}"))?,
-            ),
-            None => None,
-        };
-        Ok(DoorStep::Answer(event.result, answer))
+        Ok(
+            match replay_next(self, "host::call", args, None, Some(request))? {
+                Some(answer) => DoorStep::Answer(
+                    answer.result,
+                    answer.writes.into_iter().next().map(|(_, b)| b),
+                ),
+                None => DoorStep::Live,
+            },
+        )
     }
 
     /// After the door ran for real: kept, when recording.
@@ -861,15 +848,22 @@ fn diverge(
     wasmtime::Error::new(d)
 }
 
-/// Checks an import call (WASI's or the door's) against the next recorded event; the event
-/// to answer with, or None when the tracer does not replay.
+/// A replayed import's answer, decoded from the trace.
+struct Answer {
+    result: i32,
+    writes: Vec<(u32, Vec<u8>)>,
+    exit: Option<i32>,
+}
+
+/// Checks an import call (WASI's or the door's) against the next recorded event; its answer,
+/// or None when the tracer does not replay. Descriptions are only built for a divergence.
 fn replay_next(
     state: &mut State,
     name: &str,
     args: &[i64],
     path: Option<&str>,
     sent: Option<&[u8]>,
-) -> wasmtime::Result<Option<Event>> {
+) -> wasmtime::Result<Option<Answer>> {
     let Some(Tracer::Replay {
         events,
         blobs,
@@ -880,9 +874,13 @@ fn replay_next(
         return Ok(None);
     };
     let index = *next;
-    let actual = describe(name, args, path, sent);
     let Some(event) = events.get(index) else {
-        return Err(diverge(divergence, index, None, actual));
+        return Err(diverge(
+            divergence,
+            index,
+            None,
+            describe(name, args, path, sent),
+        ));
     };
     let expected_sent = event.sent.as_ref().and_then(|d| blobs.get(d).ok());
     if event.call != name
@@ -896,10 +894,25 @@ fn replay_next(
             event.path.as_deref(),
             expected_sent.as_deref(),
         );
-        return Err(diverge(divergence, index, Some(expected), actual));
+        return Err(diverge(
+            divergence,
+            index,
+            Some(expected),
+            describe(name, args, path, sent),
+        ));
     }
     *next += 1;
-    Ok(Some(event.clone()))
+    let writes = event
+        .writes
+        .iter()
+        .map(|(at, data)| Ok((*at, blobs.get(data)?)))
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| wasmtime::format_err!("{e:#}"))?;
+    Ok(Some(Answer {
+        result: event.result,
+        writes,
+        exit: event.exit,
+    }))
 }
 
 /// The shim module: it imports the guest's memory and every real WASI function, and exports
