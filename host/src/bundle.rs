@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::bad_input;
-use crate::extract::{self, Chunk, Extraction, StatementSummary};
+use crate::extract::{self, Chunk, Closure, Extraction, StatementSummary};
 use crate::notebook::Notebook;
 use crate::sandbox::Sandbox;
 
@@ -88,44 +88,54 @@ impl Bundle {
     ) -> Result<Bundle> {
         let analysis = extract::analyse(sandbox, notebook)?;
         let extraction = Extraction::new(notebook, analysis);
+        // Each function's closure, computed once: the manifest lists them, and their union
+        // is the bundle's source.
         let mut warnings = Vec::new();
-        let functions: Vec<&str> = match select {
-            Select::Only(functions) => functions.to_vec(),
-            Select::All => {
-                let all = extraction.functions();
-                let callable: Vec<&str> = all
-                    .iter()
-                    .copied()
-                    .filter(|f| extraction.closure(f).is_ok())
-                    .collect();
-                for f in all.iter().filter(|f| !callable.contains(f)) {
-                    let why = extraction.closure(f).unwrap_err();
-                    warnings.push(format!("`{f}` is left out of the bundle: {why:#}"));
+        let mut per_function: Vec<(&str, Closure)> = Vec::new();
+        match select {
+            Select::Only(functions) => {
+                for &f in functions {
+                    per_function.push((f, extraction.closure(f)?));
                 }
-                if callable.is_empty() {
+            }
+            Select::All => {
+                for f in extraction.functions() {
+                    match extraction.closure(f) {
+                        Ok(closure) => per_function.push((f, closure)),
+                        Err(why) => {
+                            warnings.push(format!("`{f}` is left out of the bundle: {why:#}"))
+                        }
+                    }
+                }
+                if per_function.is_empty() {
+                    let reasons: String = warnings.iter().map(|w| format!("\n  {w}")).collect();
                     return Err(bad_input(format!(
-                        "{} has no function host can extract{}",
-                        notebook.name,
-                        warnings
-                            .iter()
-                            .map(|w| format!("\n  {w}"))
-                            .collect::<String>()
+                        "{} has no function host can extract{reasons}",
+                        notebook.name
                     )));
                 }
-                callable
             }
+        }
+        let mut closure = Closure {
+            statements: Default::default(),
+            warnings: Vec::new(),
         };
-        let closure = extraction.closure_of(&functions)?;
-        warnings.extend(closure.warnings.iter().cloned());
-        let closures = functions
+        for (_, c) in &per_function {
+            closure.statements.extend(c.statements.iter().copied());
+            for w in &c.warnings {
+                if !warnings.contains(w) {
+                    warnings.push(w.clone());
+                }
+            }
+        }
+        let closures = per_function
             .iter()
-            .map(|f| -> Result<FunctionClosure> {
-                Ok(FunctionClosure {
-                    function: f.to_string(),
-                    statements: extraction.summary(&extraction.closure(f)?),
-                })
+            .map(|(f, c)| FunctionClosure {
+                function: f.to_string(),
+                statements: extraction.summary(c),
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect();
+        let functions: Vec<&str> = per_function.iter().map(|(f, _)| *f).collect();
         let chunks = extraction.source(&closure);
         let functions: Vec<String> = functions.iter().map(|f| f.to_string()).collect();
         let runtime_sha256 = sandbox.runtime().sha256().to_owned();

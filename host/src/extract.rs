@@ -347,19 +347,11 @@ impl Extraction {
     /// Refuses, naming the global, the cell that binds it and the fix, when something needed
     /// is bound only by dropped code.
     pub fn closure(&self, function: &str) -> anyhow::Result<Closure> {
-        self.closure_of(&[function])
-    }
-
-    /// The union of several functions' closures (a bundle may export more than one).
-    pub fn closure_of(&self, functions: &[&str]) -> anyhow::Result<Closure> {
         let mut selected = BTreeSet::new();
         let mut warnings = Vec::new();
         // Who pulled a statement in, to explain a refusal as a chain (process -> helper).
         let mut parent: HashMap<StatementId, StatementId> = HashMap::new();
-        let mut work = Vec::new();
-        for &function in functions {
-            work.push(self.function_statement(function)?);
-        }
+        let mut work = vec![self.function_statement(function)?];
         let builtins: HashSet<&str> = self.analysis.builtins.iter().map(String::as_str).collect();
         while let Some(id) = work.pop() {
             if !selected.insert(id) {
