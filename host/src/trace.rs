@@ -298,6 +298,7 @@ impl RuntimeFiles {
         call: &str,
         args: &[i64],
         result: i32,
+        path: Option<&str>,
         writes: &[(u32, &[u8])],
     ) -> Option<(String, u64)> {
         if result != 0 {
@@ -324,7 +325,11 @@ impl RuntimeFiles {
                 }
                 None
             }
-            "path_open" if Some(fd) == self.stdlib_fd => None,
+            "path_open" if Some(fd) == self.stdlib_fd => {
+                self.open
+                    .insert(i64::from(u32_at(0)?), (path?.to_owned(), 0));
+                None
+            }
             "fd_seek" => {
                 let position = u64_at(0)?;
                 if let Some(open) = self.open.get_mut(&fd) {
@@ -348,13 +353,6 @@ impl RuntimeFiles {
                 None
             }
             _ => None,
-        }
-    }
-
-    /// Notes a file opened under the standard library folder.
-    fn opened(&mut self, dir_fd: i64, path: &str, new_fd: i64) {
-        if Some(dir_fd) == self.stdlib_fd {
-            self.open.insert(new_fd, (path.to_owned(), 0));
         }
     }
 }
@@ -749,13 +747,7 @@ impl State {
             files,
         }) = &mut self.tracer
         {
-            if let (true, 0, Some(p), Some((_, fd))) =
-                (call == "path_open", result, &path, writes.first())
-                && let Ok(fd) = <[u8; 4]>::try_from(*fd)
-            {
-                files.opened(args[0], p, i64::from(u32::from_le_bytes(fd)));
-            }
-            let writes = match files.observe(call, &args, result, &writes) {
+            let writes = match files.observe(call, &args, result, path.as_deref(), &writes) {
                 // Reads of the runtime's own files: where they came from, not their bytes.
                 Some((file, mut offset)) => {
                     let last = writes.len().saturating_sub(1);
