@@ -41,3 +41,56 @@ fn one_engine_serves_concurrent_calls_each_in_its_own_instance() {
         }
     });
 }
+
+#[test]
+fn a_call_leaves_nothing_behind_for_the_next_one() {
+    // Calls of one bundle in one process reuse memories (see host's `memory` module): each
+    // must start from the image all the same, whatever the call before did to its memory.
+    let fx = Fixture::code(&[
+        "import numpy\n\nKEEP = []\nSEEN = {'n': 0}\n\ndef grow(mb):\n    \
+         before = (len(KEEP), SEEN['n'])\n    \
+         KEEP.append(bytearray(b'x' * (mb << 20)))\n    \
+         SEEN['n'] += 1\n    \
+         return [before[0], before[1], sum(len(b) for b in KEEP) >> 20]\n\n\
+         def fail():\n    KEEP.append(1)\n    raise ValueError('after a write')\n\n\
+         def hog():\n    KEEP.append(bytearray(1 << 30))\n\n\
+         def zeroed(mb):\n    \
+         # numpy.empty is malloc'd, not cleared: its tail lies in memory grown for this call.\n    \
+         tail = numpy.empty(mb << 20, dtype=numpy.uint8)[-(100 << 20):]\n    \
+         return not tail.any()\n",
+    ]);
+    let engine = Engine::new(None).unwrap();
+    let sandbox = Sandbox::new(&engine, &Runtime::locate(None).unwrap()).unwrap();
+    let notebook = Notebook::read(&fx.notebook).unwrap();
+    let bundle = Bundle::from_notebook(&sandbox, &notebook, Select::All, None).unwrap();
+    let prepared = Prepared::new(&sandbox, bundle).unwrap();
+    let call = |function: &str, args: &str, policy: &Policy| {
+        let args = Arguments::from_flags(Some(args), None).unwrap();
+        host::call::call(&sandbox, policy, &prepared, function, &args)
+            .unwrap()
+            .outcome
+    };
+    let small = Policy {
+        limits: host::Limits {
+            memory: 512 << 20,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    for mb in [64, 1, 200, 3] {
+        assert_eq!(
+            call("grow", &format!("[{mb}]"), &Policy::default()),
+            Outcome::Returned(json!([0, 0, mb]))
+        );
+        assert!(matches!(
+            call("fail", "[]", &Policy::default()),
+            Outcome::Raised(_)
+        ));
+        assert!(matches!(call("hog", "[]", &small), Outcome::Limit(_)));
+        // Memory the call before grew and filled is zero again for this one's allocator.
+        assert_eq!(
+            call("zeroed", "[300]", &Policy::default()),
+            Outcome::Returned(json!(true))
+        );
+    }
+}

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use wasmtime::{Config, Module};
 
+use crate::memory::Pool;
 use crate::progress::Progress;
 use crate::runtime::Runtime;
 
@@ -47,7 +48,9 @@ impl Engine {
             // Deterministic execution, so a recorded call replays to the same bits elsewhere.
             .wasm_threads(false)
             .cranelift_nan_canonicalization(true)
-            .relaxed_simd_deterministic(true);
+            .relaxed_simd_deterministic(true)
+            // Every instance's memory is an image's, kept warm between calls: see `memory`.
+            .with_host_memory(Pool::new().creator());
         let engine = wasmtime::Engine::new(&config)
             .map_err(anyhow::Error::from)
             .context("failed to configure Wasmtime")?;
@@ -96,7 +99,7 @@ impl Engine {
             return Ok(m.clone());
         }
         let cached = self.cache_dir.join("modules").join(format!(
-            "{}-{}-host1-{:016x}.cwasm",
+            "{}-{}-host2-{:016x}.cwasm",
             &runtime.sha256()[..16],
             wasm.file_stem().unwrap_or_default().to_string_lossy(),
             self.compatibility()

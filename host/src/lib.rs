@@ -39,6 +39,7 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod extract;
+pub(crate) mod memory;
 pub mod notebook;
 pub mod progress;
 pub mod replay;

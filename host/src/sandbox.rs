@@ -24,8 +24,9 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::engine::{Engine, TICK};
 use crate::error::bad_input;
+use crate::memory;
 use crate::runtime::{RESET_PREOPENS, Runtime};
-use crate::snapshot::Image;
+use crate::snapshot::{self, Image};
 use crate::trace::{self, Divergence, DoorStep, Tracer};
 
 /// Where the guest looks for its standard library (`python315.zip`).
@@ -279,6 +280,8 @@ pub struct Sandbox {
     linker: Arc<Linker<State>>,
     pre: InstancePre<State>,
     traced: OnceLock<InstancePre<State>>,
+    /// The interpreter's initial memory, which [`Start::Fresh`] instances start from.
+    initial: Image,
     native_stack: usize,
     cache_dir: PathBuf,
 }
@@ -360,6 +363,7 @@ impl Sandbox {
             linker: Arc::new(linker),
             pre,
             traced: OnceLock::new(),
+            initial: snapshot::initial_image(engine.cache_dir(), runtime)?,
             native_stack: engine.native_stack(),
             cache_dir: engine.cache_dir().to_owned(),
         })
@@ -489,18 +493,31 @@ impl Sandbox {
 
         let mut captured = None;
         let outcome = (|| -> wasmtime::Result<()> {
-            let instance = pre.instantiate(&mut store)?;
+            let image = match start {
+                Start::Fresh => &self.initial,
+                Start::Image(image) => image,
+            };
+            let instance = {
+                let next = memory::starting_from(image.source());
+                let instance = pre.instantiate(&mut store)?;
+                if !next.taken() {
+                    return Err(wasmtime::format_err!(
+                        "the interpreter's memory was not made from its image"
+                    ));
+                }
+                instance
+            };
             let memory = instance
                 .get_memory(&mut store, "memory")
                 .ok_or_else(|| wasmtime::format_err!("the interpreter exports no memory"))?;
+            image.grow_into(&mut store, memory)?;
             match start {
                 Start::Fresh => {
                     if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
                         init.call(&mut store, ())?;
                     }
                 }
-                Start::Image(image) => {
-                    image.map_into(&mut store, memory)?;
+                Start::Image(_) => {
                     instance
                         .get_typed_func::<(), ()>(&mut store, RESET_PREOPENS)?
                         .call(&mut store, ())?;

@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -24,7 +25,9 @@ use wasmtime::{Memory, Store};
 use crate::bundle::{Bundle, short};
 use crate::call::GUEST_SOURCE;
 use crate::engine::write_cache_file;
+use crate::memory::Source;
 use crate::progress::Progress;
+use crate::runtime::Runtime;
 use crate::sandbox::{Door, Ended, Limits, Policy, Sandbox, Setup, Start, State, World};
 use crate::trace::Tracer;
 
@@ -35,10 +38,11 @@ const KEEP_IMAGES: usize = 64;
 /// fixed world, the metadata it normalises), so no stale image outlives the change.
 const RECIPE: &str = "fixed-clock, fixed-random, no dev/ino/nlink/times; 2";
 
-/// A bundle's loaded interpreter memory, ready to map into fresh instances.
+/// A bundle's loaded interpreter memory (or the interpreter's initial one), ready to start
+/// fresh instances from.
 #[derive(Debug)]
 pub struct Image {
-    file: File,
+    source: Arc<Source>,
     pages: u64,
     /// sha256 of the memory: a trace records it, and a replay checks it.
     pub sha256: String,
@@ -129,6 +133,7 @@ fn evict(dir: &Path, keep: usize) {
     let mut images: Vec<(std::time::SystemTime, PathBuf)> = entries
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "mem"))
+        .filter(|e| !e.file_name().to_string_lossy().starts_with("initial-"))
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
     if images.len() <= keep {
@@ -244,10 +249,18 @@ impl Image {
             pages
         );
         Ok(Image {
-            file,
+            source: Arc::new(Source::new(
+                file,
+                (pages * WASM_PAGE) as usize,
+                sha256.clone(),
+            )),
             pages,
             sha256,
         })
+    }
+
+    pub(crate) fn source(&self) -> &Arc<Source> {
+        &self.source
     }
 
     /// The image's size in bytes.
@@ -259,9 +272,9 @@ impl Image {
         self.pages == 0
     }
 
-    /// Grows a fresh instance's memory to the image's size (the memory limit applies as to any
-    /// growth) and maps the image over it, copy-on-write.
-    pub(crate) fn map_into(
+    /// Grows an instance's memory, which starts as this image's (see [`crate::memory`]), to
+    /// the image's size: the memory limit applies as to any growth.
+    pub(crate) fn grow_into(
         &self,
         store: &mut Store<State>,
         memory: Memory,
@@ -273,27 +286,36 @@ impl Image {
             ));
         }
         memory.grow(&mut *store, self.pages - have)?;
-        let base = memory.data_ptr(&*store);
-        // SAFETY: `base..base + len` is this instance's linear memory, just grown to exactly
-        // `len` bytes, so it is mapped read-write, page-aligned, and owned by this store alone;
-        // no reference into it is alive here. MAP_FIXED replaces those pages with a private
-        // copy-on-write mapping of the image file: same size, same protection, so Wasmtime's
-        // view of the memory (its base, length and guard region) is unchanged, and writes go to
-        // this mapping's private pages, never to the file. Wasmtime unmaps the whole region when
-        // the instance is dropped.
-        unsafe {
-            rustix::mm::mmap(
-                base.cast(),
-                self.len() as usize,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::FIXED,
-                &self.file,
-                0,
-            )
-        }
-        .map_err(|e| wasmtime::format_err!("failed to map the bundle's image: {e}"))?;
         Ok(())
     }
+}
+
+/// The interpreter's initial memory as an image, which instances that load a bundle
+/// themselves start from: written once per runtime next to the compiled module.
+pub(crate) fn initial_image(cache_dir: &Path, runtime: &Runtime) -> Result<Image> {
+    let dir = cache_dir.join("images");
+    let key = format!("initial-{}", &runtime.sha256()[..16]);
+    let record_path = dir.join(format!("{key}.json"));
+    let memory_path = dir.join(format!("{key}.mem"));
+    if let Some(Record::Image { pages, sha256 }) = read_record(&record_path)
+        && let Ok(image) = Image::open(&memory_path, pages, sha256)
+    {
+        return Ok(image);
+    }
+    let memory = runtime.initial_memory()?;
+    write_sparse(&memory_path, &memory)?;
+    let (pages, sha256) = (
+        memory.len() as u64 / WASM_PAGE,
+        hex::encode(Sha256::digest(&memory)),
+    );
+    write_cache_file(
+        &record_path,
+        &serde_json::to_vec(&Record::Image {
+            pages,
+            sha256: sha256.clone(),
+        })?,
+    )?;
+    Image::open(&memory_path, pages, sha256)
 }
 
 #[cfg(test)]

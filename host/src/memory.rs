@@ -1,0 +1,567 @@
+//! The interpreter's linear memories: each starts as a copy-on-write mapping of an image, and
+//! goes back to a pool after its call, reset to that image, for the next call of the same one.
+//!
+//! Why a pool: a fresh mapping costs a page fault for every page a call touches (about 3,600
+//! for the pandas example, copying each page it writes) and unmapping it afterwards costs
+//! again: half the time of a pandas call. A memory kept after its call has those pages
+//! already. Before it is used again, every page the call wrote is put back to the image's
+//! bytes and every page it grew is dropped, so the next call starts from exactly the image,
+//! as a fresh mapping would, and sees nothing of the call before: no two calls share mutable
+//! state, only the time it takes to set it up.
+//!
+//! Which pages were written comes from Linux's `PAGEMAP_SCAN` (6.7 and later): in a private
+//! mapping of a file, a page the call wrote is the call's own anonymous page, while one it
+//! only read is still the file's. Where the scan is not available, the memory drops all its
+//! private pages instead (`MADV_DONTNEED` puts the file's pages back), which is as correct and
+//! as slow as a fresh mapping.
+//!
+//! Wasmtime meets these memories through its `MemoryCreator` hook: the sandbox says which
+//! image the next instance starts from ([`starting_from`]) and instantiates; the creator,
+//! called on that thread during the instantiation, hands out a memory of that image.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+use rustix::mm::{MapFlags, MprotectFlags, ProtFlags};
+use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
+
+/// An image a memory can start from: a file of exactly `len` bytes, mapped copy-on-write.
+#[derive(Debug)]
+pub struct Source {
+    file: File,
+    len: usize,
+    /// The image's sha256: memories of equal images are interchangeable.
+    key: String,
+}
+
+impl Source {
+    pub fn new(file: File, len: usize, key: String) -> Source {
+        Source { file, len, key }
+    }
+}
+
+thread_local! {
+    /// The image the next memory created on this thread starts from.
+    static NEXT: RefCell<Option<Arc<Source>>> = const { RefCell::new(None) };
+}
+
+/// While alive, the next non-empty linear memory Wasmtime creates on this thread starts from
+/// `source`.
+pub(crate) fn starting_from(source: &Arc<Source>) -> Next {
+    NEXT.with(|n| *n.borrow_mut() = Some(source.clone()));
+    Next(())
+}
+
+/// See [`starting_from`].
+pub(crate) struct Next(());
+
+impl Next {
+    /// Whether an instantiation took the image (a memory that did not would start empty).
+    pub fn taken(&self) -> bool {
+        NEXT.with(|n| n.borrow().is_none())
+    }
+}
+
+impl Drop for Next {
+    fn drop(&mut self) {
+        NEXT.with(|n| n.borrow_mut().take());
+    }
+}
+
+/// Memories kept after their calls, ready for the next call of the same image.
+pub(crate) struct Pool {
+    idle: Mutex<Vec<Region>>,
+    /// How many idle memories to keep: each holds the pages its calls wrote (about 15 MB for
+    /// the pandas example).
+    keep: usize,
+    scan: Option<Scan>,
+}
+
+impl Pool {
+    pub fn new() -> Arc<Pool> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Arc::new(Pool::with(2 * cores.max(2), Scan::new()))
+    }
+
+    fn with(keep: usize, scan: Option<Scan>) -> Pool {
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            keep,
+            scan,
+        }
+    }
+
+    /// The creator to give Wasmtime's `Config::with_host_memory`.
+    pub fn creator(self: &Arc<Pool>) -> Arc<dyn MemoryCreator> {
+        Arc::new(Creator(self.clone()))
+    }
+
+    /// An idle memory of `source` with a reservation of `reserved` bytes, else a new one.
+    fn take(&self, source: &Arc<Source>, reserved: usize) -> std::io::Result<Region> {
+        let found = {
+            let mut idle = self.idle.lock().unwrap();
+            idle.iter()
+                .rposition(|r| {
+                    r.reserved == reserved && r.image.as_ref().is_some_and(|i| i.key == source.key)
+                })
+                .map(|at| idle.remove(at))
+        };
+        match found {
+            Some(region) => Ok(region),
+            None => Region::of_image(source, reserved),
+        }
+    }
+
+    /// Takes back a memory after its call: resets it to its image and keeps it, or, when it
+    /// cannot be reset or the pool is full, unmaps the oldest.
+    fn put_back(&self, mut region: Region) {
+        if region.reset(self.scan.as_ref()).is_err() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap();
+        if idle.len() >= self.keep {
+            idle.remove(0);
+        }
+        idle.push(region);
+    }
+}
+
+struct Creator(Arc<Pool>);
+
+// SAFETY: every memory handed out is its own mapping of `reserved + guard` bytes, at least
+// `minimum` of them readable and writable and the guard inaccessible; `grow_to` makes more
+// writable in place, never moving the base; see `Region`.
+unsafe impl MemoryCreator for Creator {
+    fn new_memory(
+        &self,
+        _ty: MemoryType,
+        minimum: usize,
+        _maximum: Option<usize>,
+        reserved_size_in_bytes: Option<usize>,
+        guard_size_in_bytes: usize,
+    ) -> Result<Box<dyn LinearMemory>, String> {
+        let reserved = reserved_size_in_bytes
+            .unwrap_or(4 << 30)
+            .max(minimum)
+            .next_multiple_of(PAGE)
+            + guard_size_in_bytes;
+        // Wasmtime's own heap for exception objects (minimum 0) is made in the same
+        // instantiation; the image is for the interpreter's memory, which is never empty.
+        let next = match minimum {
+            0 => None,
+            _ => NEXT.with(|n| n.borrow_mut().take()),
+        };
+        let region = match next {
+            Some(source) => {
+                if source.len < minimum {
+                    return Err(format!(
+                        "the image ({} bytes) is smaller than the memory's minimum ({minimum})",
+                        source.len
+                    ));
+                }
+                self.0.take(&source, reserved)
+            }
+            None => Region::empty(reserved, minimum),
+        }
+        .map_err(|e| format!("failed to map a linear memory: {e}"))?;
+        Ok(Box::new(Memory {
+            size: minimum,
+            capacity: reserved - guard_size_in_bytes,
+            region: Some(region),
+            pool: self.0.clone(),
+        }))
+    }
+}
+
+/// The linear memory Wasmtime uses.
+struct Memory {
+    size: usize,
+    capacity: usize,
+    /// Taken on drop, to go back to the pool.
+    region: Option<Region>,
+    pool: Arc<Pool>,
+}
+
+impl Memory {
+    fn region(&self) -> &Region {
+        self.region
+            .as_ref()
+            .expect("a memory in use has its region")
+    }
+}
+
+// SAFETY: see `Creator`.
+unsafe impl LinearMemory for Memory {
+    fn byte_size(&self) -> usize {
+        self.size
+    }
+
+    fn byte_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn grow_to(&mut self, new_size: usize) -> wasmtime::Result<()> {
+        if new_size > self.capacity {
+            return Err(wasmtime::format_err!(
+                "the memory's reservation is exhausted"
+            ));
+        }
+        self.region
+            .as_mut()
+            .expect("a memory in use has its region")
+            .make_writable(new_size)
+            .map_err(wasmtime::Error::new)?;
+        self.size = new_size;
+        Ok(())
+    }
+
+    fn as_ptr(&self) -> *mut u8 {
+        self.region().base
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        if let Some(region) = self.region.take()
+            && region.image.is_some()
+        {
+            self.pool.put_back(region);
+        }
+    }
+}
+
+const PAGE: usize = 4096;
+
+/// A reservation of address space for one linear memory (inaccessible but for its first
+/// `writable` bytes), its first `image.len` bytes a private mapping of the image.
+struct Region {
+    base: *mut u8,
+    reserved: usize,
+    writable: usize,
+    image: Option<Arc<Source>>,
+}
+
+// SAFETY: the region is plain memory owned by whoever holds the `Region`; the raw pointer is
+// what makes it not `Send` by default.
+unsafe impl Send for Region {}
+unsafe impl Sync for Region {}
+
+impl Region {
+    fn reserve(reserved: usize) -> std::io::Result<Region> {
+        // SAFETY: a new anonymous mapping at an address the kernel chooses touches no existing
+        // memory.
+        let base = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                reserved,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }?;
+        Ok(Region {
+            base: base.cast(),
+            reserved,
+            writable: 0,
+            image: None,
+        })
+    }
+
+    /// A zeroed memory with its first `minimum` bytes writable.
+    fn empty(reserved: usize, minimum: usize) -> std::io::Result<Region> {
+        let mut region = Region::reserve(reserved)?;
+        region.make_writable(minimum)?;
+        Ok(region)
+    }
+
+    /// A memory whose first bytes are a copy-on-write mapping of the image.
+    fn of_image(source: &Arc<Source>, reserved: usize) -> std::io::Result<Region> {
+        let mut region = Region::reserve(reserved)?;
+        if source.len > 0 {
+            // SAFETY: `base..base + len` lies inside the reservation just made, which nothing
+            // else refers to; MAP_FIXED replaces those inaccessible pages with the image's,
+            // private to this mapping, so writes never reach the file.
+            unsafe {
+                rustix::mm::mmap(
+                    region.base.cast(),
+                    source.len,
+                    ProtFlags::READ | ProtFlags::WRITE,
+                    MapFlags::PRIVATE | MapFlags::FIXED,
+                    &source.file,
+                    0,
+                )
+            }?;
+        }
+        region.writable = source.len;
+        region.image = Some(source.clone());
+        Ok(region)
+    }
+
+    /// Makes the first `size` bytes readable and writable (those past the image start zeroed).
+    fn make_writable(&mut self, size: usize) -> std::io::Result<()> {
+        let size = size.next_multiple_of(PAGE);
+        if size <= self.writable {
+            return Ok(());
+        }
+        // SAFETY: `writable..size` lies inside this region's reservation (the caller checked
+        // the capacity), in pages only this region maps.
+        unsafe {
+            rustix::mm::mprotect(
+                self.base.add(self.writable).cast(),
+                size - self.writable,
+                MprotectFlags::READ | MprotectFlags::WRITE,
+            )
+        }?;
+        self.writable = size;
+        Ok(())
+    }
+
+    /// Puts the memory back to its image: the pages grown past the image are dropped and made
+    /// inaccessible again, and the pages written within it get the image's bytes back.
+    fn reset(&mut self, scan: Option<&Scan>) -> std::io::Result<()> {
+        let image = self.image.clone().expect("only an image's memory is reset");
+        if self.writable > image.len {
+            let grown = self.writable - image.len;
+            // SAFETY: `len..writable` is this region's own anonymous memory, which no
+            // instance uses any more; dropping its pages zeroes it, and it goes back to
+            // inaccessible.
+            unsafe {
+                let at = self.base.add(image.len).cast();
+                rustix::mm::madvise(at, grown, rustix::mm::Advice::LinuxDontNeed)?;
+                rustix::mm::mprotect(at, grown, MprotectFlags::empty())?;
+            }
+            self.writable = image.len;
+        }
+        let range = self.base as usize..self.base as usize + image.len;
+        match scan.and_then(|s| s.written(range.clone())) {
+            Some(written) => {
+                for pages in written {
+                    // SAFETY: the scan reports ranges inside `range`, this region's mapping of
+                    // the image, which no instance uses any more.
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts_mut(pages.start as *mut u8, pages.len())
+                    };
+                    image
+                        .file
+                        .read_exact_at(bytes, (pages.start - range.start) as u64)?;
+                }
+            }
+            // SAFETY: as above; in a private file mapping, dropped pages read the file again.
+            None => unsafe {
+                rustix::mm::madvise(
+                    self.base.cast(),
+                    image.len,
+                    rustix::mm::Advice::LinuxDontNeed,
+                )?
+            },
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: the reservation is this region's alone, and nothing uses it any more.
+        let _ = unsafe { rustix::mm::munmap(self.base.cast(), self.reserved) };
+    }
+}
+
+/// Linux's `PAGEMAP_SCAN` on `/proc/self/pagemap`: which pages of a range are private copies.
+struct Scan {
+    pagemap: File,
+}
+
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
+const PAGE_IS_FILE: u64 = 1 << 2;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
+const PAGE_IS_PFNZERO: u64 = 1 << 5;
+
+#[repr(C)]
+#[derive(Default)]
+struct ScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+impl Scan {
+    /// The scan, if this kernel has it.
+    fn new() -> Option<Scan> {
+        let scan = Scan {
+            pagemap: File::open("/proc/self/pagemap").ok()?,
+        };
+        scan.written(0..0)?;
+        Some(scan)
+    }
+
+    /// The pages of `range` (page-aligned addresses) that are no longer the file's or the
+    /// zero page: present or swapped out, they are private copies something wrote. `None` if
+    /// the scan failed.
+    fn written(&self, range: Range<usize>) -> Option<Vec<Range<usize>>> {
+        use std::os::fd::AsRawFd;
+        let mut found = Vec::new();
+        let mut regions = vec![PageRegion::default(); 512];
+        let mut start = range.start as u64;
+        loop {
+            let mut arg = ScanArg {
+                size: std::mem::size_of::<ScanArg>() as u64,
+                start,
+                end: range.end as u64,
+                vec: regions.as_mut_ptr() as u64,
+                vec_len: regions.len() as u64,
+                // Pages that are neither the file's nor the zero page...
+                category_inverted: PAGE_IS_FILE | PAGE_IS_PFNZERO,
+                category_mask: PAGE_IS_FILE | PAGE_IS_PFNZERO,
+                // ...and exist, in memory or in swap.
+                category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                ..ScanArg::default()
+            };
+            // SAFETY: `arg` is a valid `pm_scan_arg` whose `vec` points at `vec_len` writable
+            // `page_region`s; the kernel reads the page tables of `start..end` only.
+            let n = unsafe { libc::ioctl(self.pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
+            if n < 0 {
+                return None;
+            }
+            found.extend(
+                regions[..n as usize]
+                    .iter()
+                    .map(|r| r.start as usize..r.end as usize),
+            );
+            if arg.walk_end >= range.end as u64 || arg.walk_end <= start && n == 0 {
+                return Some(found);
+            }
+            start = arg.walk_end;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// An image of `pages` pages, page `i` filled with the byte `i + 1`, every third a hole.
+    fn image(pages: usize) -> Arc<Source> {
+        let mut file = tempfile::tempfile().unwrap();
+        for i in 0..pages {
+            let byte = if i % 3 == 2 { 0 } else { i as u8 + 1 };
+            file.write_all(&[byte; PAGE]).unwrap();
+        }
+        Arc::new(Source::new(file, pages * PAGE, "test".into()))
+    }
+
+    fn bytes(region: &Region, len: usize) -> &[u8] {
+        // SAFETY: the test reads within the region's writable bytes.
+        unsafe { std::slice::from_raw_parts(region.base, len) }
+    }
+
+    fn check_reset(scan: Option<Scan>) {
+        let source = image(64);
+        let expected = bytes(&Region::of_image(&source, 1 << 30).unwrap(), 64 * PAGE).to_vec();
+        let pool = Pool::with(1, scan);
+        let mut region = pool.take(&source, 1 << 30).unwrap();
+        // A call reads some pages, writes others (within the image, in holes, across a page
+        // boundary) and grows the memory.
+        let seen: u64 = bytes(&region, 64 * PAGE)
+            .iter()
+            .map(|&b| u64::from(b))
+            .sum();
+        assert!(seen > 0);
+        region.make_writable(80 * PAGE).unwrap();
+        // SAFETY: within the region's writable bytes.
+        unsafe {
+            region.base.add(5 * PAGE + 17).write(0xee);
+            region.base.add(2 * PAGE).write(0xee);
+            std::ptr::write_bytes(region.base.add(40 * PAGE - 8), 0xee, 16);
+            std::ptr::write_bytes(region.base.add(70 * PAGE), 0xee, 3 * PAGE);
+        }
+        let base = region.base;
+        pool.put_back(region);
+
+        let region = pool.take(&source, 1 << 30).unwrap();
+        assert_eq!(region.base, base, "the same memory is used again");
+        assert_eq!(region.writable, 64 * PAGE, "the growth is undone");
+        assert!(
+            bytes(&region, 64 * PAGE) == expected,
+            "the image's bytes are back"
+        );
+        let mut again = region;
+        again.make_writable(80 * PAGE).unwrap();
+        assert!(
+            bytes(&again, 80 * PAGE)[64 * PAGE..]
+                .iter()
+                .all(|&b| b == 0)
+        );
+    }
+
+    #[test]
+    fn a_memory_goes_back_to_its_image_with_the_page_scan() {
+        // Kernels before 6.7 have no PAGEMAP_SCAN; the other test covers them.
+        if let Some(scan) = Scan::new() {
+            check_reset(Some(scan));
+        }
+    }
+
+    #[test]
+    fn a_memory_goes_back_to_its_image_without_the_page_scan() {
+        check_reset(None);
+    }
+
+    #[test]
+    fn the_scan_finds_exactly_the_written_pages() {
+        let Some(scan) = Scan::new() else { return };
+        let source = image(32);
+        let region = Region::of_image(&source, 1 << 30).unwrap();
+        let base = region.base as usize;
+        let _ = bytes(&region, 32 * PAGE)
+            .iter()
+            .map(|&b| u64::from(b))
+            .sum::<u64>();
+        // SAFETY: within the region's writable bytes.
+        unsafe {
+            region.base.add(3 * PAGE).write(1);
+            region.base.add(4 * PAGE + 9).write(1);
+            region.base.add(20 * PAGE).write(1);
+        }
+        let written = scan.written(base..base + 32 * PAGE).unwrap();
+        let pages: Vec<Range<usize>> = written
+            .iter()
+            .map(|r| (r.start - base) / PAGE..(r.end - base) / PAGE)
+            .collect();
+        assert_eq!(pages, [3..5, 20..21]);
+    }
+
+    #[test]
+    fn a_pool_keeps_at_most_its_share_of_memories() {
+        let source = image(4);
+        let pool = Pool::with(2, None);
+        let taken: Vec<Region> = (0..3)
+            .map(|_| pool.take(&source, 1 << 30).unwrap())
+            .collect();
+        for region in taken {
+            pool.put_back(region);
+        }
+        assert_eq!(pool.idle.lock().unwrap().len(), 2);
+    }
+}
