@@ -95,7 +95,10 @@ fn main() -> Result<()> {
         })?;
         // Recording and replaying, interleaved with plain calls so the three see the same
         // machine: the overhead is the ratio of medians measured side by side.
-        let trace_path = work.path().join(format!("{}.trace", case.function));
+        // Each recording writes its own trace file, as production would keep one per call.
+        let traces = work.path().join(format!("{}-traces", case.function));
+        std::fs::create_dir(&traces)?;
+        let recorded_calls = AtomicU64::new(0);
         let record = || -> Result<()> {
             let (r, trace) =
                 host::call::call_recorded(&sandbox, &policy, &prepared, case.function, case.args)?;
@@ -103,9 +106,11 @@ fn main() -> Result<()> {
                 matches!(r.outcome, Outcome::Returned(_)),
                 "the recorded call did not return"
             );
-            trace.write(&trace_path)
+            let n = recorded_calls.fetch_add(1, Ordering::Relaxed);
+            trace.write(&traces.join(format!("{n}.trace")))
         };
         record()?;
+        let trace_path = traces.join("0.trace");
         let trace = host::trace::Trace::read(&trace_path)?;
         let trace_size = std::fs::metadata(&trace_path)?.len();
         let replay = || -> Result<()> {

@@ -12,7 +12,8 @@
 //!
 //! # fn main() -> anyhow::Result<()> {
 //! // One engine and sandbox per process: the interpreter is compiled once per machine and
-//! // loaded once per process; every call gets a fresh instance.
+//! // loaded once per process; every call gets a fresh instance, whose memory the engine
+//! // keeps for the next call of the same bundle once it is reset to the bundle's image.
 //! let engine = Engine::new(None)?;
 //! let sandbox = Sandbox::new(&engine, &Runtime::locate(None)?)?;
 //! let notebook = Notebook::read("notebooks/churn.ipynb".as_ref())?;

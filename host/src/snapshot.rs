@@ -7,9 +7,9 @@
 //! only mutable global is the stack pointer, which every turn restores, and its table never
 //! changes, so its whole state after the bundle's load turn is its linear memory. host saves
 //! that memory to a sparse file once per (bundle, runtime, host) and, for each call,
-//! instantiates the already compiled interpreter and maps the file over its memory
-//! copy-on-write (`MAP_PRIVATE`): the call sees the loaded state at once, its writes stay its
-//! own, and no call sees another's.
+//! instantiates the already compiled interpreter with the file as its memory, mapped
+//! copy-on-write (`MAP_PRIVATE`; [`crate::memory`] keeps such memories between calls): the call
+//! sees the loaded state at once, its writes stay its own, and no call sees another's.
 
 use std::fs::File;
 use std::io::Write;

@@ -110,21 +110,25 @@ impl SandboxArgs {
 pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
     let arguments = args.input.arguments()?;
     let policy = args.sandbox.policy()?;
-    let (_engine, sandbox) = global.sandbox()?;
-    let bundle = Bundle::open(&sandbox, &args.notebook, Select::Only(&[&args.function]))?;
+    // Leaked: the process ends after this one call, and its exit unmaps the compiled
+    // interpreter for free, where dropping it would first deregister its unwind tables and
+    // unmap it piece by piece (a millisecond or so).
+    let (engine, sandbox) = global.sandbox()?;
+    let sandbox = &Box::leak(Box::new((engine, sandbox))).1;
+    let bundle = Bundle::open(sandbox, &args.notebook, Select::Only(&[&args.function]))?;
     for warning in &bundle.manifest.warnings {
         eprintln!("host: warning: {warning}");
     }
     let prepared = if args.no_image {
         Prepared::without_image(bundle)
     } else {
-        Prepared::new(&sandbox, bundle)?
+        Prepared::new(sandbox, bundle)?
     };
     let result = match &args.record {
-        None => call::call(&sandbox, &policy, &prepared, &args.function, &arguments)?,
+        None => call::call(sandbox, &policy, &prepared, &args.function, &arguments)?,
         Some(path) => {
             let (result, trace) =
-                call::call_recorded(&sandbox, &policy, &prepared, &args.function, &arguments)?;
+                call::call_recorded(sandbox, &policy, &prepared, &args.function, &arguments)?;
             trace.write(path)?;
             eprintln!(
                 "host: recorded {} events to {}",
