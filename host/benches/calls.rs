@@ -160,6 +160,7 @@ fn main() -> Result<()> {
     for row in &rows {
         row.print();
     }
+    floor(&sandbox, &repo, work.path(), &pandas_input)?;
     changed_notebook(&host_bin, &repo, work.path())?;
     Ok(())
 }
@@ -273,6 +274,90 @@ impl Row<'_> {
         }
         println!();
     }
+}
+
+/// Where (a)'s time goes for the pandas example: `process()` alone, timed by the guest's own
+/// clock in a fresh instance from the image (its first call, then again in the same instance),
+/// next to the same in a native CPython process. A fresh instance per call means every call
+/// is a first call, so the first call's time is the floor of (a).
+fn floor(sandbox: &Sandbox, repo: &Path, work: &Path, input: &Arguments) -> Result<()> {
+    const REPEAT: usize = 5;
+    let mut notebook: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        repo.join("notebooks/churn.ipynb"),
+    )?)?;
+    notebook["cells"]
+        .as_array_mut()
+        .context("the example notebook has no cells")?
+        .push(serde_json::json!({
+            "cell_type": "code", "metadata": {}, "outputs": [], "execution_count": null,
+            "source": format!(
+                "import time\n\ndef timed(records):\n    times = []\n    for _ in range({REPEAT}):\n        \
+                 started = time.perf_counter()\n        process(records)\n        \
+                 times.append((time.perf_counter() - started) * 1000)\n    return times\n"
+            ),
+        }));
+    let path = work.join("churn-timed.ipynb");
+    std::fs::write(&path, serde_json::to_vec(&notebook)?)?;
+    let bundle = Bundle::from_notebook(
+        sandbox,
+        &Notebook::read(&path)?,
+        Select::Only(&["timed"]),
+        None,
+    )?;
+    let bundle_path = work.join("timed.bundle.json");
+    bundle.write(&bundle_path)?;
+    let prepared = Prepared::new(sandbox, bundle)?;
+    let mut guest: Vec<Vec<f64>> = Vec::new();
+    for _ in 0..21 {
+        let r = host::call::call(sandbox, &Policy::default(), &prepared, "timed", input)?;
+        match r.outcome {
+            Outcome::Returned(v) => guest.push(serde_json::from_value(v)?),
+            other => bail!("the timing call did not return: {other:?}"),
+        }
+    }
+    let median = |runs: &[Vec<f64>], i: usize| {
+        let mut v: Vec<f64> = runs.iter().map(|r| r[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "== where (a)'s time goes: process() alone, by the clock inside the process running it"
+    );
+    println!(
+        "  in the sandbox, fresh instance from the image: 1st call {:.2} ms, 2nd {:.2} ms, {REPEAT}th {:.2} ms",
+        median(&guest, 0),
+        median(&guest, 1),
+        median(&guest, REPEAT - 1)
+    );
+    if let Some(python) = std::env::var_os("BENCH_PYTHON") {
+        let input_path = repo.join("notebooks/churn-input.json");
+        let mut native: Vec<Vec<f64>> = Vec::new();
+        for _ in 0..7 {
+            let out = Command::new(&python)
+                .arg(repo.join("host/benches/native_call.py"))
+                .arg(&bundle_path)
+                .arg("process")
+                .arg(&input_path)
+                .arg(REPEAT.to_string())
+                .output()?;
+            anyhow::ensure!(out.status.success(), "native timing failed");
+            // The last line: the function prints too.
+            let stdout = String::from_utf8(out.stdout)?;
+            let times = stdout
+                .lines()
+                .last()
+                .context("native timing printed nothing")?;
+            native.push(serde_json::from_str(times)?);
+        }
+        println!(
+            "  native CPython, one process:                    1st call {:.2} ms, 2nd {:.2} ms, {REPEAT}th {:.2} ms",
+            median(&native, 0),
+            median(&native, 1),
+            median(&native, REPEAT - 1)
+        );
+    }
+    println!();
+    Ok(())
 }
 
 /// Time from `host bundle` of a changed notebook to its first result.
