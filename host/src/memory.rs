@@ -448,8 +448,13 @@ impl Scan {
                     .iter()
                     .map(|r| r.start as usize..r.end as usize),
             );
-            if arg.walk_end >= range.end as u64 || arg.walk_end <= start && n == 0 {
+            if arg.walk_end >= range.end as u64 {
                 return Some(found);
+            }
+            // A scan that stopped short without progress is no answer: the caller drops every
+            // private page instead of trusting a partial list.
+            if arg.walk_end <= start {
+                return None;
             }
             start = arg.walk_end;
         }
@@ -550,6 +555,23 @@ mod tests {
             .map(|r| (r.start - base) / PAGE..(r.end - base) / PAGE)
             .collect();
         assert_eq!(pages, [3..5, 20..21]);
+
+        // More separate runs of written pages than one scan call reports (512).
+        let source = image(1200);
+        let region = Region::of_image(&source, 1 << 30).unwrap();
+        let base = region.base as usize;
+        for page in (0..1200).step_by(2) {
+            // SAFETY: within the region's writable bytes.
+            unsafe { region.base.add(page * PAGE).write(7) };
+        }
+        let written = scan.written(base..base + 1200 * PAGE).unwrap();
+        assert_eq!(written.len(), 600);
+        assert!(
+            written
+                .iter()
+                .enumerate()
+                .all(|(i, r)| r.start == base + 2 * i * PAGE && r.len() == PAGE)
+        );
     }
 
     #[test]
