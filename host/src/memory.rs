@@ -22,8 +22,7 @@
 use std::cell::RefCell;
 use std::fs::File;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rustix::mm::{MapFlags, MprotectFlags, ProtFlags};
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
@@ -35,11 +34,80 @@ pub struct Source {
     len: usize,
     /// The image's sha256: memories of equal images are interchangeable.
     key: String,
+    /// A read-only shared mapping of the whole file, made at the first reset: copying pages
+    /// back from it is a `memcpy` from the page cache, where reading the file would cost a
+    /// system call per run of pages (about a thousand per pandas call).
+    view: OnceLock<View>,
 }
 
 impl Source {
     pub fn new(file: File, len: usize, key: String) -> Source {
-        Source { file, len, key }
+        Source {
+            file,
+            len,
+            key,
+            view: OnceLock::new(),
+        }
+    }
+
+    /// The image's bytes.
+    fn bytes(&self) -> std::io::Result<&[u8]> {
+        let view = match self.view.get() {
+            Some(view) => view,
+            None => {
+                let view = View::of(&self.file, self.len)?;
+                self.view.get_or_init(|| view)
+            }
+        };
+        // SAFETY: the view maps `len` readable bytes for as long as `self` (which owns it)
+        // lives; the file is host's own cache file, which nothing writes once it is in place.
+        Ok(unsafe { std::slice::from_raw_parts(view.base.cast_const(), view.len) })
+    }
+}
+
+/// A read-only shared mapping of a file.
+#[derive(Debug)]
+struct View {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and lives until the view is dropped.
+unsafe impl Send for View {}
+unsafe impl Sync for View {}
+
+impl View {
+    fn of(file: &File, len: usize) -> std::io::Result<View> {
+        if len == 0 {
+            return Ok(View {
+                base: std::ptr::NonNull::dangling().as_ptr(),
+                len,
+            });
+        }
+        // SAFETY: a new mapping at an address the kernel chooses touches no existing memory.
+        let base = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ,
+                MapFlags::SHARED,
+                file,
+                0,
+            )
+        }?;
+        Ok(View {
+            base: base.cast(),
+            len,
+        })
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: the mapping is this view's alone; no slice of it outlives the view.
+            let _ = unsafe { rustix::mm::munmap(self.base.cast(), self.len) };
+        }
     }
 }
 
@@ -337,15 +405,15 @@ impl Region {
         let range = self.base as usize..self.base as usize + image.len;
         match scan.and_then(|s| s.written(range.clone())) {
             Some(written) => {
+                let original = image.bytes()?;
                 for pages in written {
                     // SAFETY: the scan reports ranges inside `range`, this region's mapping of
                     // the image, which no instance uses any more.
                     let bytes = unsafe {
                         std::slice::from_raw_parts_mut(pages.start as *mut u8, pages.len())
                     };
-                    image
-                        .file
-                        .read_exact_at(bytes, (pages.start - range.start) as u64)?;
+                    let at = pages.start - range.start;
+                    bytes.copy_from_slice(&original[at..at + pages.len()]);
                 }
             }
             // SAFETY: as above; in a private file mapping, dropped pages read the file again.
