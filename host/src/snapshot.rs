@@ -323,8 +323,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn eviction_keeps_the_newest_images() {
+    fn eviction_keeps_the_newest_images_and_the_initial_one() {
         let dir = tempfile::tempdir().unwrap();
+        // The interpreter's initial memory is the oldest file, and stays.
+        std::fs::write(dir.path().join("initial-x.mem"), b"m").unwrap();
+        std::fs::write(dir.path().join("initial-x.json"), b"{}").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("initial-x.mem"))
+            .unwrap()
+            .set_modified(std::time::SystemTime::UNIX_EPOCH)
+            .unwrap();
         for i in 0..5 {
             std::fs::write(dir.path().join(format!("{i}.mem")), b"m").unwrap();
             std::fs::write(dir.path().join(format!("{i}.json")), b"{}").unwrap();
@@ -342,6 +351,16 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, ["3.json", "3.mem", "4.json", "4.mem"]);
+        assert_eq!(
+            left,
+            [
+                "3.json",
+                "3.mem",
+                "4.json",
+                "4.mem",
+                "initial-x.json",
+                "initial-x.mem"
+            ]
+        );
     }
 }
