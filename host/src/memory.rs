@@ -142,7 +142,7 @@ impl Drop for Next {
 /// Memories kept after their calls, ready for the next call of the same image.
 pub(crate) struct Pool {
     idle: Mutex<Vec<Region>>,
-    /// How many idle memories to keep: each holds the pages its calls wrote (about 15 MB for
+    /// How many idle memories to keep: each holds the pages its calls wrote (about 9 MB for
     /// the pandas example).
     keep: usize,
     scan: Option<Scan>,
@@ -183,17 +183,20 @@ impl Pool {
         }
     }
 
-    /// Takes back a memory after its call: resets it to its image and keeps it, or, when it
-    /// cannot be reset or the pool is full, unmaps the oldest.
+    /// Takes back a memory after its call: resets it to its image and keeps it (unmapping the
+    /// oldest idle one when the pool is full), or unmaps it if it cannot be reset, so that only
+    /// reset memories are ever handed out.
     fn put_back(&self, mut region: Region) {
         if region.reset(self.scan.as_ref()).is_err() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap();
-        if idle.len() >= self.keep {
-            idle.remove(0);
-        }
-        idle.push(region);
+        let oldest = {
+            let mut idle = self.idle.lock().unwrap();
+            idle.push(region);
+            (idle.len() > self.keep).then(|| idle.remove(0))
+        };
+        // Unmapped outside the lock.
+        drop(oldest);
     }
 }
 
