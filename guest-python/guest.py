@@ -2,7 +2,8 @@
 
 The host runs this file as the first turn of a fresh interpreter, then a turn that calls
 `analyse()`; or `load()` then `invoke()`; or, to make a bundle's pre-initialised image,
-`load()` then `freeze()`, after which each call from the image runs only `invoke()`.
+`load()`, `warm_up()` then `freeze()`, after which each call from the image runs only
+`invoke()`.
 Everything crosses the door (`_host.call`) as
 JSON: the guest asks for its input and hands back its answer, so the host boundary sees (and a
 trace can record) every byte that goes in or out.
@@ -221,6 +222,23 @@ def load():
     except BaseException as e:
         _report_exception(e, "load")
         return False
+    return True
+
+
+def warm_up():
+    """Between load and freeze when the bundle asks for it (`host bundle --warm-up`): call its
+    functions on the sample inputs it carries, so the one-time work of a first call (imports
+    inside functions, caches filled on first use, the interpreter specialising its bytecode)
+    is done in the image. What these calls leave in module state is where every call starts;
+    their results and output are dropped."""
+    for call in _door({"op": "warm_up"}) or []:
+        try:
+            value = getattr(_module, call["function"])(*call["args"], **call["kwargs"])
+            if isinstance(value, types.CoroutineType):
+                _drive(value)
+        except BaseException as e:
+            _report_exception(e, "warm-up")
+            return False
     return True
 
 

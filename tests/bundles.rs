@@ -256,3 +256,66 @@ fn inspect_shows_each_cell_and_each_closure() {
         "{text}"
     );
 }
+
+#[test]
+fn a_warm_up_call_runs_once_before_the_image_and_every_call_starts_after_it() {
+    let fx = Fixture::code(NOTEBOOK);
+    let (_, plain) = bundle(&fx, &["-f", "remember"]);
+    std::fs::write(fx.path("sample.json"), r#"{"args": ["warm"]}"#).unwrap();
+    let warm_up = format!("remember={}", fx.path("sample.json").display());
+    let (path, warmed) = bundle(&fx, &["-f", "remember", "--warm-up", &warm_up]);
+    assert_ne!(
+        plain["version"], warmed["version"],
+        "the warm-up is part of the version"
+    );
+    assert_eq!(
+        warmed["manifest"]["warm_up"],
+        json!([{"function": "remember", "args": ["warm"], "kwargs": {}}])
+    );
+    let bundle = path.to_str().unwrap();
+    for x in ["a", "b"] {
+        let args = format!("[\"{x}\"]");
+        assert_eq!(
+            host(&["run", bundle, "remember", "--args", &args]).value(),
+            json!(["warm", x]),
+            "each call starts where the warm-up left the module, not where the last call did"
+        );
+    }
+    // A call that loads the bundle itself runs the warm-up first: the same result.
+    assert_eq!(
+        host(&["run", bundle, "remember", "--args", "[\"a\"]", "--no-image"]).value(),
+        json!(["warm", "a"])
+    );
+    let inspected = host(&["inspect", bundle]);
+    assert!(
+        inspected
+            .stdout
+            .contains(r#"warm-up  remember(*["warm"], **{})"#),
+        "{}",
+        inspected.stdout
+    );
+}
+
+#[test]
+fn a_warm_up_that_cannot_run_writes_no_bundle() {
+    let fx = Fixture::code(&[
+        "def check(x):\n    if x < 0:\n        raise ValueError('negative')\n    return x",
+    ]);
+    std::fs::write(fx.path("bad.json"), r#"{"args": [-1]}"#).unwrap();
+    let out = fx.path("out.bundle.json");
+    let nb = fx.notebook.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    let bad = format!("check={}", fx.path("bad.json").display());
+    host(&["bundle", nb, "-o", o, "--warm-up", &bad]).fails(
+        2,
+        &["--warm-up", "no bundle written", "ValueError: negative"],
+    );
+    assert!(!out.exists());
+    host(&["bundle", nb, "-o", o, "--warm-up", "check"]).fails(2, &["expected FUNCTION=INPUT"]);
+    let missing = format!("other={}", fx.path("bad.json").display());
+    host(&["bundle", nb, "-o", o, "--warm-up", &missing]).fails(2, &["offers check, not `other`"]);
+    host(&["bundle", nb, "-o", o, "--warm-up", "check=nope.json"])
+        .fails(2, &["--warm-up `check=nope.json`", "nope.json"]);
+    host(&["bundle", nb, "-o", o, "--warm-up", &bad, "--no-image"]).fails(2, &["--no-image"]);
+    assert!(!out.exists());
+}

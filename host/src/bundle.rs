@@ -2,7 +2,7 @@
 //!
 //! A bundle is small (kilobytes: source and metadata, never the interpreter), self-contained
 //! (calling it needs no notebook) and content-addressed: its [`Bundle::version`] is a hash of
-//! the extracted source, the functions and the runtime's hash, so the same notebook content
+//! the extracted source, the functions, the runtime's hash and any warm-up calls, so the same notebook content
 //! always makes the same version, and anything that changes what runs changes it.
 
 use std::path::Path;
@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::call::Arguments;
 use crate::error::bad_input;
 use crate::extract::{self, Chunk, Closure, Extraction, StatementSummary};
 use crate::notebook::Notebook;
@@ -23,7 +24,8 @@ pub const FORMAT: &str = "host-bundle/1";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Bundle {
     pub format: String,
-    /// sha256 of the notebook name, the kept source, the functions and the runtime's hash.
+    /// sha256 of the notebook name, the kept source, the functions, the runtime's hash and the
+    /// warm-up calls.
     pub version: String,
     pub manifest: Manifest,
     /// The kept source, cell by cell, each line at its notebook line number.
@@ -52,6 +54,20 @@ pub struct Manifest {
     pub closures: Vec<FunctionClosure>,
     /// What extraction noticed that does not stop a call.
     pub warnings: Vec<String>,
+    /// Calls made once while the image is built (`host bundle --warm-up`). Part of the
+    /// version: what they leave in module state is where every call starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warm_up: Vec<WarmUp>,
+}
+
+/// A call made once before a bundle's image is saved, so that a first call's one-time work
+/// (imports inside functions, caches filled on first use, the interpreter specialising its
+/// bytecode) is already done in every call's starting state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WarmUp {
+    pub function: String,
+    pub args: Vec<serde_json::Value>,
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 /// One function's dependency closure, as the manifest records it.
@@ -139,7 +155,7 @@ impl Bundle {
         let chunks = extraction.source(&closure);
         let functions: Vec<String> = functions.iter().map(|f| f.to_string()).collect();
         let runtime_sha256 = sandbox.runtime().sha256().to_owned();
-        let version = version(&notebook.name, &chunks, &functions, &runtime_sha256);
+        let version = version(&notebook.name, &chunks, &functions, &runtime_sha256, &[]);
         Ok(Bundle {
             format: FORMAT.to_owned(),
             version,
@@ -153,9 +169,30 @@ impl Bundle {
                 label: label.map(str::to_owned),
                 closures,
                 warnings,
+                warm_up: Vec::new(),
             },
             chunks,
         })
+    }
+
+    /// The bundle with one more warm-up call of `function` (one it offers), and the version
+    /// that makes.
+    pub fn warm_up(mut self, function: &str, arguments: &Arguments) -> Result<Bundle> {
+        self.check_function(function)?;
+        self.manifest.warm_up.push(WarmUp {
+            function: function.to_owned(),
+            args: arguments.args.clone(),
+            kwargs: arguments.kwargs.clone(),
+        });
+        let m = &self.manifest;
+        self.version = version(
+            &m.notebook,
+            &self.chunks,
+            &m.functions,
+            &m.runtime_sha256,
+            &m.warm_up,
+        );
+        Ok(self)
     }
 
     /// A bundle from a path that holds either a bundle or a notebook (which is extracted now,
@@ -208,7 +245,13 @@ impl Bundle {
     /// was made.
     pub fn check_version(&self) -> Result<()> {
         let m = &self.manifest;
-        let expected = version(&m.notebook, &self.chunks, &m.functions, &m.runtime_sha256);
+        let expected = version(
+            &m.notebook,
+            &self.chunks,
+            &m.functions,
+            &m.runtime_sha256,
+            &m.warm_up,
+        );
         if expected != self.version {
             return Err(bad_input(format!(
                 "was changed after it was made: its content hashes to {expected}, not to its version {}",
@@ -271,19 +314,29 @@ impl Bundle {
 }
 
 /// The content hash that names a bundle.
-fn version(notebook: &str, chunks: &[Chunk], functions: &[String], runtime_sha256: &str) -> String {
+fn version(
+    notebook: &str,
+    chunks: &[Chunk],
+    functions: &[String],
+    runtime_sha256: &str,
+    warm_up: &[WarmUp],
+) -> String {
     #[derive(Serialize)]
     struct Versioned<'a> {
         notebook: &'a str,
         chunks: &'a [Chunk],
         functions: &'a [String],
         runtime_sha256: &'a str,
+        // Absent when empty, so bundles without warm-up keep the versions they had.
+        #[serde(skip_serializing_if = "<[WarmUp]>::is_empty")]
+        warm_up: &'a [WarmUp],
     }
     let canonical = serde_json::to_vec(&Versioned {
         notebook,
         chunks,
         functions,
         runtime_sha256,
+        warm_up,
     })
     .unwrap();
     hex::encode(Sha256::digest(canonical))
@@ -329,18 +382,24 @@ mod tests {
             cell: 2,
             text: "def f():\n    return 1\n".into(),
         }];
-        let v = version("nb.ipynb", &chunks, &["f".into()], "abc");
-        assert_eq!(v, version("nb.ipynb", &chunks, &["f".into()], "abc"));
-        assert_ne!(v, version("nb.ipynb", &chunks, &["f".into()], "abd"));
+        let v = version("nb.ipynb", &chunks, &["f".into()], "abc", &[]);
+        assert_eq!(v, version("nb.ipynb", &chunks, &["f".into()], "abc", &[]));
+        assert_ne!(v, version("nb.ipynb", &chunks, &["f".into()], "abd", &[]));
         assert_ne!(
             v,
-            version("nb.ipynb", &chunks, &["f".into(), "g".into()], "abc")
+            version("nb.ipynb", &chunks, &["f".into(), "g".into()], "abc", &[])
         );
         let changed = vec![Chunk {
             cell: 2,
             text: "def f():\n    return 2\n".into(),
         }];
-        assert_ne!(v, version("nb.ipynb", &changed, &["f".into()], "abc"));
+        assert_ne!(v, version("nb.ipynb", &changed, &["f".into()], "abc", &[]));
+        let warm = [WarmUp {
+            function: "f".into(),
+            args: vec![serde_json::json!(1)],
+            kwargs: Default::default(),
+        }];
+        assert_ne!(v, version("nb.ipynb", &chunks, &["f".into()], "abc", &warm));
     }
 
     #[test]

@@ -119,7 +119,8 @@ impl Outcome {
 /// An exception raised in the guest, with the frames that lead to it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GuestException {
-    /// `load` (running the kept definitions), `call`, or `result` (converting the value).
+    /// `load` (running the kept definitions), `warm-up` (the bundle's warm-up calls, in a call
+    /// that loads the bundle itself), `call`, or `result` (converting the value).
     pub phase: String,
     #[serde(rename = "type")]
     pub kind: String,
@@ -311,8 +312,11 @@ pub(crate) fn execute(
                 tracer,
                 capture: false,
             },
-            door.answer("bundle", &bundle.load_request())?,
-            &[GUEST_SOURCE, "if load():\n    invoke()\n"],
+            // The bundle's warm-up calls run first here too, so a call gives the same result
+            // with or without an image.
+            door.answer("bundle", &bundle.load_request())?
+                .answer("warm_up", &bundle.manifest.warm_up)?,
+            &[GUEST_SOURCE, "if load() and warm_up():\n    invoke()\n"],
         ),
     };
     let run = sandbox.execute(setup, policy, door, turns)?;

@@ -176,7 +176,9 @@ fn build(sandbox: &Sandbox, bundle: &Bundle, memory_path: &Path) -> Result<Recor
         },
         ..Policy::default()
     };
-    let door = Door::default().answer("bundle", &bundle.load_request())?;
+    let door = Door::default()
+        .answer("bundle", &bundle.load_request())?
+        .answer("warm_up", &bundle.manifest.warm_up)?;
     let setup = Setup {
         start: Start::Fresh,
         world: World::Fixed,
@@ -187,7 +189,7 @@ fn build(sandbox: &Sandbox, bundle: &Bundle, memory_path: &Path) -> Result<Recor
         setup,
         &policy,
         door,
-        &[GUEST_SOURCE, "if load():\n    freeze()\n"],
+        &[GUEST_SOURCE, "if load() and warm_up():\n    freeze()\n"],
     )?;
     let memory = run.memory;
     if run.ended != Ended::Finished {
@@ -196,10 +198,17 @@ fn build(sandbox: &Sandbox, bundle: &Bundle, memory_path: &Path) -> Result<Recor
         });
     }
     if let Some(error) = run.door.received.iter().find(|r| r["op"] == "error") {
+        let what = match error["phase"].as_str() {
+            Some("warm-up") => {
+                "the warm-up call (run without grants or environment, on a fixed clock)"
+            }
+            _ => "loading the bundle without the call's grants",
+        };
         return Ok(Record::Unavailable {
             reason: format!(
-                "loading the bundle without the call's grants raised {}: {}",
-                error["type"], error["message"]
+                "{what} raised {}: {}",
+                error["type"].as_str().unwrap_or("an exception"),
+                error["message"].as_str().unwrap_or("")
             ),
         });
     }

@@ -1,13 +1,14 @@
 //! `host bundle NOTEBOOK`: extract functions into a bundle file, and pre-initialise it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use super::GlobalOptions;
 use crate::bundle::{Bundle, Select, short};
-use crate::error::Exit;
+use crate::call::Arguments;
+use crate::error::{Exit, bad_input};
 use crate::notebook::Notebook;
 use crate::snapshot::Prepared;
 
@@ -27,6 +28,15 @@ pub struct BundleArgs {
     /// Do not build the pre-initialised image now (the first call builds it).
     #[arg(long)]
     pub no_image: bool,
+    /// Call FUNCTION once on this input file (as `host run --input` reads) before the image is
+    /// saved, so calls start with its one-time work done; what it leaves in module state is
+    /// where every call starts (repeatable).
+    #[arg(
+        long = "warm-up",
+        value_name = "FUNCTION=INPUT",
+        conflicts_with = "no_image"
+    )]
+    pub warm_up: Vec<String>,
 }
 
 pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
@@ -38,7 +48,16 @@ pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
     } else {
         Select::Only(&functions)
     };
-    let bundle = Bundle::from_notebook(&sandbox, &notebook, select, args.label.as_deref())?;
+    let mut bundle = Bundle::from_notebook(&sandbox, &notebook, select, args.label.as_deref())?;
+    for spec in &args.warm_up {
+        let (function, input) = spec
+            .split_once('=')
+            .filter(|(f, i)| !f.is_empty() && !i.is_empty())
+            .ok_or_else(|| bad_input(format!("--warm-up `{spec}`: expected FUNCTION=INPUT")))?;
+        let arguments = Arguments::from_input(Path::new(input))
+            .with_context(|| format!("--warm-up `{spec}`"))?;
+        bundle = bundle.warm_up(function, &arguments)?;
+    }
     for warning in &bundle.manifest.warnings {
         eprintln!("host: warning: {warning}");
     }
@@ -51,17 +70,23 @@ pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
         args.notebook
             .with_file_name(format!("{stem}-{}.bundle.json", short(&bundle.version)))
     });
-    bundle.write(&output)?;
     let version = bundle.version.clone();
     let functions = bundle.manifest.functions.join(", ");
     if !args.no_image {
-        let prepared = Prepared::new(&sandbox, bundle)?;
+        let prepared = Prepared::new(&sandbox, bundle.clone())?;
         if let Some(reason) = &prepared.unavailable {
+            // A warm-up that was asked for and cannot run is the user's to fix first.
+            if !bundle.manifest.warm_up.is_empty() {
+                return Err(bad_input(format!(
+                    "--warm-up: no bundle written, as there is no pre-initialised image: {reason}"
+                )));
+            }
             eprintln!(
                 "host: note: no pre-initialised image; each call loads the source itself ({reason})"
             );
         }
     }
+    bundle.write(&output)?;
     eprintln!(
         "host: bundle {} ({functions}) written to {}",
         short(&version),

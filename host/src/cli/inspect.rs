@@ -161,6 +161,15 @@ fn render(report: &Value) -> String {
         if let Some(label) = m["label"].as_str() {
             let _ = writeln!(out, "  label    {label}");
         }
+        for call in m["warm_up"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "  warm-up  {}(*{}, **{}) before the image is saved",
+                call["function"].as_str().unwrap_or(""),
+                call["args"],
+                call["kwargs"]
+            );
+        }
     } else {
         let cells = report["cells"].as_array().map(Vec::len).unwrap_or(0);
         let _ = writeln!(
