@@ -229,16 +229,21 @@ def warm_up():
     """Between load and freeze when the bundle asks for it (`host bundle --warm-up`): call its
     functions on the sample inputs it carries, so the one-time work of a first call (imports
     inside functions, caches filled on first use, the interpreter specialising its bytecode)
-    is done in the image. What these calls leave in module state is where every call starts;
-    their results and output are dropped."""
+    is done in the image, and converts their results as a call's would be (warming that path
+    for the kinds of value the function returns). What these calls leave in module state is
+    where every call starts; their results and output are dropped."""
     for call in _door({"op": "warm_up"}) or []:
         try:
             value = getattr(_module, call["function"])(*call["args"], **call["kwargs"])
             if isinstance(value, types.CoroutineType):
-                _drive(value)
+                value = _drive(value)
         except BaseException as e:
             _report_exception(e, "warm-up")
             return False
+        try:
+            to_json(value)
+        except Exception:
+            pass  # A call returning this says why; the warm-up only warms.
     return True
 
 
