@@ -218,6 +218,12 @@ impl Trace {
     ///
     /// Layout: the magic line, the sha256 of the rest, then the JSON, deflated.
     pub fn write(&self, path: &Path) -> Result<()> {
+        crate::engine::write_private(path, &self.encode()?)
+            .with_context(|| format!("failed to write trace `{}`", path.display()))
+    }
+
+    /// The bytes of a trace file: the format line, the sha256 of the body, the deflated JSON.
+    pub fn encode(&self) -> Result<Vec<u8>> {
         let json = serde_json::to_vec(self)?;
         let mut encoder =
             flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -225,8 +231,7 @@ impl Trace {
         let body = encoder.finish()?;
         let mut out = format!("{FORMAT}\n{}\n", hex::encode(Sha256::digest(&body))).into_bytes();
         out.extend_from_slice(&body);
-        crate::engine::write_private(path, &out)
-            .with_context(|| format!("failed to write trace `{}`", path.display()))
+        Ok(out)
     }
 
     /// Reads a trace, refusing one that is truncated or was changed.
