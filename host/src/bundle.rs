@@ -15,7 +15,7 @@ use crate::call::Arguments;
 use crate::error::bad_input;
 use crate::extract::{self, Chunk, Closure, Extraction, StatementSummary};
 use crate::notebook::Notebook;
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Door, Sandbox};
 
 /// The `format` field of a bundle file.
 pub const FORMAT: &str = "host-bundle/1";
@@ -79,7 +79,7 @@ pub struct FunctionClosure {
 
 /// What the guest's `load()` asks for.
 #[derive(Serialize)]
-pub struct LoadRequest<'a> {
+struct LoadRequest<'a> {
     notebook: &'a str,
     chunks: &'a [Chunk],
 }
@@ -283,11 +283,15 @@ impl Bundle {
         )))
     }
 
-    pub fn load_request(&self) -> LoadRequest<'_> {
-        LoadRequest {
+    /// `door` with the answers to the guest's `load()` (the source) and `warm_up()` (the
+    /// warm-up calls).
+    pub(crate) fn load_answers(&self, door: Door) -> Result<Door> {
+        let request = LoadRequest {
             notebook: &self.manifest.notebook,
             chunks: &self.chunks,
-        }
+        };
+        door.answer("bundle", &request)?
+            .answer("warm_up", &self.manifest.warm_up)
     }
 
     /// Refuses a function the bundle was not made for.

@@ -314,8 +314,7 @@ pub(crate) fn execute(
             },
             // The bundle's warm-up calls run first here too, so a call gives the same result
             // with or without an image.
-            door.answer("bundle", &bundle.load_request())?
-                .answer("warm_up", &bundle.manifest.warm_up)?,
+            bundle.load_answers(door)?,
             &[GUEST_SOURCE, "if load() and warm_up():\n    invoke()\n"],
         ),
     };

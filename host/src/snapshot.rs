@@ -176,9 +176,7 @@ fn build(sandbox: &Sandbox, bundle: &Bundle, memory_path: &Path) -> Result<Recor
         },
         ..Policy::default()
     };
-    let door = Door::default()
-        .answer("bundle", &bundle.load_request())?
-        .answer("warm_up", &bundle.manifest.warm_up)?;
+    let door = bundle.load_answers(Door::default())?;
     let setup = Setup {
         start: Start::Fresh,
         world: World::Fixed,
