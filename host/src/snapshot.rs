@@ -133,7 +133,6 @@ fn evict(dir: &Path, keep: usize) {
     let mut images: Vec<(std::time::SystemTime, PathBuf)> = entries
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "mem"))
-        .filter(|e| !e.file_name().to_string_lossy().starts_with("initial-"))
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
     if images.len() <= keep {
@@ -211,10 +210,15 @@ fn build(sandbox: &Sandbox, bundle: &Bundle, memory_path: &Path) -> Result<Recor
         });
     }
     let memory = memory.context("the load turn left no memory to save")?;
-    write_sparse(memory_path, &memory)?;
+    save(memory_path, &memory)
+}
+
+/// Saves a memory as an image file, and says what the record of it holds.
+fn save(memory_path: &Path, memory: &[u8]) -> Result<Record> {
+    write_sparse(memory_path, memory)?;
     Ok(Record::Image {
         pages: memory.len() as u64 / WASM_PAGE,
-        sha256: hex::encode(Sha256::digest(&memory)),
+        sha256: hex::encode(Sha256::digest(memory)),
     })
 }
 
@@ -300,8 +304,9 @@ impl Image {
 /// The interpreter's initial memory as an image, which instances that load a bundle
 /// themselves start from: written once per runtime next to the compiled module.
 pub(crate) fn initial_image(cache_dir: &Path, runtime: &Runtime) -> Result<Image> {
-    let dir = cache_dir.join("images");
-    let key = format!("initial-{}", &runtime.sha256()[..16]);
+    // Beside the compiled module it belongs with, out of reach of the bundle images' eviction.
+    let dir = cache_dir.join("modules");
+    let key = format!("{}-initial", &runtime.sha256()[..16]);
     let record_path = dir.join(format!("{key}.json"));
     let memory_path = dir.join(format!("{key}.mem"));
     if let Some(Record::Image { pages, sha256 }) = read_record(&record_path)
@@ -309,19 +314,11 @@ pub(crate) fn initial_image(cache_dir: &Path, runtime: &Runtime) -> Result<Image
     {
         return Ok(image);
     }
-    let memory = runtime.initial_memory()?;
-    write_sparse(&memory_path, &memory)?;
-    let (pages, sha256) = (
-        memory.len() as u64 / WASM_PAGE,
-        hex::encode(Sha256::digest(&memory)),
-    );
-    write_cache_file(
-        &record_path,
-        &serde_json::to_vec(&Record::Image {
-            pages,
-            sha256: sha256.clone(),
-        })?,
-    )?;
+    let record = save(&memory_path, &runtime.initial_memory()?)?;
+    write_cache_file(&record_path, &serde_json::to_vec(&record)?)?;
+    let Record::Image { pages, sha256 } = record else {
+        unreachable!("`save` makes an image record")
+    };
     Image::open(&memory_path, pages, sha256)
 }
 
@@ -330,17 +327,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn eviction_keeps_the_newest_images_and_the_initial_one() {
+    fn eviction_keeps_the_newest_images() {
         let dir = tempfile::tempdir().unwrap();
-        // The interpreter's initial memory is the oldest file, and stays.
-        std::fs::write(dir.path().join("initial-x.mem"), b"m").unwrap();
-        std::fs::write(dir.path().join("initial-x.json"), b"{}").unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(dir.path().join("initial-x.mem"))
-            .unwrap()
-            .set_modified(std::time::SystemTime::UNIX_EPOCH)
-            .unwrap();
         for i in 0..5 {
             std::fs::write(dir.path().join(format!("{i}.mem")), b"m").unwrap();
             std::fs::write(dir.path().join(format!("{i}.json")), b"{}").unwrap();
@@ -358,16 +346,6 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(
-            left,
-            [
-                "3.json",
-                "3.mem",
-                "4.json",
-                "4.mem",
-                "initial-x.json",
-                "initial-x.mem"
-            ]
-        );
+        assert_eq!(left, ["3.json", "3.mem", "4.json", "4.mem"]);
     }
 }

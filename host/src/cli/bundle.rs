@@ -70,13 +70,13 @@ pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
         args.notebook
             .with_file_name(format!("{stem}-{}.bundle.json", short(&bundle.version)))
     });
-    let version = bundle.version.clone();
-    let functions = bundle.manifest.functions.join(", ");
-    if !args.no_image {
-        let prepared = Prepared::new(&sandbox, bundle.clone())?;
+    let bundle = if args.no_image {
+        bundle
+    } else {
+        let prepared = Prepared::new(&sandbox, bundle)?;
         if let Some(reason) = &prepared.unavailable {
             // A warm-up that was asked for and cannot run is the user's to fix first.
-            if !bundle.manifest.warm_up.is_empty() {
+            if !prepared.bundle.manifest.warm_up.is_empty() {
                 return Err(bad_input(format!(
                     "--warm-up: no bundle written, as there is no pre-initialised image: {reason}"
                 )));
@@ -85,11 +85,14 @@ pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
                 "host: note: no pre-initialised image; each call loads the source itself ({reason})"
             );
         }
-    }
+        prepared.bundle
+    };
     bundle.write(&output)?;
+    let version = &bundle.version;
+    let functions = bundle.manifest.functions.join(", ");
     eprintln!(
         "host: bundle {} ({functions}) written to {}",
-        short(&version),
+        short(version),
         output.display()
     );
     println!("{}", output.display());
