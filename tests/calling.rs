@@ -20,6 +20,21 @@ def pandas_values():
             "labelled": pd.Series({"p": 1, "q": 2}), "ts": pd.Timestamp("2026-01-02 03:04:05"),
             "nat": pd.NaT}
 
+def wide_frame():
+    return pd.DataFrame({
+        "int": [1, 2, 3], "float": [0.5, float("nan"), float("inf")], "bool": [True, False, True],
+        "when": pd.to_datetime(["2026-01-02 00:00:00", None, "2026-03-04 05:06:07"]),
+        "gap": pd.to_timedelta([1.5, None, 3], unit="s"), "text": ["a", None, "c"],
+        "cat": pd.Categorical(["x", "y", "x"]), "nullable": pd.array([1, None, 3], dtype="Int64"),
+        7: [np.int32(7), 8, 9]})
+
+def wide_frame_by_pandas():
+    return wide_frame().to_dict("records")
+
+def odd_frames():
+    return {"repeated": pd.DataFrame([[1, 2]], columns=["a", "a"]),
+            "no_columns": pd.DataFrame(index=range(2))}
+
 def python_values():
     return {"tuple": (1, 2), "set": {3, 1, 2}, "decimal": decimal.Decimal("1.10"),
             "date": datetime.date(2026, 11, 25), "datetime": datetime.datetime(2026, 11, 25, 8, 30),
@@ -119,6 +134,28 @@ fn pandas_values_convert() {
             "ts": "2026-01-02T03:04:05",
             "nat": null,
         })
+    );
+}
+
+#[test]
+fn a_frame_converts_as_pandas_makes_its_records() {
+    let fx = conversions();
+    let v = fx.run("wide_frame", &[]).value();
+    assert_eq!(
+        v,
+        json!([
+            {"int": 1, "float": 0.5, "bool": true, "when": "2026-01-02T00:00:00", "gap": 1.5,
+             "text": "a", "cat": "x", "nullable": 1, "7": 7},
+            {"int": 2, "float": null, "bool": false, "when": null, "gap": null,
+             "text": null, "cat": "y", "nullable": null, "7": 8},
+            {"int": 3, "float": null, "bool": true, "when": "2026-03-04T05:06:07", "gap": 3.0,
+             "text": "c", "cat": "x", "nullable": 3, "7": 9},
+        ])
+    );
+    assert_eq!(v, fx.run("wide_frame_by_pandas", &[]).value());
+    assert_eq!(
+        fx.run("odd_frames", &[]).value(),
+        json!({"repeated": [{"a": 2}], "no_columns": [{}, {}]})
     );
 }
 
