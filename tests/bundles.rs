@@ -258,33 +258,45 @@ fn inspect_shows_each_cell_and_each_closure() {
 }
 
 #[test]
-fn a_warm_up_call_runs_once_before_the_image_and_every_call_starts_after_it() {
+fn warm_up_calls_run_before_the_image_and_every_call_starts_after_them() {
     let fx = Fixture::code(NOTEBOOK);
     let (_, plain) = bundle(&fx, &["-f", "remember"]);
     std::fs::write(fx.path("sample.json"), r#"{"args": ["warm"]}"#).unwrap();
+    std::fs::write(fx.path("other.json"), r#"{"args": ["up"]}"#).unwrap();
     let warm_up = format!("remember={}", fx.path("sample.json").display());
-    let (path, warmed) = bundle(&fx, &["-f", "remember", "--warm-up", &warm_up]);
+    let other = format!("remember={}", fx.path("other.json").display());
+    let (path, warmed) = bundle(
+        &fx,
+        &["-f", "remember", "--warm-up", &warm_up, "--warm-up", &other],
+    );
     assert_ne!(
         plain["version"], warmed["version"],
         "the warm-up is part of the version"
     );
     assert_eq!(
         warmed["manifest"]["warm_up"],
-        json!([{"function": "remember", "args": ["warm"], "kwargs": {}}])
+        json!([{"function": "remember", "args": ["warm"], "kwargs": {}},
+               {"function": "remember", "args": ["up"], "kwargs": {}}])
     );
+    // The samples in turn, three rounds.
+    let warmed_up = ["warm", "up", "warm", "up", "warm", "up"];
     let bundle = path.to_str().unwrap();
     for x in ["a", "b"] {
         let args = format!("[\"{x}\"]");
+        let mut expected = warmed_up.to_vec();
+        expected.push(x);
         assert_eq!(
             host(&["run", bundle, "remember", "--args", &args]).value(),
-            json!(["warm", x]),
+            json!(expected),
             "each call starts where the warm-up left the module, not where the last call did"
         );
     }
     // A call that loads the bundle itself runs the warm-up first: the same result.
+    let mut expected = warmed_up.to_vec();
+    expected.push("a");
     assert_eq!(
         host(&["run", bundle, "remember", "--args", "[\"a\"]", "--no-image"]).value(),
-        json!(["warm", "a"])
+        json!(expected)
     );
     let inspected = host(&["inspect", bundle]);
     assert!(

@@ -54,15 +54,16 @@ pub struct Manifest {
     pub closures: Vec<FunctionClosure>,
     /// What extraction noticed that does not stop a call.
     pub warnings: Vec<String>,
-    /// Calls made once while the image is built (`host bundle --warm-up`). Part of the
-    /// version: what they leave in module state is where every call starts.
+    /// Samples called while the image is built (`host bundle --warm-up`), in turn, three
+    /// rounds. Part of the version: what they leave in module state is where every call
+    /// starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warm_up: Vec<WarmUp>,
 }
 
-/// A call made once before a bundle's image is saved, so that a first call's one-time work
-/// (imports inside functions, caches filled on first use, the interpreter specialising its
-/// bytecode) is already done in every call's starting state.
+/// A call made before a bundle's image is saved, so that the one-time work of a function's
+/// first calls (imports inside functions, caches filled on first use, the interpreter
+/// specialising its bytecode) is already done in every call's starting state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WarmUp {
     pub function: String,
@@ -175,8 +176,9 @@ impl Bundle {
         })
     }
 
-    /// The bundle with one more warm-up call of `function` (one it offers), and the version
-    /// that makes.
+    /// The bundle with one more warm-up sample for `function` (one it offers), and the
+    /// version that makes. The guest calls the samples in turn, three rounds, before the
+    /// image is saved.
     pub fn warm_up(mut self, function: &str, arguments: &Arguments) -> Result<Bundle> {
         self.check_function(function)?;
         self.manifest.warm_up.push(WarmUp {

@@ -28,9 +28,9 @@ pub struct BundleArgs {
     /// Do not build the pre-initialised image now (the first call builds it).
     #[arg(long)]
     pub no_image: bool,
-    /// Call FUNCTION once on this input file (as `host run --input` reads) before the image is
-    /// saved, so calls start with its one-time work done; what it leaves in module state is
-    /// where every call starts (repeatable).
+    /// Call FUNCTION on this input file (as `host run --input` reads) before the image is
+    /// saved (three times, samples in turn), so calls start with its one-time work done; what
+    /// it leaves in module state is where every call starts (repeatable).
     #[arg(
         long = "warm-up",
         value_name = "FUNCTION=INPUT",
