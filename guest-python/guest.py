@@ -260,9 +260,10 @@ def freeze():
     (numpy's random module) and host's own result conversion is run once on the kinds of
     value they return (pandas imports what its conversions need, and sets up each column type
     the first time one is converted: 770 page faults and 3 ms of a first call in a new
-    process, for the example's frame), as every call would otherwise do it again; then what the load made is moved out of the garbage
-    collector's reach, so no call spends time walking (and copying the pages of) objects that
-    every call shares. Nothing of the bundle's own code runs here."""
+    process, for the example's frame), as every call would otherwise do it again; then what
+    the load made is moved out of the garbage collector's reach, so no call spends time
+    walking (and copying the pages of) objects that every call shares. Nothing of the
+    bundle's own code runs here."""
     if "numpy" in sys.modules:
         # numpy imports its random module on first use (14 ms in the sandbox), and a fresh
         # instance would pay that in every call that draws a number.
