@@ -256,6 +256,24 @@ fn changed_and_truncated_traces_are_refused() {
 }
 
 #[test]
+fn a_trace_whose_image_this_host_does_not_build_is_refused_as_such() {
+    // What a trace recorded by another build of host looks like here: its guest code made
+    // another image of the same bundle.
+    let r = record("nondeterministic", r#"["/data/input.txt"]"#, &[]);
+    let mut trace = Trace::read(&r.trace).unwrap();
+    trace.header.image_sha256 = Some("0".repeat(64));
+    trace.write(&r.trace).unwrap();
+    let recorded_by = format!(
+        "replay it with the build of host {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    host(&["replay", r.trace.to_str().unwrap()]).fails(
+        2,
+        &["differs from the recording's (000000000000)", &recorded_by],
+    );
+}
+
+#[test]
 fn the_first_differing_call_is_reported_as_a_divergence() {
     let r = record("nondeterministic", r#"["/data/input.txt"]"#, &[]);
     let mut trace = Trace::read(&r.trace).unwrap();

@@ -28,7 +28,12 @@ pub struct Replayed {
 pub fn replay(sandbox: &Sandbox, trace: &Trace) -> Result<Replayed> {
     let h = &trace.header;
     check_setup(sandbox, trace)?;
-    let prepared = prepare(sandbox, h.bundle.clone(), h.image_sha256.as_deref())?;
+    let prepared = prepare(
+        sandbox,
+        h.bundle.clone(),
+        h.image_sha256.as_deref(),
+        &h.host_version,
+    )?;
     let policy = Policy {
         grants: Vec::new(),
         env: h.env.clone(),
@@ -145,22 +150,30 @@ fn check_setup(sandbox: &Sandbox, trace: &Trace) -> Result<()> {
 }
 
 /// The bundle ready to call, from the same pre-initialised memory as the recording.
-fn prepare(sandbox: &Sandbox, bundle: Bundle, image_sha256: Option<&str>) -> Result<Prepared> {
+fn prepare(
+    sandbox: &Sandbox,
+    bundle: Bundle,
+    image_sha256: Option<&str>,
+    trace_host_version: &str,
+) -> Result<Prepared> {
     let Some(want) = image_sha256 else {
         return Ok(Prepared::without_image(bundle));
     };
     let prepared = Prepared::new(sandbox, bundle)?;
     match &prepared.image {
         Some(image) if image.sha256 == want => Ok(prepared),
-        Some(image) => Err(anyhow::anyhow!(
-            "the pre-initialised memory built here ({}) differs from the recording's ({}), so the call cannot be replayed exactly",
+        // Not a bug here: a trace from another build of host, whose guest code makes another
+        // image of the same bundle. The user can act on it by replaying with that build.
+        Some(image) => Err(bad_input(format!(
+            "the pre-initialised memory built here ({}) differs from the recording's ({}), so the call cannot be replayed exactly: replay it with the build of host {} that recorded it",
             short(&image.sha256),
-            short(want)
-        )),
-        None => Err(anyhow::anyhow!(
+            short(want),
+            trace_host_version
+        ))),
+        None => Err(bad_input(format!(
             "the recording started from a pre-initialised image, and none can be built here: {}",
             prepared.unavailable.as_deref().unwrap_or("unknown reason")
-        )),
+        ))),
     }
 }
 
