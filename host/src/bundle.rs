@@ -2,8 +2,9 @@
 //!
 //! A bundle is small (kilobytes: source and metadata, never the interpreter), self-contained
 //! (calling it needs no notebook) and content-addressed: its [`Bundle::version`] is a hash of
-//! the extracted source, the functions, the runtime's hash and any warm-up calls, so the same notebook content
-//! always makes the same version, and anything that changes what runs changes it.
+//! the extracted source, the functions, the runtime's hash and any warm-up calls, so the same
+//! notebook content always makes the same version, and anything that changes what runs
+//! changes it.
 
 use std::path::Path;
 
@@ -152,14 +153,12 @@ impl Bundle {
                 statements: extraction.summary(c),
             })
             .collect();
-        let functions: Vec<&str> = per_function.iter().map(|(f, _)| *f).collect();
+        let functions: Vec<String> = per_function.iter().map(|(f, _)| f.to_string()).collect();
         let chunks = extraction.source(&closure);
-        let functions: Vec<String> = functions.iter().map(|f| f.to_string()).collect();
         let runtime_sha256 = sandbox.runtime().sha256().to_owned();
-        let version = version(&notebook.name, &chunks, &functions, &runtime_sha256, &[]);
-        Ok(Bundle {
+        let mut bundle = Bundle {
             format: FORMAT.to_owned(),
-            version,
+            version: String::new(),
             manifest: Manifest {
                 notebook: notebook.name.clone(),
                 notebook_sha256: notebook.sha256.clone(),
@@ -173,7 +172,9 @@ impl Bundle {
                 warm_up: Vec::new(),
             },
             chunks,
-        })
+        };
+        bundle.version = bundle.content_version();
+        Ok(bundle)
     }
 
     /// The bundle with one more warm-up sample for `function` (one it offers), and the
@@ -186,14 +187,7 @@ impl Bundle {
             args: arguments.args.clone(),
             kwargs: arguments.kwargs.clone(),
         });
-        let m = &self.manifest;
-        self.version = version(
-            &m.notebook,
-            &self.chunks,
-            &m.functions,
-            &m.runtime_sha256,
-            &m.warm_up,
-        );
+        self.version = self.content_version();
         Ok(self)
     }
 
@@ -243,17 +237,22 @@ impl Bundle {
         Ok(bundle)
     }
 
-    /// Refuses a bundle whose content does not hash to its version: it was changed after it
-    /// was made.
-    pub fn check_version(&self) -> Result<()> {
+    /// What the bundle's content hashes to: its version, unless it was changed.
+    fn content_version(&self) -> String {
         let m = &self.manifest;
-        let expected = version(
+        version(
             &m.notebook,
             &self.chunks,
             &m.functions,
             &m.runtime_sha256,
             &m.warm_up,
-        );
+        )
+    }
+
+    /// Refuses a bundle whose content does not hash to its version: it was changed after it
+    /// was made.
+    pub fn check_version(&self) -> Result<()> {
+        let expected = self.content_version();
         if expected != self.version {
             return Err(bad_input(format!(
                 "was changed after it was made: its content hashes to {expected}, not to its version {}",

@@ -12,7 +12,7 @@ use crate::error::bad_input;
 use crate::notebook::Notebook;
 use crate::sandbox::{Grant, Policy, Sandbox, World};
 use crate::snapshot::Prepared;
-use crate::trace::{Blobs, Data, Divergence, EngineSettings, Trace, Tracer};
+use crate::trace::{Blobs, Data, Divergence, EngineSettings, Header, Trace, Tracer};
 
 /// What an exact replay found.
 pub struct Replayed {
@@ -28,12 +28,7 @@ pub struct Replayed {
 pub fn replay(sandbox: &Sandbox, trace: &Trace) -> Result<Replayed> {
     let h = &trace.header;
     check_setup(sandbox, trace)?;
-    let prepared = prepare(
-        sandbox,
-        h.bundle.clone(),
-        h.image_sha256.as_deref(),
-        &h.host_version,
-    )?;
+    let prepared = prepare(sandbox, h)?;
     let policy = Policy {
         grants: Vec::new(),
         env: h.env.clone(),
@@ -149,17 +144,12 @@ fn check_setup(sandbox: &Sandbox, trace: &Trace) -> Result<()> {
     Ok(())
 }
 
-/// The bundle ready to call, from the same pre-initialised memory as the recording.
-fn prepare(
-    sandbox: &Sandbox,
-    bundle: Bundle,
-    image_sha256: Option<&str>,
-    trace_host_version: &str,
-) -> Result<Prepared> {
-    let Some(want) = image_sha256 else {
-        return Ok(Prepared::without_image(bundle));
+/// The trace's bundle ready to call, from the same pre-initialised memory as the recording.
+fn prepare(sandbox: &Sandbox, h: &Header) -> Result<Prepared> {
+    let Some(want) = h.image_sha256.as_deref() else {
+        return Ok(Prepared::without_image(h.bundle.clone()));
     };
-    let prepared = Prepared::new(sandbox, bundle)?;
+    let prepared = Prepared::new(sandbox, h.bundle.clone())?;
     match &prepared.image {
         Some(image) if image.sha256 == want => Ok(prepared),
         // Not a bug here: a trace from another build of host, whose guest code makes another
@@ -168,7 +158,7 @@ fn prepare(
             "the pre-initialised memory built here ({}) differs from the recording's ({}), so the call cannot be replayed exactly: replay it with the build of host {} that recorded it",
             short(&image.sha256),
             short(want),
-            trace_host_version
+            h.host_version
         ))),
         None => Err(bad_input(format!(
             "the recording started from a pre-initialised image, and none can be built here: {}",
