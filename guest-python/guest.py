@@ -1,12 +1,12 @@
 """host's half inside the sandbox.
 
-The host runs this file as the first turn of a fresh interpreter, then a turn that calls
-`analyse()`; or `load()` then `invoke()`; or, to make a bundle's pre-initialised image,
-`load()`, `warm_up()` then `freeze()`, after which each call from the image runs only
-`invoke()`.
-Everything crosses the door (`_host.call`) as
-JSON: the guest asks for its input and hands back its answer, so the host boundary sees (and a
-trace can record) every byte that goes in or out.
+The host runs this file as the first turn of a fresh interpreter, then a turn that starts
+with `_start(PROTOCOL)` and calls `analyse()`; or `load()` then `invoke()`; or, to make a
+bundle's pre-initialised image, `load()`, `warm_up()` then `freeze()`, after which each call
+from the image runs only `invoke()`. Everything crosses the door (`_host.call`) as JSON: the
+guest asks for its input and hands back its answer, so the host boundary sees (and a trace can
+record) every byte that goes in or out. The messages, their shapes and the protocol version
+are documented in host's `door.rs`; answers are checked against `_ANSWERS` here.
 
 Why the parsing happens here and not in Rust: the grammar that decides what a cell means must
 be the grammar of the interpreter that will run it, so a notebook written for Python 3.15
@@ -38,10 +38,62 @@ _CONSTANT = re.compile(r"^_*[A-Z][A-Z0-9_]*$")
 _EAGER_SCOPES = {"module", "class", "listcomp", "setcomp", "dictcomp", "genexpr"}
 
 
+# The door protocol's version: host's `door.rs` names the same, and every driving turn starts
+# with `_start(VERSION)`. The messages are documented there.
+PROTOCOL = 1
+
+
+def _start(protocol):
+    """Refuse a host that speaks another version of the door protocol than this guest."""
+    if protocol != PROTOCOL:
+        raise RuntimeError(f"host speaks door protocol {protocol!r}, this guest speaks {PROTOCOL}")
+
+
 def _door(request):
     """Send one JSON request to the host and decode its JSON answer (None for no answer)."""
     answer = _host.call(json.dumps(request, separators=(",", ":")).encode())
     return json.loads(answer) if answer else None
+
+
+# The shapes of host's answers: a type, `[shape]` (a list of it), `{str: shape}` (a mapping
+# with string keys), or `{"field": shape, ...}` (an object with exactly these fields).
+_ANSWERS = {
+    "input": {"cells": [{"index": int, "source": str, "export": bool}]},
+    "bundle": {"notebook": str, "chunks": [{"cell": int, "text": str}]},
+    "warm_up": [{"function": str, "args": list, "kwargs": {str: object}}],
+    "call": {"function": str, "env": {str: str}, "args": list, "kwargs": {str: object}},
+}
+
+
+class ProtocolError(Exception):
+    """host answered with something the protocol does not allow: a bug on one side."""
+
+
+def _ask(op):
+    """Ask host for `op`'s answer, checked against the shape the protocol gives it."""
+    answer = _door({"op": op})
+    _check(answer, _ANSWERS[op], op)
+    return answer
+
+
+def _check(value, shape, where):
+    if isinstance(shape, type):
+        if not isinstance(value, shape) or (shape is int and isinstance(value, bool)):
+            raise ProtocolError(f"host's `{where}` is a {type(value).__name__}, not a {shape.__name__}")
+    elif isinstance(shape, list):
+        _check(value, list, where)
+        for i, item in enumerate(value):
+            _check(item, shape[0], f"{where}[{i}]")
+    elif str in shape:
+        _check(value, dict, where)
+        for key, item in value.items():
+            _check(item, shape[str], f"{where}[{key!r}]")
+    else:
+        _check(value, dict, where)
+        if set(value) != set(shape):
+            raise ProtocolError(f"host's `{where}` has fields {sorted(value)}, not {sorted(shape)}")
+        for key, item in value.items():
+            _check(item, shape[key], f"{where}.{key}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +239,7 @@ def _analyse_cell(cell):
 
 def analyse():
     """Answer the host's `analyse` request: every code cell, statement by statement."""
-    request = _door({"op": "input"})
+    request = _ask("input")
     cells = [_analyse_cell(cell) for cell in request["cells"]]
     _door({"op": "output", "cells": cells, "builtins": sorted(dir(builtins))})
 
@@ -207,7 +259,7 @@ def load():
     Each cell is compiled under the name `NOTEBOOK, cell N` with its own line numbers, so a
     traceback points at the notebook, not at a generated file."""
     global _module, _notebook
-    bundle = _door({"op": "bundle"})
+    bundle = _ask("bundle")
     _notebook = bundle["notebook"]
     _module = types.ModuleType("__notebook__")
     _module.__file__ = _notebook
@@ -239,7 +291,7 @@ def warm_up():
     results as a call's would be (warming that path for the kinds of value the function
     returns). What these calls leave in module state is where every call starts; their
     results and output are dropped."""
-    samples = _door({"op": "warm_up"}) or []
+    samples = _ask("warm_up")
     for call in samples * _WARM_UP_ROUNDS:
         try:
             value = getattr(_module, call["function"])(*call["args"], **call["kwargs"])
@@ -281,15 +333,15 @@ def freeze():
 
 def invoke():
     """Call the requested function with the host's arguments and report what happened."""
-    call = _door({"op": "call"})
-    _fresh_process_state(call.get("env", {}))
+    call = _ask("call")
+    _fresh_process_state(call["env"])
     name = call["function"]
     function = getattr(_module, name, None)
     if not callable(function):
         _door({"op": "error", "phase": "call", "type": "NameError", "message": f"{name} is not defined", "frames": []})
         return
     try:
-        value = function(*call.get("args", []), **call.get("kwargs", {}))
+        value = function(*call["args"], **call["kwargs"])
         if isinstance(value, types.CoroutineType):
             value = _drive(value)
     except BaseException as e:

@@ -1,14 +1,39 @@
 use host::bundle::Select;
-use host::{Arguments, Bundle, Engine, Notebook, Outcome, Policy, Prepared, Runtime, Sandbox};
+use host::{
+    Arguments, Bundle, Engine, Notebook, Outcome, Policy, Prepared, Request, Runtime, Sandbox,
+};
 use serde_json::json;
 
-use crate::common::Fixture;
+use crate::common::{Fixture, cache_dir};
+
+/// Calls `function` with positional `args` (JSON) under `policy`: its outcome.
+fn call(
+    sandbox: &Sandbox,
+    prepared: &Prepared,
+    function: &str,
+    args: &str,
+    policy: &Policy,
+) -> Outcome {
+    let arguments = Arguments {
+        args: serde_json::from_str(args).unwrap(),
+        ..Default::default()
+    };
+    let request = Request {
+        function,
+        arguments: &arguments,
+        policy,
+        record: false,
+    };
+    host::call::call(sandbox, prepared, &request)
+        .unwrap()
+        .outcome
+}
 
 #[test]
 fn one_engine_serves_concurrent_calls_each_in_its_own_instance() {
     let fx =
         Fixture::code(&["STATE = []\ndef add(x):\n    STATE.append(x)\n    return sum(STATE)"]);
-    let engine = Engine::new(None).unwrap();
+    let engine = Engine::new(Some(cache_dir())).unwrap();
     let sandbox = Sandbox::new(&engine, &Runtime::locate(None).unwrap()).unwrap();
     let notebook = Notebook::read(&fx.notebook).unwrap();
     let bundle = Bundle::from_notebook(&sandbox, &notebook, Select::Only(&["add"]), None).unwrap();
@@ -19,12 +44,15 @@ fn one_engine_serves_concurrent_calls_each_in_its_own_instance() {
             .map(|i| {
                 let (sandbox, prepared) = (&sandbox, &prepared);
                 s.spawn(move || {
-                    let args = Arguments::from_flags(Some(&format!("[{i}]")), None).unwrap();
                     (0..5)
                         .map(|_| {
-                            host::call::call(sandbox, &Policy::default(), prepared, "add", &args)
-                                .unwrap()
-                                .outcome
+                            call(
+                                sandbox,
+                                prepared,
+                                "add",
+                                &format!("[{i}]"),
+                                &Policy::default(),
+                            )
                         })
                         .collect::<Vec<_>>()
                 })
@@ -59,16 +87,13 @@ fn a_call_leaves_nothing_behind_for_the_next_one() {
          tail = numpy.empty(mb << 20, dtype=numpy.uint8)[-(100 << 20):]\n    \
          return not tail.any()\n",
     ]);
-    let engine = Engine::new(None).unwrap();
+    let engine = Engine::new(Some(cache_dir())).unwrap();
     let sandbox = Sandbox::new(&engine, &Runtime::locate(None).unwrap()).unwrap();
     let notebook = Notebook::read(&fx.notebook).unwrap();
     let bundle = Bundle::from_notebook(&sandbox, &notebook, Select::All, None).unwrap();
     let prepared = Prepared::new(&sandbox, bundle).unwrap();
     let call = |function: &str, args: &str, policy: &Policy| {
-        let args = Arguments::from_flags(Some(args), None).unwrap();
-        host::call::call(&sandbox, policy, &prepared, function, &args)
-            .unwrap()
-            .outcome
+        call(&sandbox, &prepared, function, args, policy)
     };
     let small = Policy {
         limits: host::Limits {

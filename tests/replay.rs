@@ -356,7 +356,7 @@ fn a_trace_replays_where_the_runtime_and_caches_are_other_files() {
     }
     let cache = elsewhere.path().join("cache");
     std::fs::create_dir_all(cache.join("modules")).unwrap();
-    let compiled = host::engine::default_cache_dir().join("modules");
+    let compiled = crate::common::suite_cache().join("modules");
     for entry in std::fs::read_dir(compiled).unwrap() {
         let entry = entry.unwrap();
         std::fs::hard_link(entry.path(), cache.join("modules").join(entry.file_name())).unwrap();

@@ -17,7 +17,29 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use host::bundle::Select;
-use host::{Arguments, Bundle, Engine, Notebook, Outcome, Policy, Prepared, Runtime, Sandbox};
+use host::cli::read_arguments;
+use host::{
+    Arguments, Bundle, Engine, Finished, Notebook, Outcome, Policy, Prepared, Request, Runtime,
+    Sandbox,
+};
+
+/// One call of `function` with `arguments` under `policy`, recorded when asked.
+fn call_with(
+    sandbox: &Sandbox,
+    prepared: &Prepared,
+    policy: &Policy,
+    function: &str,
+    arguments: &Arguments,
+    record: bool,
+) -> Result<Finished> {
+    let request = Request {
+        function,
+        arguments,
+        policy,
+        record,
+    };
+    host::call::call(sandbox, prepared, &request)
+}
 
 fn main() -> Result<()> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -30,10 +52,13 @@ fn main() -> Result<()> {
     let sandbox = Sandbox::new(&engine, &Runtime::locate(None)?)?;
     let notebook = Notebook::read(&repo.join("notebooks/churn.ipynb"))?;
     let input_path = repo.join("notebooks/churn-input.json");
-    let pandas_input = Arguments::from_input(&input_path)?;
-    let trivial_input = Arguments::from_flags(Some("[12345]"), None)?;
+    let pandas_input = read_arguments(&input_path)?;
+    let trivial_input = Arguments {
+        args: vec![serde_json::json!(12345)],
+        ..Arguments::default()
+    };
     // Other records than the measured call's, for `host bundle --warm-up`.
-    let sample_input = Arguments::from_input(&repo.join("notebooks/churn-sample.json"))?;
+    let sample_input = read_arguments(&repo.join("notebooks/churn-sample.json"))?;
     let trivial_input_path = work.path().join("trivial.json");
     std::fs::write(&trivial_input_path, r#"{"args": [12345]}"#)?;
 
@@ -75,7 +100,14 @@ fn main() -> Result<()> {
             prepared.unavailable
         );
         let call = || -> Result<()> {
-            let r = host::call::call(&sandbox, &policy, &prepared, case.function, case.args)?;
+            let r = call_with(
+                &sandbox,
+                &prepared,
+                &policy,
+                case.function,
+                case.args,
+                false,
+            )?;
             match r.outcome {
                 Outcome::Returned(_) => Ok(()),
                 other => bail!("the call did not return: {other:?}"),
@@ -90,7 +122,7 @@ fn main() -> Result<()> {
                     bundle.clone().warm_up(case.function, sample_args)?,
                 )?;
                 let call = || -> Result<()> {
-                    host::call::call(&sandbox, &policy, &warmed, case.function, case.args).map(drop)
+                    call_with(&sandbox, &warmed, &policy, case.function, case.args, false).map(drop)
                 };
                 call()?;
                 Some(sample(case.runs, call)?)
@@ -100,7 +132,15 @@ fn main() -> Result<()> {
         let fresh_load = {
             let unprepared = Prepared::without_image(bundle);
             sample(5, || {
-                host::call::call(&sandbox, &policy, &unprepared, case.function, case.args).map(drop)
+                call_with(
+                    &sandbox,
+                    &unprepared,
+                    &policy,
+                    case.function,
+                    case.args,
+                    false,
+                )
+                .map(drop)
             })?
         };
         let process = sample(20, || {
@@ -117,22 +157,22 @@ fn main() -> Result<()> {
         let traces = work.path().join(format!("{}-traces", case.function));
         std::fs::create_dir(&traces)?;
         let recorded_calls = AtomicU64::new(0);
-        let recorded = || -> Result<host::trace::Trace> {
-            let (r, trace) =
-                host::call::call_recorded(&sandbox, &policy, &prepared, case.function, case.args)?;
+        let recorded = || -> Result<Vec<u8>> {
+            let r = call_with(&sandbox, &prepared, &policy, case.function, case.args, true)?;
             anyhow::ensure!(
                 matches!(r.outcome, Outcome::Returned(_)),
                 "the recorded call did not return"
             );
-            Ok(trace)
+            Ok(r.trace.context("no trace")?.bytes)
         };
         // The trace encoded (its bytes ready), and the same written to a new file: creating
         // a file costs 0.3 to 0.5 ms on this machine's disk, which is the disk's, not the
         // recording's, and is shown apart.
-        let record = || -> Result<()> { recorded()?.encode().map(drop) };
+        let record = || -> Result<()> { recorded().map(drop) };
         let record_file = || -> Result<()> {
             let n = recorded_calls.fetch_add(1, Ordering::Relaxed);
-            recorded()?.write(&traces.join(format!("{n}.trace")))
+            let bytes = recorded()?;
+            host::engine::write_private(&traces.join(format!("{n}.trace")), &bytes)
         };
         record_file()?;
         let trace_path = traces.join("0.trace");
@@ -362,7 +402,14 @@ fn floor(sandbox: &Sandbox, repo: &Path, work: &Path, input: &Arguments) -> Resu
     let prepared = Prepared::new(sandbox, bundle)?;
     let mut guest: Vec<Vec<f64>> = Vec::new();
     for _ in 0..21 {
-        let r = host::call::call(sandbox, &Policy::default(), &prepared, "timed", input)?;
+        let r = call_with(
+            sandbox,
+            &prepared,
+            &Policy::default(),
+            "timed",
+            input,
+            false,
+        )?;
         match r.outcome {
             Outcome::Returned(v) => guest.push(serde_json::from_value(v)?),
             other => bail!("the timing call did not return: {other:?}"),

@@ -12,11 +12,11 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::call::Arguments;
+use crate::door::{Arguments, BundleSource, Chunk, Door, WarmUp};
 use crate::error::bad_input;
-use crate::extract::{self, Chunk, Closure, Extraction, StatementSummary};
+use crate::extract::{self, Closure, Extraction, StatementSummary};
 use crate::notebook::Notebook;
-use crate::sandbox::{Door, Sandbox};
+use crate::sandbox::Sandbox;
 
 /// The `format` field of a bundle file.
 pub const FORMAT: &str = "host-bundle/1";
@@ -62,28 +62,11 @@ pub struct Manifest {
     pub warm_up: Vec<WarmUp>,
 }
 
-/// A call made before a bundle's image is saved, so that the one-time work of a function's
-/// first calls (imports inside functions, caches filled on first use, the interpreter
-/// specialising its bytecode) is already done in every call's starting state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WarmUp {
-    pub function: String,
-    pub args: Vec<serde_json::Value>,
-    pub kwargs: serde_json::Map<String, serde_json::Value>,
-}
-
 /// One function's dependency closure, as the manifest records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FunctionClosure {
     pub function: String,
     pub statements: Vec<StatementSummary>,
-}
-
-/// What the guest's `load()` asks for.
-#[derive(Serialize)]
-struct LoadRequest<'a> {
-    notebook: &'a str,
-    chunks: &'a [Chunk],
 }
 
 /// How to pick the functions of a new bundle.
@@ -213,13 +196,6 @@ impl Bundle {
         Self::from_notebook(sandbox, &notebook, select, None)
     }
 
-    /// Reads a bundle file and checks that its content matches its version.
-    pub fn read(path: &Path) -> Result<Bundle> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| bad_input(format!("cannot read bundle `{}`: {e}", path.display())))?;
-        Self::parse(path, &bytes)
-    }
-
     /// Parses bundle bytes; `path` names the bundle in messages.
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Bundle> {
         let bundle: Bundle = serde_json::from_slice(bytes)
@@ -286,13 +262,12 @@ impl Bundle {
 
     /// `door` with the answers to the guest's `load()` (the source) and `warm_up()` (the
     /// warm-up calls).
-    pub(crate) fn load_answers(&self, door: Door) -> Result<Door> {
-        let request = LoadRequest {
+    pub(crate) fn load_answers(&self, door: Door) -> Door {
+        let source = BundleSource {
             notebook: &self.manifest.notebook,
             chunks: &self.chunks,
         };
-        door.answer("bundle", &request)?
-            .answer("warm_up", &self.manifest.warm_up)
+        door.bundle(&source, &self.manifest.warm_up)
     }
 
     /// Refuses a function the bundle was not made for.

@@ -1,92 +1,19 @@
-//! Calling one function of a bundle: the arguments in, the value or the exception out.
+//! Calling one function of a prepared bundle: the arguments in; the value or the exception,
+//! the bundle's version, the time it took and, when asked, the trace out.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::path::Path;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
-use crate::error::bad_input;
-use crate::sandbox::{Door, Ended, LimitExceeded, Policy, Sandbox, Setup, Start, World};
-use crate::snapshot::Prepared;
-use crate::trace::{
-    Blobs, Divergence, EngineSettings, GrantRecord, Header, Outputs, RuntimeFiles, Trace, Tracer,
-};
-
-/// The guest's half of host, run as the first turn of every instance.
-pub const GUEST_SOURCE: &str = include_str!("../../guest-python/guest.py");
-
-/// A function's arguments: positional and keyword, as JSON values.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Arguments {
-    #[serde(default)]
-    pub args: Vec<Value>,
-    #[serde(default)]
-    pub kwargs: Map<String, Value>,
-}
-
-impl Arguments {
-    /// From `--args` (a JSON array) and `--kwargs` (a JSON object).
-    pub fn from_flags(args: Option<&str>, kwargs: Option<&str>) -> Result<Arguments> {
-        Ok(Arguments {
-            args: flag(args, "--args", "array, e.g. --args '[1, \"a\"]'", |v| {
-                v.as_array().cloned()
-            })?,
-            kwargs: flag(
-                kwargs,
-                "--kwargs",
-                "object, e.g. --kwargs '{\"n\": 3}'",
-                |v| v.as_object().cloned(),
-            )?,
-        })
-    }
-
-    /// From an input file (`-` for stdin) holding `{"args": [...], "kwargs": {...}}`.
-    pub fn from_input(path: &Path) -> Result<Arguments> {
-        let (name, text) = if path == Path::new("-") {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                .context("failed to read stdin")?;
-            ("stdin".to_owned(), text)
-        } else {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                bad_input(format!("cannot read input file `{}`: {e}", path.display()))
-            })?;
-            (format!("`{}`", path.display()), text)
-        };
-        let value: Value = serde_json::from_str(&text)
-            .map_err(|e| bad_input(format!("input {name} is not valid JSON: {e}")))?;
-        if let Value::Object(o) = &value
-            && let Some(k) = o.keys().find(|k| *k != "args" && *k != "kwargs")
-        {
-            return Err(bad_input(format!(
-                "input {name} has an unknown key `{k}`: expected {{\"args\": [...], \"kwargs\": {{...}}}}"
-            )));
-        }
-        serde_json::from_value(value).map_err(|e| {
-            bad_input(format!(
-                "input {name} must be {{\"args\": [...], \"kwargs\": {{...}}}}: {e}"
-            ))
-        })
-    }
-}
-
-/// A JSON flag's value: absent is empty; `kind` says what it must be, for the error.
-fn flag<T: Default>(
-    text: Option<&str>,
-    name: &str,
-    kind: &str,
-    take: impl Fn(&Value) -> Option<T>,
-) -> Result<T> {
-    let Some(text) = text else {
-        return Ok(T::default());
-    };
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| bad_input(format!("{name} is not valid JSON: {e}")))?;
-    take(&value).ok_or_else(|| bad_input(format!("{name} must be a JSON {kind}")))
-}
+use crate::door::{Arguments, CallInput, Door, GuestException, GuestMessage, Script};
+use crate::policy::{LimitExceeded, Policy};
+use crate::preinit::Prepared;
+use crate::record::{Divergence, Mode};
+use crate::sandbox::{Ended, Sandbox, Setup, Start};
+use crate::trace::Trace;
 
 /// How a call ended, when it ran to its end.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,58 +43,7 @@ impl Outcome {
     }
 }
 
-/// An exception raised in the guest, with the frames that lead to it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GuestException {
-    /// `load` (running the kept definitions), `warm-up` (the bundle's warm-up calls, in a call
-    /// that loads the bundle itself), `call`, or `result` (converting the value).
-    pub phase: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub message: String,
-    pub frames: Vec<Frame>,
-}
-
-/// One traceback frame: in the notebook (`cell` set) or in a library file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Frame {
-    pub file: String,
-    pub cell: Option<usize>,
-    pub line: usize,
-    pub function: String,
-    pub text: String,
-}
-
-impl fmt::Display for GuestException {
-    /// Python's traceback, with notebook frames written `churn.ipynb, cell 7, line 3`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if !self.frames.is_empty() {
-            writeln!(f, "Traceback (most recent call last):")?;
-        }
-        for frame in &self.frames {
-            let place = match frame.cell {
-                Some(cell) => format!("{}, cell {cell}, line {}", frame.file, frame.line),
-                None => format!("{}, line {}", frame.file, frame.line),
-            };
-            let function = if frame.function == "<module>" {
-                String::new()
-            } else {
-                format!(", in {}", frame.function)
-            };
-            writeln!(f, "  {place}{function}")?;
-            if !frame.text.is_empty() {
-                writeln!(f, "    {}", frame.text)?;
-            }
-        }
-        if self.message.is_empty() {
-            write!(f, "{}", self.kind)
-        } else {
-            write!(f, "{}: {}", self.kind, self.message)
-        }
-    }
-}
-
-/// A finished call: how it ended and what the guest printed.
+/// A call that ran: how it ended and what the guest printed.
 #[derive(Debug)]
 pub struct CallResult {
     pub outcome: Outcome,
@@ -175,152 +51,140 @@ pub struct CallResult {
     pub stderr: Vec<u8>,
 }
 
-/// The door's request for one call.
-#[derive(Serialize)]
-struct CallRequest<'a> {
-    function: &'a str,
-    env: BTreeMap<&'a str, &'a str>,
-    args: &'a [Value],
-    kwargs: &'a Map<String, Value>,
+/// One call to make.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub function: &'a str,
+    pub arguments: &'a Arguments,
+    /// What this caller's call may see and use.
+    pub policy: &'a Policy,
+    /// Record every nondeterministic input the call receives, and hand back the trace.
+    pub record: bool,
 }
 
-/// Calls `function` of a prepared bundle in a fresh instance: from the bundle's
+/// A finished call.
+#[derive(Debug)]
+pub struct Finished {
+    pub outcome: Outcome,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// The version of the bundle that answered.
+    pub bundle: String,
+    pub timings: Timings,
+    /// The trace file's bytes, when the call was recorded.
+    pub trace: Option<Recorded>,
+}
+
+/// Where a call's time went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timings {
+    /// The instance's run: instantiation, the guest's turns, and the output handed back.
+    pub run: Duration,
+    /// The whole call, encoding its trace included.
+    pub total: Duration,
+}
+
+/// A recorded call's trace, encoded as a file (`host replay` reads it).
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub bytes: Vec<u8>,
+    /// sha256 of `bytes`.
+    pub sha256: String,
+    /// How many import calls it holds.
+    pub events: usize,
+}
+
+/// Calls a function of a prepared bundle in a fresh instance: from the bundle's
 /// pre-initialised image when it has one, else loading the bundle's source first.
-pub fn call(
-    sandbox: &Sandbox,
-    policy: &Policy,
-    prepared: &Prepared,
-    function: &str,
-    arguments: &Arguments,
-) -> Result<CallResult> {
-    Ok(execute(
-        sandbox,
-        policy,
-        prepared,
-        function,
-        arguments,
-        World::Live,
-        None,
-    )?
-    .0)
-}
-
-/// Like [`call`], recording every value the guest receives: the result and its trace.
-pub fn call_recorded(
-    sandbox: &Sandbox,
-    policy: &Policy,
-    prepared: &Prepared,
-    function: &str,
-    arguments: &Arguments,
-) -> Result<(CallResult, Trace)> {
-    let tracer = Tracer::Record {
-        events: Vec::new(),
-        blobs: Blobs::default(),
-        files: RuntimeFiles::default(),
+///
+/// Many calls may run at once on one sandbox and one prepared bundle, from any threads:
+/// each gets its own instance and memory, and sees nothing of the others.
+pub fn call(sandbox: &Sandbox, prepared: &Prepared, request: &Request<'_>) -> Result<Finished> {
+    let started = Instant::now();
+    let mode = if request.record {
+        Mode::record()
+    } else {
+        Mode::Plain
     };
-    let (result, tracer) = execute(
+    let (result, mode) = execute(
         sandbox,
-        policy,
+        request.policy,
         prepared,
-        function,
-        arguments,
-        World::Live,
-        Some(tracer),
+        request.function,
+        request.arguments,
+        mode,
     )?;
-    let Some(Tracer::Record {
-        events, mut blobs, ..
-    }) = tracer
-    else {
-        anyhow::bail!("the recording was lost");
-    };
-    let outputs = Outputs {
-        stdout: Some(blobs.put(&result.stdout)),
-        stderr: Some(blobs.put(&result.stderr)),
-        outcome: result.outcome.to_json(),
-    };
-    let header = Header {
-        format: crate::trace::FORMAT.to_owned(),
-        host_version: env!("CARGO_PKG_VERSION").to_owned(),
-        runtime_sha256: sandbox.runtime().sha256().to_owned(),
-        bundle: prepared.bundle.clone(),
-        function: function.to_owned(),
-        arguments: arguments.clone(),
-        env: policy.env.clone(),
-        grants: policy
-            .grants
-            .iter()
-            .map(|g| GrantRecord {
-                guest: g.guest.clone(),
-                writable: g.writable,
+    let run = started.elapsed();
+    let trace = match mode {
+        Mode::Record(recording) => {
+            let trace = Trace::new(
+                sandbox,
+                prepared,
+                request.policy,
+                request.function,
+                request.arguments,
+                recording,
+                (&result.stdout, &result.stderr, result.outcome.to_json()),
+            );
+            let bytes = trace.encode()?;
+            Some(Recorded {
+                sha256: hex::encode(Sha256::digest(&bytes)),
+                events: trace.events.len(),
+                bytes,
             })
-            .collect(),
-        limits: policy.limits.into(),
-        engine: EngineSettings::current(),
-        image_sha256: prepared.image.as_ref().map(|i| i.sha256.clone()),
-        recorded_at: crate::bundle::now_rfc3339(),
+        }
+        _ => None,
     };
-    Ok((
-        result,
-        Trace {
-            header,
-            events,
-            blobs: blobs.map,
-            outputs,
+    Ok(Finished {
+        outcome: result.outcome,
+        stdout: result.stdout,
+        stderr: result.stderr,
+        bundle: prepared.bundle.version.clone(),
+        timings: Timings {
+            run,
+            total: started.elapsed(),
         },
-    ))
+        trace,
+    })
 }
 
-/// One call, in the given world, with an optional tracer: the result, the tracer back, and
-/// the divergence a replay met.
+/// One call in the given mode: the result, and the mode back with what it recorded or how far
+/// it replayed.
 pub(crate) fn execute(
     sandbox: &Sandbox,
     policy: &Policy,
     prepared: &Prepared,
     function: &str,
     arguments: &Arguments,
-    world: World,
-    tracer: Option<Tracer>,
-) -> Result<(CallResult, Option<Tracer>)> {
+    mode: Mode,
+) -> Result<(CallResult, Mode)> {
     let bundle = &prepared.bundle;
     bundle.check_function(function)?;
-    let request = CallRequest {
+    let env: BTreeMap<&str, &str> = policy
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let door = Door::default().call(&CallInput {
         function,
-        env: policy
-            .env
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect(),
+        env,
         args: &arguments.args,
         kwargs: &arguments.kwargs,
+    });
+    let (start, door, script) = match &prepared.image {
+        Some(image) => (Start::Image(image), door, Script::Call),
+        // The bundle's warm-up calls run first here too, so a call gives the same result
+        // with or without an image.
+        None => (Start::Fresh, bundle.load_answers(door), Script::LoadAndCall),
     };
-    let door = Door::default().answer("call", &request)?;
-    let (setup, door, turns): (_, _, &[&str]) = match &prepared.image {
-        Some(image) => (
-            Setup {
-                start: Start::Image(image),
-                world,
-                tracer,
-                capture: false,
-            },
-            door,
-            &["invoke()\n"],
-        ),
-        None => (
-            Setup {
-                start: Start::Fresh,
-                world,
-                tracer,
-                capture: false,
-            },
-            // The bundle's warm-up calls run first here too, so a call gives the same result
-            // with or without an image.
-            bundle.load_answers(door)?,
-            &[GUEST_SOURCE, "if load() and warm_up():\n    invoke()\n"],
-        ),
+    let setup = Setup {
+        start,
+        mode,
+        capture: false,
     };
-    let run = sandbox.execute(setup, policy, door, turns)?;
+    let run = sandbox.execute(setup, policy, door, script)?;
     let outcome = match run.ended {
-        Ended::Finished => outcome(&run.door.received)?,
+        Ended::Finished => outcome(run.door.received)?,
         Ended::Limit(limit) => Outcome::Limit(limit),
         Ended::Exit(status) => Outcome::Exited(status),
         Ended::Diverged(divergence) => Outcome::Diverged(divergence),
@@ -331,22 +195,16 @@ pub(crate) fn execute(
             stdout: run.stdout,
             stderr: run.stderr,
         },
-        run.tracer,
+        run.mode,
     ))
 }
 
-/// The outcome the guest handed back: exactly one `result` or `error`.
-fn outcome(received: &[Value]) -> Result<Outcome> {
-    let Some(last) = received.last() else {
-        anyhow::bail!("the guest ended without a result or an error");
-    };
-    match last.get("op").and_then(Value::as_str) {
-        Some("result") => Ok(Outcome::Returned(
-            last.get("value").cloned().unwrap_or(Value::Null),
-        )),
-        Some("error") => Ok(Outcome::Raised(
-            serde_json::from_value(last.clone()).context("malformed error from the guest")?,
-        )),
-        other => anyhow::bail!("unexpected answer from the guest: {other:?}"),
+/// The outcome the guest handed back: its last message, a `result` or an `error`.
+fn outcome(mut received: Vec<GuestMessage>) -> Result<Outcome> {
+    match received.pop() {
+        Some(GuestMessage::Result { value }) => Ok(Outcome::Returned(value)),
+        Some(GuestMessage::Error(e)) => Ok(Outcome::Raised(e)),
+        Some(other) => bail!("the guest ended the call with an unexpected message: {other:?}"),
+        None => bail!("the guest ended without a result or an error"),
     }
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
 use wasmtime::{Config, Module};
 
 use crate::memory::Pool;
@@ -26,9 +27,27 @@ const MAX_WASM_STACK: usize = 8 << 20;
 /// Host frames below the wasm stack (WASI calls, the door) need room of their own.
 const NATIVE_STACK: usize = MAX_WASM_STACK + (8 << 20);
 
+/// The engine settings execution depends on bit for bit: a trace records them, and a replay
+/// refuses an engine that differs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineSettings {
+    pub nan_canonicalization: bool,
+    pub relaxed_simd_deterministic: bool,
+    pub threads: bool,
+}
+
+/// What every engine of host is configured with: deterministic execution, so a recorded call
+/// replays to the same bits elsewhere.
+const SETTINGS: EngineSettings = EngineSettings {
+    nan_canonicalization: true,
+    relaxed_simd_deterministic: true,
+    threads: false,
+};
+
 /// A configured Wasmtime engine, its epoch ticker, and the compiled-module cache.
 pub struct Engine {
     engine: wasmtime::Engine,
+    settings: EngineSettings,
     cache_dir: PathBuf,
     modules: Mutex<HashMap<PathBuf, Module>>,
     ticking: Arc<AtomicBool>,
@@ -45,10 +64,9 @@ impl Engine {
             .max_wasm_stack(MAX_WASM_STACK)
             .async_stack_size(NATIVE_STACK)
             .epoch_interruption(true)
-            // Deterministic execution, so a recorded call replays to the same bits elsewhere.
-            .wasm_threads(false)
-            .cranelift_nan_canonicalization(true)
-            .relaxed_simd_deterministic(true)
+            .wasm_threads(SETTINGS.threads)
+            .cranelift_nan_canonicalization(SETTINGS.nan_canonicalization)
+            .relaxed_simd_deterministic(SETTINGS.relaxed_simd_deterministic)
             // Every instance's memory is an image's, kept warm between calls: see `memory`.
             .with_host_memory(Pool::new().creator());
         let engine = wasmtime::Engine::new(&config)
@@ -71,6 +89,7 @@ impl Engine {
             .context("failed to start the epoch thread")?;
         Ok(Engine {
             engine,
+            settings: SETTINGS,
             cache_dir,
             modules: Mutex::new(HashMap::new()),
             ticking,
@@ -79,6 +98,11 @@ impl Engine {
 
     pub fn wasmtime(&self) -> &wasmtime::Engine {
         &self.engine
+    }
+
+    /// The settings this engine was configured with.
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
     }
 
     /// The folder for compiled modules and other per-machine caches.

@@ -15,85 +15,15 @@ use serde::{Deserialize, Serialize};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::call::GUEST_SOURCE;
+use crate::door::{
+    Analysis, AnalysisInput, CellSource, Chunk, Door, GUEST_SOURCE, GuestMessage, Kind, Script,
+    Statement,
+};
 use crate::engine::write_cache_file;
 use crate::error::bad_input;
 use crate::notebook::Notebook;
-use crate::sandbox::{Door, Ended, Limits, Policy, Sandbox};
-
-/// What the guest reports for a notebook's code cells.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Analysis {
-    pub cells: Vec<CellAnalysis>,
-    /// The interpreter's builtin names: a global that is one of these needs no definition.
-    pub builtins: Vec<String>,
-}
-
-/// One code cell, statement by statement.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CellAnalysis {
-    /// The cell's number in the notebook (from 1, all cells counted).
-    pub index: usize,
-    /// The cell's text with magic and shell lines turned into `pass` (same line numbers).
-    #[serde(default)]
-    pub text: Option<String>,
-    /// Set when the cell starts with a cell magic (`%%time`): the whole cell is dropped.
-    #[serde(default)]
-    pub cell_magic: Option<String>,
-    /// Set when the cell does not parse: the whole cell is dropped.
-    #[serde(default)]
-    pub syntax_error: Option<SyntaxProblem>,
-    pub statements: Vec<Statement>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SyntaxProblem {
-    pub line: usize,
-    pub message: String,
-}
-
-/// One top-level statement of a cell.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Statement {
-    /// (first line, first column, last line, end column): lines from 1, columns in UTF-8
-    /// bytes, decorators included.
-    pub span: [usize; 4],
-    pub kind: Kind,
-    /// The name a `def` or `class` defines.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Whether it is a `def` or `async def` (something `host run` can call).
-    #[serde(default)]
-    pub function: bool,
-    pub binds: Vec<String>,
-    #[serde(default)]
-    pub star_import: bool,
-    /// Globals read when the statement runs.
-    pub eager: Vec<String>,
-    /// Globals read only when a function the statement defines is called.
-    pub lazy: Vec<String>,
-    /// Magic or shell lines inside the statement's body, replaced by `pass`.
-    #[serde(default)]
-    pub magic_lines: Vec<usize>,
-}
-
-/// Why a statement is kept or dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Import,
-    Definition,
-    /// An assignment to ALL_CAPS names only.
-    Constant,
-    /// Any statement of a cell tagged `export`.
-    Export,
-    /// Other top-level code: dropped.
-    Code,
-    /// An IPython line magic (`%matplotlib inline`): dropped.
-    Magic,
-    /// A shell line (`!pip install x`): dropped.
-    Shell,
-}
+use crate::policy::{Limits, Policy};
+use crate::sandbox::{Ended, Sandbox};
 
 impl Kind {
     pub fn is_kept(self) -> bool {
@@ -117,27 +47,14 @@ impl Kind {
     }
 }
 
-/// The guest's input for an analysis: the code cells.
-#[derive(Serialize)]
-struct AnalysisRequest<'a> {
-    cells: Vec<CellRequest<'a>>,
-}
-
-#[derive(Serialize)]
-struct CellRequest<'a> {
-    index: usize,
-    source: &'a str,
-    export: bool,
-}
-
 /// Analyses a notebook's code cells in the sandbox. The answer depends only on the cells, the
 /// guest code and the runtime, so it is cached on disk under their hash: a notebook is parsed
 /// once per content, not once per call.
 pub fn analyse(sandbox: &Sandbox, notebook: &Notebook) -> Result<Analysis> {
-    let request = AnalysisRequest {
+    let request = AnalysisInput {
         cells: notebook
             .code_cells()
-            .map(|c| CellRequest {
+            .map(|c| CellSource {
                 index: c.number,
                 source: &c.source,
                 export: c.is_exported(),
@@ -166,9 +83,9 @@ pub fn analyse(sandbox: &Sandbox, notebook: &Notebook) -> Result<Analysis> {
         },
         ..Policy::default()
     };
-    let door = Door::default().answer("input", &request)?;
+    let door = Door::default().input(&request);
     let run = sandbox
-        .run(&policy, door, &[GUEST_SOURCE, "analyse()\n"])
+        .run(&policy, door, Script::Analyse)
         .with_context(|| format!("failed to analyse notebook `{}`", notebook.name))?;
     if run.ended != Ended::Finished {
         bail!(
@@ -177,14 +94,12 @@ pub fn analyse(sandbox: &Sandbox, notebook: &Notebook) -> Result<Analysis> {
             run.ended
         );
     }
-    let Some(output) = run.door.received.into_iter().next() else {
+    let Some(GuestMessage::Output(analysis)) = run.door.received.into_iter().next() else {
         bail!(
-            "the guest analysed `{}` but handed back nothing",
+            "the guest analysed `{}` but handed back no analysis",
             notebook.name
         );
     };
-    let analysis: Analysis =
-        serde_json::from_value(output).context("malformed analysis from the guest")?;
     // A cache that cannot be written only costs the next call a re-analysis.
     let _ = write_cache_file(&cached, &serde_json::to_vec(&analysis)?);
     Ok(analysis)
@@ -193,14 +108,6 @@ pub fn analyse(sandbox: &Sandbox, notebook: &Notebook) -> Result<Analysis> {
 /// A statement's place: (position of its cell among the analysed cells, index in the cell).
 /// Ordered as the notebook is.
 pub type StatementId = (usize, usize);
-
-/// The kept source of one cell: its text with everything not needed blanked out, so each
-/// kept line keeps its number.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Chunk {
-    pub cell: usize,
-    pub text: String,
-}
 
 /// A statement as `host inspect` and a bundle's manifest show it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

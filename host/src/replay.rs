@@ -10,9 +10,11 @@ use crate::bundle::{Bundle, Select, short};
 use crate::call::{self, CallResult, Outcome};
 use crate::error::bad_input;
 use crate::notebook::Notebook;
-use crate::sandbox::{Grant, Policy, Sandbox, World};
-use crate::snapshot::Prepared;
-use crate::trace::{Blobs, Data, Divergence, EngineSettings, Header, Trace, Tracer};
+use crate::policy::{Grant, Policy};
+use crate::preinit::Prepared;
+use crate::record::{Blobs, Data, Divergence, Mode, Replaying, Served};
+use crate::sandbox::Sandbox;
+use crate::trace::{Header, Trace};
 
 /// What an exact replay found.
 pub struct Replayed {
@@ -34,33 +36,24 @@ pub fn replay(sandbox: &Sandbox, trace: &Trace) -> Result<Replayed> {
         env: h.env.clone(),
         limits: h.limits.into(),
     };
-    let tracer = Tracer::Replay {
-        events: trace.events.clone(),
-        blobs: Blobs::of(trace, &sandbox.runtime().stdlib_dir()),
-        next: 0,
-        divergence: None,
-    };
-    let (result, tracer) = call::execute(
-        sandbox,
-        &policy,
-        &prepared,
-        &h.function,
-        &h.arguments,
-        World::Replay,
-        Some(tracer),
-    )?;
+    let mode = Mode::replay(
+        trace.events.clone(),
+        trace.blobs(&sandbox.runtime().stdlib_dir()),
+    );
+    let (result, mode) =
+        call::execute(sandbox, &policy, &prepared, &h.function, &h.arguments, mode)?;
     if let Outcome::Diverged(d) = &result.outcome {
         return Ok(Replayed {
             divergence: Some(d.clone()),
             result,
         });
     }
-    let Some(Tracer::Replay {
+    let Mode::Replay(Replaying {
         events,
         blobs,
         next,
         ..
-    }) = tracer
+    }) = mode
     else {
         anyhow::bail!("the replay lost its tracer");
     };
@@ -134,7 +127,7 @@ fn check_setup(sandbox: &Sandbox, trace: &Trace) -> Result<()> {
             short(sandbox.runtime().sha256())
         )));
     }
-    if h.engine != EngineSettings::current() {
+    if &h.engine != sandbox.engine_settings() {
         return Err(bad_input(format!(
             "the trace was recorded with engine settings {:?}",
             h.engine
@@ -186,7 +179,7 @@ pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<
     let bundle = Bundle::from_notebook(sandbox, notebook, Select::Only(&[function]), None)?;
     let version = bundle.version.clone();
     let prepared = Prepared::new(sandbox, bundle)?;
-    let blobs = Blobs::of(trace, &sandbox.runtime().stdlib_dir());
+    let blobs = trace.blobs(&sandbox.runtime().stdlib_dir());
     let files = RecordedFiles::from_trace(trace, &blobs)?;
     let mut dirs = Vec::new();
     let mut grants = Vec::new();
@@ -206,16 +199,8 @@ pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<
         env: h.env.clone(),
         limits: h.limits.into(),
     };
-    let tracer = served(trace, &blobs)?;
-    let (result, _) = call::execute(
-        sandbox,
-        &policy,
-        &prepared,
-        function,
-        &h.arguments,
-        World::Live,
-        Some(tracer),
-    )?;
+    let mode = Mode::WhatIf(served(trace, &blobs)?);
+    let (result, _) = call::execute(sandbox, &policy, &prepared, function, &h.arguments, mode)?;
     let mut differences = Vec::new();
     diff(
         &trace.outputs.outcome,
@@ -234,7 +219,7 @@ pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<
 
 /// The tracer of a what-if run: the recording's clock readings (per clock) and random bytes,
 /// served in order to the guest's own `clock_time_get` and `random_get` calls, then live.
-fn served(trace: &Trace, blobs: &Blobs) -> Result<Tracer> {
+fn served(trace: &Trace, blobs: &Blobs) -> Result<Served> {
     let mut clocks: HashMap<i64, VecDeque<Vec<u8>>> = HashMap::new();
     let mut random = VecDeque::new();
     for e in trace.events.iter().filter(|e| e.result == 0) {
@@ -250,7 +235,7 @@ fn served(trace: &Trace, blobs: &Blobs) -> Result<Tracer> {
             _ => {}
         }
     }
-    Ok(Tracer::Serve { clocks, random })
+    Ok(Served { clocks, random })
 }
 
 /// The files and directories a recorded call saw in its grants, rebuilt from its reads.

@@ -14,6 +14,9 @@ use crate::error::bad_input;
 /// The export host adds to the interpreter: wasi-libc's `__wasilibc_reset_preopens`.
 pub const RESET_PREOPENS: &str = "host_reset_preopens";
 
+/// Where the guest sees the runtime's standard library folder (holding `python315.zip`).
+pub const STDLIB_GUEST_DIR: &str = "/usr/local/lib";
+
 const PIN: &str = include_str!("../../guest-python/runtime.pin");
 
 /// Where `make runtime` unpacks the runtime, relative to the repository.

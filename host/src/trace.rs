@@ -1,43 +1,37 @@
-//! Record and replay: every nondeterministic value a call received, so it re-executes bit for
-//! bit on another machine.
+//! The trace file: one recorded call, self-contained, so it re-executes bit for bit on
+//! another machine (`host replay`).
 //!
-//! The boundary is the guest's imports: every WASI preview 1 function and `host::call`. When
-//! recording, each import runs as usual and host keeps, in order, its name, its arguments, its
-//! return value and the bytes it wrote into guest memory (clock readings, random bytes, file
-//! contents, directory listings, metadata, the door's answers). When replaying, no import runs:
-//! each is checked against the next recorded event (same function, same arguments, same bytes
-//! written out) and answered by writing the recorded bytes back. Since the engine is
-//! deterministic (NaN canonicalisation, deterministic relaxed SIMD, no threads) and the
-//! instance starts from the same memory, the guest makes the same calls and reaches the same
-//! result; the first call that differs is a divergence, reported with its index.
+//! A trace holds the header (the bundle, the arguments, the policy's environment and guest
+//! paths, the limits, the engine's settings, the image the call started from), every import
+//! event [`crate::record`] kept, the blobs those events refer to, and the outputs. It is
+//! written as a format line, the sha256 of the body, and the body: JSON, deflated.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use wasmtime::{Caller, Func, Memory, Val};
 
-use crate::bundle::Bundle;
-use crate::call::Arguments;
+use crate::bundle::{Bundle, now_rfc3339};
+use crate::door::Arguments;
+use crate::engine::EngineSettings;
 use crate::error::bad_input;
-use crate::sandbox::{Limits, State};
+use crate::policy::{Limits, Policy};
+use crate::preinit::Prepared;
+use crate::record::{Blobs, Data, Event, Recording};
+use crate::sandbox::Sandbox;
 
 /// The trace format: the first line of a trace file, and its header's `format`.
 pub const FORMAT: &str = "host-trace/1";
-/// Writes up to this size are stored in the event itself; larger ones once, by content.
-const INLINE: usize = 64;
 
 /// A recorded call, self-contained: the bundle, the inputs and every value the guest received.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Trace {
     pub header: Header,
     pub events: Vec<Event>,
-    /// Contents larger than [`INLINE`] bytes, by sha256: a file read twice is stored once.
+    /// Contents too large to inline in an event, by sha256: a file read twice is stored once.
     pub blobs: BTreeMap<String, String>,
     pub outputs: Outputs,
 }
@@ -96,58 +90,6 @@ impl From<LimitsRecord> for Limits {
     }
 }
 
-/// The engine settings that make execution deterministic, as recorded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EngineSettings {
-    pub nan_canonicalization: bool,
-    pub relaxed_simd_deterministic: bool,
-    pub threads: bool,
-}
-
-impl EngineSettings {
-    /// What [`crate::engine::Engine`] configures.
-    pub fn current() -> EngineSettings {
-        EngineSettings {
-            nan_canonicalization: true,
-            relaxed_simd_deterministic: true,
-            threads: false,
-        }
-    }
-}
-
-/// One import call of the guest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Event {
-    /// `clock_time_get`, `fd_read`, ..., or `host::call`.
-    pub call: String,
-    /// The arguments, as integers (pointers included: a deterministic guest passes the same).
-    pub args: Vec<i64>,
-    /// The return value (WASI's errno, or the door's status).
-    pub result: i32,
-    /// A path argument, for messages and for what-if replays.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    /// Bytes the call wrote into guest memory: (address, data).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub writes: Vec<(u32, Data)>,
-    /// Bytes the guest handed out (written to a file or stream, or sent through the door).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sent: Option<Data>,
-    /// The exit status, for `proc_exit`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit: Option<i32>,
-}
-
-/// Bytes in a trace: inline (base64), a reference to a blob by sha256, or a range of a file
-/// of the runtime (whose content the runtime's hash in the header pins, so it is not copied).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Data {
-    Inline(String),
-    Blob(String),
-    Runtime { file: String, offset: u64, len: u32 },
-}
-
 /// How the call ended, as recorded.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Outputs {
@@ -157,63 +99,62 @@ pub struct Outputs {
     pub outcome: serde_json::Value,
 }
 
-/// Bytes kept by content, and where the runtime's files are (to read [`Data::Runtime`]).
-#[derive(Debug, Default, Clone)]
-pub struct Blobs {
-    pub map: BTreeMap<String, String>,
-    pub runtime: Option<std::path::PathBuf>,
-}
-
-impl Blobs {
-    /// A trace's blobs, reading runtime ranges from the runtime's standard library folder.
-    pub fn of(trace: &Trace, runtime: &std::path::Path) -> Blobs {
-        Blobs {
-            map: trace.blobs.clone(),
-            runtime: Some(runtime.to_owned()),
-        }
-    }
-
-    pub fn put(&mut self, bytes: &[u8]) -> Data {
-        if bytes.len() <= INLINE {
-            return Data::Inline(B64.encode(bytes));
-        }
-        let id = hex::encode(Sha256::digest(bytes));
-        self.map
-            .entry(id.clone())
-            .or_insert_with(|| B64.encode(bytes));
-        Data::Blob(id)
-    }
-
-    pub fn get(&self, data: &Data) -> Result<Vec<u8>> {
-        let text = match data {
-            Data::Inline(text) => text,
-            Data::Blob(id) => self
-                .map
-                .get(id)
-                .with_context(|| format!("the trace has no blob {id}"))?,
-            Data::Runtime { file, offset, len } => {
-                use std::os::unix::fs::FileExt;
-                let dir = self
-                    .runtime
-                    .as_ref()
-                    .context("no runtime to read recorded runtime files from")?;
-                if file.split('/').any(|c| c == ".." || c.is_empty()) {
-                    anyhow::bail!("the trace names a runtime file outside the runtime: {file:?}");
-                }
-                let mut bytes = vec![0; *len as usize];
-                std::fs::File::open(dir.join(file))
-                    .and_then(|f| f.read_exact_at(&mut bytes, *offset))
-                    .with_context(|| {
-                        format!("failed to read {len} bytes of the runtime's {file} at {offset}")
-                    })?;
-                return Ok(bytes);
-            }
-        };
-        B64.decode(text).context("the trace holds malformed base64")
-    }
-}
-
 impl Trace {
+    /// The trace of a finished recording: the header from the sandbox, bundle and policy the
+    /// call ran with (the engine's settings as it has them), the recorded events, and the
+    /// outputs, `stdout`, `stderr` and `outcome` (as [`crate::call::Outcome::to_json`] gives it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        sandbox: &Sandbox,
+        prepared: &Prepared,
+        policy: &Policy,
+        function: &str,
+        arguments: &Arguments,
+        recording: Recording,
+        (stdout, stderr, outcome): (&[u8], &[u8], serde_json::Value),
+    ) -> Trace {
+        let Recording {
+            events, mut blobs, ..
+        } = recording;
+        let outputs = Outputs {
+            stdout: Some(blobs.put(stdout)),
+            stderr: Some(blobs.put(stderr)),
+            outcome,
+        };
+        let header = Header {
+            format: FORMAT.to_owned(),
+            host_version: env!("CARGO_PKG_VERSION").to_owned(),
+            runtime_sha256: sandbox.runtime().sha256().to_owned(),
+            bundle: prepared.bundle.clone(),
+            function: function.to_owned(),
+            arguments: arguments.clone(),
+            env: policy.env.clone(),
+            grants: policy
+                .grants
+                .iter()
+                .map(|g| GrantRecord {
+                    guest: g.guest.clone(),
+                    writable: g.writable,
+                })
+                .collect(),
+            limits: policy.limits.into(),
+            engine: sandbox.engine_settings().clone(),
+            image_sha256: prepared.image.as_ref().map(|i| i.sha256.clone()),
+            recorded_at: now_rfc3339(),
+        };
+        Trace {
+            header,
+            events,
+            blobs: blobs.map,
+            outputs,
+        }
+    }
+
+    /// The trace's blobs, reading recorded ranges of the runtime's files from `runtime`.
+    pub fn blobs(&self, runtime: &Path) -> Blobs {
+        Blobs::with_runtime(self.blobs.clone(), runtime)
+    }
+
     /// Writes the trace, readable by its owner only: traces hold production data.
     ///
     /// Layout: the magic line, the sha256 of the rest, then the JSON, deflated.
@@ -258,761 +199,5 @@ impl Trace {
             .read_to_end(&mut json)
             .map_err(|e| refuse(&format!("{e}")))?;
         serde_json::from_slice(&json).map_err(|e| refuse(&format!("its content is malformed: {e}")))
-    }
-}
-
-/// Where an import's answer comes from.
-pub enum Tracer {
-    /// Run imports, keep what they return.
-    Record {
-        events: Vec<Event>,
-        blobs: Blobs,
-        files: RuntimeFiles,
-    },
-    /// Answer imports from a trace, checking each call.
-    Replay {
-        events: Vec<Event>,
-        blobs: Blobs,
-        next: usize,
-        divergence: Option<Divergence>,
-    },
-    /// Run imports, and make host-specific file metadata (device, inode, times) constant, so a
-    /// pre-initialised image is the same on every machine.
-    Normalize,
-    /// Run imports, except clock readings and random bytes, which come from these recorded
-    /// ones while they last (a what-if run of an updated notebook).
-    Serve {
-        clocks: std::collections::HashMap<i64, std::collections::VecDeque<Vec<u8>>>,
-        random: std::collections::VecDeque<u8>,
-    },
-}
-
-/// Which open files are the runtime's own (opened under its standard library folder), and
-/// where each one is read.
-#[derive(Debug, Default)]
-pub struct RuntimeFiles {
-    stdlib_fd: Option<i64>,
-    open: std::collections::HashMap<i64, (String, u64)>,
-}
-
-impl RuntimeFiles {
-    /// Follows one recorded call; for a read of a runtime file, that file and the offset the
-    /// read started at.
-    fn observe(
-        &mut self,
-        call: &str,
-        args: &[i64],
-        result: i32,
-        path: Option<&str>,
-        writes: &[(u32, &[u8])],
-    ) -> Option<(String, u64)> {
-        if result != 0 {
-            return None;
-        }
-        let fd = *args.first()?;
-        let u64_at = |i: usize| {
-            writes
-                .get(i)
-                .and_then(|(_, b)| Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?)))
-        };
-        let u32_at = |i: usize| {
-            writes
-                .get(i)
-                .and_then(|(_, b)| Some(u32::from_le_bytes(b.get(..4)?.try_into().ok()?)))
-        };
-        match call {
-            "fd_prestat_dir_name" => {
-                if writes
-                    .first()
-                    .is_some_and(|(_, name)| *name == crate::sandbox::STDLIB_GUEST_DIR.as_bytes())
-                {
-                    self.stdlib_fd = Some(fd);
-                }
-                None
-            }
-            "path_open" if Some(fd) == self.stdlib_fd => {
-                self.open
-                    .insert(i64::from(u32_at(0)?), (path?.to_owned(), 0));
-                None
-            }
-            "fd_seek" => {
-                let position = u64_at(0)?;
-                if let Some(open) = self.open.get_mut(&fd) {
-                    open.1 = position;
-                }
-                None
-            }
-            "fd_read" => {
-                let nread = u64::from(u32_at(writes.len().checked_sub(1)?)?);
-                let open = self.open.get_mut(&fd)?;
-                let start = open.1;
-                open.1 += nread;
-                Some((open.0.clone(), start))
-            }
-            "fd_pread" => self
-                .open
-                .get(&fd)
-                .map(|(file, _)| (file.clone(), args[3] as u64)),
-            "fd_close" => {
-                self.open.remove(&fd);
-                None
-            }
-            _ => None,
-        }
-    }
-}
-
-/// The first call where a replay went another way than the recording.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Divergence {
-    pub index: usize,
-    pub expected: Option<String>,
-    pub actual: String,
-}
-
-impl std::fmt::Display for Divergence {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the replay diverged at event {}:\n  expected: ",
-            self.index
-        )?;
-        match &self.expected {
-            Some(e) => write!(f, "{e}")?,
-            None => write!(f, "the end of the trace")?,
-        }
-        write!(f, "\n  actual:   {}", self.actual)
-    }
-}
-
-impl std::error::Error for Divergence {}
-
-/// Describes a call for a divergence message: `fd_read(5, 1024, 1, 2000)` and its path.
-fn describe(call: &str, args: &[i64], path: Option<&str>, sent: Option<&[u8]>) -> String {
-    let args: Vec<String> = args.iter().map(i64::to_string).collect();
-    let mut s = format!("{call}({})", args.join(", "));
-    if let Some(p) = path {
-        s.push_str(&format!(" on {p:?}"));
-    }
-    if let Some(bytes) = sent {
-        let preview = String::from_utf8_lossy(&bytes[..bytes.len().min(60)]).into_owned();
-        s.push_str(&format!(" sending {} bytes {preview:?}", bytes.len()));
-    }
-    s
-}
-
-/// What a WASI function writes to guest memory, and what it sends out, by argument position.
-enum Out {
-    /// `len` bytes at the pointer in argument `ptr`.
-    Fixed { ptr: usize, len: u32 },
-    /// As many bytes as argument `len` says, at the pointer in argument `ptr`.
-    Sized { ptr: usize, len: usize },
-    /// As many bytes as the u32 at the pointer in argument `used` says (after the call).
-    Used { ptr: usize, used: usize, scale: u32 },
-    /// Into the iovec array at arguments `iovs`/`count`, as many bytes in all as the u32 at
-    /// the pointer in argument `used` says.
-    Iovecs {
-        iovs: usize,
-        count: usize,
-        used: usize,
-    },
-}
-
-struct Spec {
-    writes: &'static [Out],
-    /// The iovecs whose bytes the guest sends out: (iovs, count, used).
-    sends: Option<(usize, usize, usize)>,
-    /// The path argument: (pointer, length).
-    path: Option<(usize, usize)>,
-}
-
-const NONE: Spec = Spec {
-    writes: &[],
-    sends: None,
-    path: None,
-};
-
-/// The functions whose answers depend only on the call's configuration (its arguments and
-/// environment), which a replay sets up the same: they run for real in both modes.
-const CONFIGURATION: &[&str] = &[
-    "args_get",
-    "args_sizes_get",
-    "environ_get",
-    "environ_sizes_get",
-];
-
-#[rustfmt::skip]
-fn spec(name: &str) -> Spec {
-    use Out::*;
-    match name {
-        "clock_res_get" => Spec { writes: &[Fixed { ptr: 1, len: 8 }], ..NONE },
-        "clock_time_get" => Spec { writes: &[Fixed { ptr: 2, len: 8 }], ..NONE },
-        "fd_fdstat_get" => Spec { writes: &[Fixed { ptr: 1, len: 24 }], ..NONE },
-        "fd_filestat_get" => Spec { writes: &[Fixed { ptr: 1, len: 64 }], ..NONE },
-        "fd_prestat_get" => Spec { writes: &[Fixed { ptr: 1, len: 8 }], ..NONE },
-        "fd_prestat_dir_name" => Spec { writes: &[Sized { ptr: 1, len: 2 }], ..NONE },
-        "fd_read" => Spec { writes: &[Iovecs { iovs: 1, count: 2, used: 3 }, Fixed { ptr: 3, len: 4 }], ..NONE },
-        "fd_pread" => Spec { writes: &[Iovecs { iovs: 1, count: 2, used: 4 }, Fixed { ptr: 4, len: 4 }], ..NONE },
-        "fd_write" => Spec { writes: &[Fixed { ptr: 3, len: 4 }], sends: Some((1, 2, 3)), path: None },
-        "fd_pwrite" => Spec { writes: &[Fixed { ptr: 4, len: 4 }], sends: Some((1, 2, 4)), path: None },
-        "fd_readdir" => Spec { writes: &[Used { ptr: 1, used: 4, scale: 1 }, Fixed { ptr: 4, len: 4 }], ..NONE },
-        "fd_seek" => Spec { writes: &[Fixed { ptr: 3, len: 8 }], ..NONE },
-        "fd_tell" => Spec { writes: &[Fixed { ptr: 1, len: 8 }], ..NONE },
-        "path_filestat_get" => Spec { writes: &[Fixed { ptr: 4, len: 64 }], path: Some((2, 3)), ..NONE },
-        "path_open" => Spec { writes: &[Fixed { ptr: 8, len: 4 }], path: Some((2, 3)), ..NONE },
-        "path_readlink" => Spec { writes: &[Used { ptr: 3, used: 5, scale: 1 }, Fixed { ptr: 5, len: 4 }], path: Some((1, 2)), ..NONE },
-        "poll_oneoff" => Spec { writes: &[Used { ptr: 1, used: 3, scale: 32 }, Fixed { ptr: 3, len: 4 }], ..NONE },
-        "random_get" => Spec { writes: &[Sized { ptr: 0, len: 1 }], ..NONE },
-        "sock_accept" => Spec { writes: &[Fixed { ptr: 2, len: 4 }], ..NONE },
-        "sock_recv" => Spec { writes: &[Iovecs { iovs: 1, count: 2, used: 4 }, Fixed { ptr: 4, len: 4 }, Fixed { ptr: 5, len: 2 }], ..NONE },
-        "sock_send" => Spec { writes: &[Fixed { ptr: 4, len: 4 }], sends: Some((1, 2, 4)), path: None },
-        "path_create_directory" | "path_remove_directory" | "path_unlink_file" => Spec { path: Some((1, 2)), ..NONE },
-        "path_filestat_set_times" | "path_link" => Spec { path: Some((2, 3)), ..NONE },
-        "path_rename" => Spec { path: Some((1, 2)), ..NONE },
-        "path_symlink" => Spec { path: Some((0, 1)), ..NONE },
-        _ => NONE,
-    }
-}
-
-fn arg(args: &[Val], i: usize) -> i64 {
-    match args.get(i) {
-        Some(Val::I32(v)) => i64::from(*v),
-        Some(Val::I64(v)) => *v,
-        _ => 0,
-    }
-}
-
-fn read_u32(memory: &[u8], at: i64) -> Option<u32> {
-    let at = at as u32 as usize;
-    Some(u32::from_le_bytes(memory.get(at..at + 4)?.try_into().ok()?))
-}
-
-/// The (address, length) regions of guest memory described by an iovec array, up to `total`
-/// bytes.
-fn iovec_regions(memory: &[u8], iovs: i64, count: i64, mut total: u32) -> Vec<(u32, u32)> {
-    let mut regions = Vec::new();
-    for i in 0..count.max(0) as u32 {
-        if total == 0 {
-            break;
-        }
-        let at = iovs as u32 as i64 + i64::from(i) * 8;
-        let (Some(buf), Some(len)) = (read_u32(memory, at), read_u32(memory, at + 4)) else {
-            break;
-        };
-        let take = len.min(total);
-        regions.push((buf, take));
-        total -= take;
-    }
-    regions
-}
-
-/// The memory regions a finished call wrote.
-fn written_regions(spec: &Spec, args: &[Val], memory: &[u8]) -> Vec<(u32, u32)> {
-    let mut regions = Vec::new();
-    for out in spec.writes {
-        match *out {
-            Out::Fixed { ptr, len } => regions.push((arg(args, ptr) as u32, len)),
-            Out::Sized { ptr, len } => regions.push((arg(args, ptr) as u32, arg(args, len) as u32)),
-            Out::Used { ptr, used, scale } => {
-                if let Some(n) = read_u32(memory, arg(args, used)) {
-                    regions.push((arg(args, ptr) as u32, n.saturating_mul(scale)));
-                }
-            }
-            Out::Iovecs { iovs, count, used } => {
-                if let Some(n) = read_u32(memory, arg(args, used)) {
-                    regions.extend(iovec_regions(memory, arg(args, iovs), arg(args, count), n));
-                }
-            }
-        }
-    }
-    regions
-}
-
-fn slice(memory: &[u8], (at, len): (u32, u32)) -> Option<&[u8]> {
-    memory.get(at as usize..at as usize + len as usize)
-}
-
-fn path_of(spec: &Spec, args: &[Val], memory: &[u8]) -> Option<String> {
-    let (p, l) = spec.path?;
-    slice(memory, (arg(args, p) as u32, arg(args, l) as u32))
-        .map(|b| String::from_utf8_lossy(b).into_owned())
-}
-
-/// The bytes the guest sends out with this call, known before it runs (for `fd_write`, the
-/// iovecs up to their total length).
-fn sent_bytes(spec: &Spec, args: &[Val], memory: &[u8]) -> Option<Vec<u8>> {
-    let (iovs, count, _) = spec.sends?;
-    let regions = iovec_regions(memory, arg(args, iovs), arg(args, count), u32::MAX);
-    Some(
-        regions
-            .into_iter()
-            .filter_map(|r| slice(memory, r))
-            .flatten()
-            .copied()
-            .collect(),
-    )
-}
-
-fn memory_of(caller: &mut Caller<'_, State>) -> wasmtime::Result<Memory> {
-    caller
-        .get_export("memory")
-        .and_then(|e| e.into_memory())
-        .ok_or_else(|| wasmtime::format_err!("the guest exports no memory"))
-}
-
-/// Runs (or answers) one traced WASI import. `original` is the real implementation.
-pub(crate) fn wasi_call(
-    name: &'static str,
-    original: &Func,
-    caller: &mut Caller<'_, State>,
-    args: &[Val],
-    results: &mut [Val],
-) -> wasmtime::Result<()> {
-    if CONFIGURATION.contains(&name) {
-        return original.call(&mut *caller, args, results);
-    }
-    let memory = memory_of(caller)?;
-    let spec = spec(name);
-    let replaying = matches!(caller.data().tracer, Some(Tracer::Replay { .. }));
-    if replaying {
-        let (path, sent) = {
-            let data = memory.data(&*caller);
-            (path_of(&spec, args, data), sent_bytes(&spec, args, data))
-        };
-        let actual: Vec<i64> = (0..args.len()).map(|i| arg(args, i)).collect();
-        let answer = replay_next(
-            caller.data_mut(),
-            name,
-            &actual,
-            path.as_deref(),
-            sent.as_deref(),
-        )?;
-        let Some(answer) = answer else { return Ok(()) };
-        // The guest's own output still reaches the call's streams, so a replay shows it.
-        if let (Some(bytes), Some(fd @ (1 | 2))) = (&sent, actual.first()) {
-            caller.data_mut().echo(*fd, bytes)?;
-        }
-        for (at, bytes) in &answer.writes {
-            memory.write(&mut *caller, *at as usize, bytes)?;
-        }
-        if let Some(code) = answer.exit {
-            return Err(wasmtime::Error::new(wasmtime_wasi::I32Exit(code)));
-        }
-        if let Some(r) = results.first_mut() {
-            *r = Val::I32(answer.result);
-        }
-        return Ok(());
-    }
-
-    if let Some(served) = serve(caller, name, args) {
-        let (at, bytes) = served;
-        memory.write(&mut *caller, at as usize, &bytes)?;
-        if let Some(r) = results.first_mut() {
-            *r = Val::I32(0);
-        }
-        return Ok(());
-    }
-    let before = {
-        let data = memory.data(&*caller);
-        (path_of(&spec, args, data), sent_bytes(&spec, args, data))
-    };
-    let outcome = original.call(&mut *caller, args, results);
-    let exit = match &outcome {
-        Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
-            Some(exit) => Some(exit.0),
-            None => return outcome,
-        },
-        Ok(()) => None,
-    };
-    let result = match results.first() {
-        Some(Val::I32(r)) => *r,
-        _ => 0,
-    };
-    let normalize = matches!(caller.data().tracer, Some(Tracer::Normalize));
-    if normalize && result == 0 {
-        normalize_metadata(name, args, memory.data_mut(&mut *caller));
-    }
-    if let Some(Tracer::Record { .. }) = caller.data().tracer {
-        // The memory and the store's data at once: what the call wrote is recorded straight
-        // from guest memory, not copied first.
-        let (data, state) = memory.data_and_store_mut(&mut *caller);
-        let data: &[u8] = data;
-        let writes: Vec<(u32, &[u8])> = if result == 0 && exit.is_none() {
-            written_regions(&spec, args, data)
-                .into_iter()
-                .filter_map(|r| slice(data, r).map(|b| (r.0, b)))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let args: Vec<i64> = (0..args.len()).map(|i| arg(args, i)).collect();
-        state.record(Observed {
-            call: name,
-            args,
-            result,
-            path: before.0,
-            writes,
-            sent: before.1.as_deref(),
-            exit,
-        });
-    }
-    outcome
-}
-
-/// Zeroes what differs between two copies of the same files: device, inode, link count and
-/// times in a filestat, and inodes in a directory listing.
-fn normalize_metadata(name: &str, args: &[Val], data: &mut [u8]) {
-    let mut zero = |at: usize, len: usize| {
-        if let Some(field) = data.get_mut(at..at + len) {
-            field.fill(0);
-        }
-    };
-    match name {
-        "fd_filestat_get" | "path_filestat_get" => {
-            // dev u64, ino u64, filetype u8 (+7), nlink u64, size u64, atim, mtim, ctim.
-            let at = arg(args, if name == "fd_filestat_get" { 1 } else { 4 }) as u32 as usize;
-            for (offset, len) in [(0, 16), (24, 8), (40, 24)] {
-                zero(at + offset, len);
-            }
-        }
-        "fd_readdir" => {
-            // Entries of d_next u64, d_ino u64, d_namlen u32, d_type u8 (+3), then the name.
-            let Some(used) = read_u32(data, arg(args, 4)) else {
-                return;
-            };
-            let start = arg(args, 1) as u32 as usize;
-            let mut at = 0usize;
-            while at + 24 <= used as usize {
-                let Some(len) = read_u32(data, (start + at + 16) as i64) else {
-                    return;
-                };
-                if let Some(ino) = data.get_mut(start + at + 8..start + at + 16) {
-                    ino.fill(0);
-                }
-                at += 24 + len as usize;
-            }
-        }
-        _ => {}
-    }
-}
-
-/// For a what-if run: the recorded answer to a clock reading or a random draw, while there
-/// is one, as (address, bytes).
-fn serve(caller: &mut Caller<'_, State>, name: &str, args: &[Val]) -> Option<(u32, Vec<u8>)> {
-    let Some(Tracer::Serve { clocks, random }) = &mut caller.data_mut().tracer else {
-        return None;
-    };
-    match name {
-        "clock_time_get" => Some((
-            arg(args, 2) as u32,
-            clocks.get_mut(&arg(args, 0))?.pop_front()?,
-        )),
-        "random_get" => {
-            let len = arg(args, 1) as usize;
-            (random.len() >= len).then(|| (arg(args, 0) as u32, random.drain(..len).collect()))
-        }
-        _ => None,
-    }
-}
-
-/// One import call as it ran, before it is kept as an [`Event`].
-struct Observed<'a> {
-    call: &'a str,
-    args: Vec<i64>,
-    result: i32,
-    path: Option<String>,
-    writes: Vec<(u32, &'a [u8])>,
-    sent: Option<&'a [u8]>,
-    exit: Option<i32>,
-}
-
-/// The traced form of the door: the request is checked (replay) or kept (record) as sent
-/// bytes; the answer is kept or written back.
-pub(crate) enum DoorStep {
-    /// Run the door for real.
-    Live,
-    /// Replaying: answer with these bytes (and this status).
-    Answer(i32, Option<Vec<u8>>),
-}
-
-impl State {
-    fn record(&mut self, observed: Observed<'_>) {
-        let Observed {
-            call,
-            args,
-            result,
-            path,
-            writes,
-            sent,
-            exit,
-        } = observed;
-        if let Some(Tracer::Record {
-            events,
-            blobs,
-            files,
-        }) = &mut self.tracer
-        {
-            let writes = match files.observe(call, &args, result, path.as_deref(), &writes) {
-                // Reads of the runtime's own files: where they came from, not their bytes.
-                Some((file, mut offset)) => {
-                    let last = writes.len().saturating_sub(1);
-                    let mut out = Vec::with_capacity(writes.len());
-                    for (i, (at, bytes)) in writes.into_iter().enumerate() {
-                        if i == last {
-                            out.push((at, blobs.put(bytes)));
-                        } else {
-                            out.push((
-                                at,
-                                Data::Runtime {
-                                    file: file.clone(),
-                                    offset,
-                                    len: bytes.len() as u32,
-                                },
-                            ));
-                            offset += bytes.len() as u64;
-                        }
-                    }
-                    out
-                }
-                None => writes
-                    .into_iter()
-                    .map(|(at, bytes)| (at, blobs.put(bytes)))
-                    .collect(),
-            };
-            let sent = sent.map(|b| blobs.put(b));
-            events.push(Event {
-                call: call.to_owned(),
-                args,
-                result,
-                path,
-                writes,
-                sent,
-                exit,
-            });
-        }
-    }
-
-    /// Before the door runs: in a replay, the recorded answer after checking the request.
-    pub(crate) fn door_before(
-        &mut self,
-        args: &[i64],
-        request: &[u8],
-    ) -> wasmtime::Result<DoorStep> {
-        Ok(
-            match replay_next(self, "host::call", args, None, Some(request))? {
-                Some(answer) => DoorStep::Answer(
-                    answer.result,
-                    answer.writes.into_iter().next().map(|(_, b)| b),
-                ),
-                None => DoorStep::Live,
-            },
-        )
-    }
-
-    /// After the door ran for real: kept, when recording.
-    pub(crate) fn door_after(
-        &mut self,
-        args: Vec<i64>,
-        request: &[u8],
-        status: i32,
-        answer: Option<&[u8]>,
-    ) {
-        let writes = answer.map(|a| vec![(0, a)]).unwrap_or_default();
-        self.record(Observed {
-            call: "host::call",
-            args,
-            result: status,
-            path: None,
-            writes,
-            sent: Some(request),
-            exit: None,
-        });
-    }
-}
-
-fn diverge(
-    slot: &mut Option<Divergence>,
-    index: usize,
-    expected: Option<String>,
-    actual: String,
-) -> wasmtime::Error {
-    let d = Divergence {
-        index,
-        expected,
-        actual,
-    };
-    *slot = Some(d.clone());
-    wasmtime::Error::new(d)
-}
-
-/// A replayed import's answer, decoded from the trace.
-struct Answer {
-    result: i32,
-    writes: Vec<(u32, Vec<u8>)>,
-    exit: Option<i32>,
-}
-
-/// Checks an import call (WASI's or the door's) against the next recorded event; its answer,
-/// or None when the tracer does not replay. Descriptions are only built for a divergence.
-fn replay_next(
-    state: &mut State,
-    name: &str,
-    args: &[i64],
-    path: Option<&str>,
-    sent: Option<&[u8]>,
-) -> wasmtime::Result<Option<Answer>> {
-    let Some(Tracer::Replay {
-        events,
-        blobs,
-        next,
-        divergence,
-    }) = &mut state.tracer
-    else {
-        return Ok(None);
-    };
-    let index = *next;
-    let Some(event) = events.get(index) else {
-        return Err(diverge(
-            divergence,
-            index,
-            None,
-            describe(name, args, path, sent),
-        ));
-    };
-    let expected_sent = event.sent.as_ref().and_then(|d| blobs.get(d).ok());
-    if event.call != name
-        || event.args != args
-        || event.path.as_deref() != path
-        || expected_sent.as_deref() != sent
-    {
-        let expected = describe(
-            &event.call,
-            &event.args,
-            event.path.as_deref(),
-            expected_sent.as_deref(),
-        );
-        return Err(diverge(
-            divergence,
-            index,
-            Some(expected),
-            describe(name, args, path, sent),
-        ));
-    }
-    *next += 1;
-    let writes = event
-        .writes
-        .iter()
-        .map(|(at, data)| Ok((*at, blobs.get(data)?)))
-        .collect::<Result<Vec<_>>>()
-        .map_err(|e| wasmtime::format_err!("{e:#}"))?;
-    Ok(Some(Answer {
-        result: event.result,
-        writes,
-        exit: event.exit,
-    }))
-}
-
-/// The shim module: it imports the guest's memory and every real WASI function, and exports
-/// the memory and one function per import that just calls it.
-pub(crate) fn shim_wat(imports: &[(&'static str, wasmtime::FuncType)]) -> String {
-    let types = |ty: &wasmtime::FuncType| {
-        let params: Vec<String> = ty.params().map(|p| p.to_string()).collect();
-        let results: Vec<String> = ty.results().map(|r| r.to_string()).collect();
-        let mut s = String::new();
-        if !params.is_empty() {
-            s.push_str(&format!(" (param {})", params.join(" ")));
-        }
-        if !results.is_empty() {
-            s.push_str(&format!(" (result {})", results.join(" ")));
-        }
-        s
-    };
-    let mut wat = String::from("(module\n  (import \"env\" \"memory\" (memory 0))\n");
-    for (i, (name, ty)) in imports.iter().enumerate() {
-        wat.push_str(&format!(
-            "  (import \"wasi_snapshot_preview1\" \"{name}\" (func $f{i}{}))\n",
-            types(ty)
-        ));
-    }
-    wat.push_str("  (export \"memory\" (memory 0))\n");
-    for (i, (name, ty)) in imports.iter().enumerate() {
-        let gets: String = (0..ty.params().len())
-            .map(|p| format!(" local.get {p}"))
-            .collect();
-        wat.push_str(&format!(
-            "  (func (export \"{name}\"){}{gets} call $f{i})\n",
-            types(ty)
-        ));
-    }
-    wat.push(')');
-    wat
-}
-
-/// The real WASI function `name`, callable from the host: the export of this call's shim
-/// instance (made on first use, around the guest's memory).
-pub(crate) fn original(
-    caller: &mut Caller<'_, State>,
-    shim: &wasmtime::Module,
-    wasi: &wasmtime::Linker<State>,
-    name: &str,
-) -> wasmtime::Result<Func> {
-    let instance = match caller.data().shim {
-        Some(instance) => instance,
-        None => {
-            let memory = memory_of(caller)?;
-            let mut imports = vec![wasmtime::Extern::Memory(memory)];
-            for import in shim.imports().skip(1) {
-                imports.push(wasi.get(&mut *caller, import.module(), import.name())?);
-            }
-            let instance = wasmtime::Instance::new(&mut *caller, shim, &imports)?;
-            caller.data_mut().shim = Some(instance);
-            instance
-        }
-    };
-    instance
-        .get_func(&mut *caller, name)
-        .ok_or_else(|| wasmtime::format_err!("the shim has no `{name}`"))
-}
-
-/// The names of the WASI functions a module imports.
-pub(crate) fn wasi_imports(module: &wasmtime::Module) -> Vec<(&'static str, wasmtime::FuncType)> {
-    module
-        .imports()
-        .filter(|i| i.module() == "wasi_snapshot_preview1")
-        .filter_map(|i| {
-            let ty = i.ty().func()?.clone();
-            // Leaked once per process per name: the linker's closures need 'static names.
-            Some((&*Box::leak(i.name().to_owned().into_boxed_str()), ty))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn blobs_store_large_contents_once() {
-        let mut blobs = Blobs::default();
-        let small = blobs.put(b"tiny");
-        assert!(matches!(small, Data::Inline(_)));
-        let big = vec![7u8; 1000];
-        let (a, b) = (blobs.put(&big), blobs.put(&big));
-        assert_eq!(a, b);
-        assert_eq!(blobs.map.len(), 1);
-        assert_eq!(blobs.get(&a).unwrap(), big);
-        assert_eq!(blobs.get(&small).unwrap(), b"tiny");
-    }
-
-    #[test]
-    fn iovecs_are_followed_up_to_the_total() {
-        let mut memory = vec![0u8; 64];
-        // Two iovecs at 0: (32, 4) and (40, 8).
-        memory[0..4].copy_from_slice(&32u32.to_le_bytes());
-        memory[4..8].copy_from_slice(&4u32.to_le_bytes());
-        memory[8..12].copy_from_slice(&40u32.to_le_bytes());
-        memory[12..16].copy_from_slice(&8u32.to_le_bytes());
-        assert_eq!(iovec_regions(&memory, 0, 2, 6), vec![(32, 4), (40, 2)]);
-        assert_eq!(iovec_regions(&memory, 0, 2, 100), vec![(32, 4), (40, 8)]);
     }
 }

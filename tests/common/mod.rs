@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: notebooks written to temporary directories, and
 //! the `host` binary run on them.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Once;
@@ -111,11 +112,13 @@ pub fn host_with_stdin(args: &[&str], stdin: Option<&str>) -> Run {
     host_in(args, stdin, &[])
 }
 
-/// Runs `host` with `args`, `stdin` and extra environment variables.
+/// Runs `host` with `args`, `stdin` and extra environment variables, on the test's own cache
+/// folder unless `env` names another.
 pub fn host_in(args: &[&str], stdin: Option<&str>, env: &[(&str, &Path)]) -> Run {
-    prepare();
+    let cache = cache_dir();
     let mut child = Command::new(env!("CARGO_BIN_EXE_host"))
         .args(args)
+        .env("HOST_CACHE_DIR", &cache)
         .envs(env.iter().copied())
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -147,12 +150,16 @@ pub fn host_in(args: &[&str], stdin: Option<&str>, env: &[(&str, &Path)]) -> Run
     }
 }
 
-/// Compiles the runtime once per test process, so parallel tests do not all compile it.
-fn prepare() {
+/// The suite's cache folder, where the runtime is compiled once (before the first test that
+/// needs it) for every test of every run in this target folder.
+pub fn suite_cache() -> PathBuf {
     static ONCE: Once = Once::new();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("suite-cache");
     ONCE.call_once(|| {
         let status = Command::new(env!("CARGO_BIN_EXE_host"))
             .arg("prepare")
+            .env("HOST_CACHE_DIR", &dir)
+            .stderr(Stdio::null())
             .status()
             .unwrap();
         assert!(
@@ -160,4 +167,42 @@ fn prepare() {
             "`host prepare` failed: is the runtime installed (make runtime)?"
         );
     });
+    dir
+}
+
+thread_local! {
+    /// The running test's cache folder: each test runs on its own thread, and the folder goes
+    /// when the thread does.
+    static CACHE: RefCell<Option<tempfile::TempDir>> = const { RefCell::new(None) };
+}
+
+/// The running test's own cache folder (no test touches `~/.cache/host`, and none sees
+/// another's images or analyses), with the suite's compiled runtime linked in.
+pub fn cache_dir() -> PathBuf {
+    CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(dir) = cache.as_ref() {
+            return dir.path().to_owned();
+        }
+        let suite = suite_cache().join("modules");
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("caches");
+        std::fs::create_dir_all(&root).unwrap();
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("test")
+            .replace("::", "-");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{name}-"))
+            .tempdir_in(root)
+            .unwrap();
+        let modules = dir.path().join("modules");
+        std::fs::create_dir(&modules).unwrap();
+        for entry in std::fs::read_dir(&suite).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::hard_link(entry.path(), modules.join(entry.file_name())).unwrap();
+        }
+        let path = dir.path().to_owned();
+        *cache = Some(dir);
+        path
+    })
 }

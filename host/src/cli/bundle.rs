@@ -1,16 +1,17 @@
 //! `host bundle NOTEBOOK`: extract functions into a bundle file, and pre-initialise it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::str::FromStr;
 
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::GlobalOptions;
+use super::run::read_arguments;
+use super::{GlobalOptions, check_output};
 use crate::bundle::{Bundle, Select, short};
-use crate::call::Arguments;
 use crate::error::{Exit, bad_input};
 use crate::notebook::Notebook;
-use crate::snapshot::Prepared;
+use crate::preinit::Prepared;
 
 #[derive(Debug, Args)]
 pub struct BundleArgs {
@@ -36,10 +37,34 @@ pub struct BundleArgs {
         value_name = "FUNCTION=INPUT",
         conflicts_with = "no_image"
     )]
-    pub warm_up: Vec<String>,
+    pub warm_up: Vec<WarmUpSpec>,
+}
+
+/// `--warm-up FUNCTION=INPUT`.
+#[derive(Debug, Clone)]
+pub struct WarmUpSpec {
+    pub function: String,
+    pub input: PathBuf,
+}
+
+impl FromStr for WarmUpSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<WarmUpSpec> {
+        s.split_once('=')
+            .filter(|(f, i)| !f.is_empty() && !i.is_empty())
+            .map(|(function, input)| WarmUpSpec {
+                function: function.to_owned(),
+                input: PathBuf::from(input),
+            })
+            .ok_or_else(|| bad_input(format!("--warm-up `{s}`: expected FUNCTION=INPUT")))
+    }
 }
 
 pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
+    if let Some(path) = &args.output {
+        check_output(path, "-o")?;
+    }
     let notebook = Notebook::read(&args.notebook)?;
     let (_engine, sandbox) = global.sandbox()?;
     let functions: Vec<&str> = args.functions.iter().map(String::as_str).collect();
@@ -50,13 +75,9 @@ pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
     };
     let mut bundle = Bundle::from_notebook(&sandbox, &notebook, select, args.label.as_deref())?;
     for spec in &args.warm_up {
-        let (function, input) = spec
-            .split_once('=')
-            .filter(|(f, i)| !f.is_empty() && !i.is_empty())
-            .ok_or_else(|| bad_input(format!("--warm-up `{spec}`: expected FUNCTION=INPUT")))?;
-        let arguments = Arguments::from_input(Path::new(input))
-            .with_context(|| format!("--warm-up `{spec}`"))?;
-        bundle = bundle.warm_up(function, &arguments)?;
+        let arguments = read_arguments(&spec.input)
+            .with_context(|| format!("--warm-up `{}={}`", spec.function, spec.input.display()))?;
+        bundle = bundle.warm_up(&spec.function, &arguments)?;
     }
     for warning in &bundle.manifest.warnings {
         eprintln!("host: warning: {warning}");

@@ -2,14 +2,14 @@
 //! function per subcommand.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::engine::Engine;
-use crate::error::{Exit, UserError};
+use crate::error::{Exit, UserError, bad_input};
+use crate::policy::LimitExceeded;
 use crate::runtime::Runtime;
-use crate::sandbox::LimitExceeded;
 use crate::sandbox::Sandbox;
 
 mod bundle;
@@ -17,6 +17,8 @@ mod inspect;
 mod prepare;
 mod replay;
 mod run;
+
+pub use run::read_arguments;
 
 /// Run one function of a Jupyter notebook inside a WebAssembly sandbox.
 #[derive(Debug, Parser)]
@@ -86,6 +88,29 @@ pub fn main(cli: Cli) -> Exit {
             exit
         }
     }
+}
+
+/// Refuses an output path `flag` names that cannot be written, before any work is done: its
+/// folder must exist, and it must not be a folder itself.
+pub fn check_output(path: &Path, flag: &str) -> anyhow::Result<()> {
+    if path.is_dir() {
+        return Err(bad_input(format!(
+            "{flag} `{}` is a directory; name a file",
+            path.display()
+        )));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(bad_input(format!(
+            "{flag} `{}`: the folder `{}` does not exist",
+            path.display(),
+            parent.display()
+        )));
+    }
+    Ok(())
 }
 
 /// The exit code an error stands for.

@@ -42,7 +42,8 @@ pub fn replay(global: &GlobalOptions, args: &ReplayArgs) -> Result<Exit> {
                 h.function,
                 h.recorded_at
             );
-            report(replayed.result, None)
+            let result = replayed.result;
+            report(result.outcome, [&result.stdout, &result.stderr], None)
         }
         Some(notebook) => {
             let what_if = replay::what_if(&sandbox, &trace, &notebook)?;

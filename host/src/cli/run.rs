@@ -1,17 +1,20 @@
 //! `host run NOTEBOOK FUNCTION`: call one function and print its value as JSON.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use anyhow::Result;
 use clap::Args;
+use serde_json::{Map, Value};
 
-use super::GlobalOptions;
+use super::{GlobalOptions, check_output};
 use crate::bundle::{Bundle, Select};
-use crate::call::{self, Arguments, Outcome};
+use crate::call::{self, Outcome, Request};
+use crate::door::Arguments;
 use crate::error::{Exit, bad_input};
-use crate::sandbox::{Grant, Limits, Policy, parse_duration, parse_size};
-use crate::snapshot::Prepared;
+use crate::policy::{EnvVar, Grant, Limits, Policy, Size, Timeout};
+use crate::preinit::Prepared;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -39,22 +42,74 @@ pub struct RunArgs {
 pub struct InputArgs {
     /// Positional arguments, as a JSON array.
     #[arg(long, value_name = "JSON_ARRAY", conflicts_with = "input")]
-    pub args: Option<String>,
+    pub args: Option<JsonArray>,
     /// Keyword arguments, as a JSON object.
     #[arg(long, value_name = "JSON_OBJECT", conflicts_with = "input")]
-    pub kwargs: Option<String>,
+    pub kwargs: Option<JsonObject>,
     /// A JSON file holding {"args": [...], "kwargs": {...}}; `-` reads stdin.
     #[arg(long, value_name = "FILE")]
     pub input: Option<PathBuf>,
 }
 
+/// `--args`: a JSON array.
+#[derive(Debug, Clone)]
+pub struct JsonArray(pub Vec<Value>);
+
+impl FromStr for JsonArray {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<JsonArray> {
+        match serde_json::from_str(s) {
+            Ok(Value::Array(items)) => Ok(JsonArray(items)),
+            Ok(_) => Err(bad_input(
+                "--args must be a JSON array, e.g. --args '[1, \"a\"]'",
+            )),
+            Err(e) => Err(bad_input(format!("--args is not valid JSON: {e}"))),
+        }
+    }
+}
+
+/// `--kwargs`: a JSON object.
+#[derive(Debug, Clone)]
+pub struct JsonObject(pub Map<String, Value>);
+
+impl FromStr for JsonObject {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<JsonObject> {
+        match serde_json::from_str(s) {
+            Ok(Value::Object(map)) => Ok(JsonObject(map)),
+            Ok(_) => Err(bad_input(
+                "--kwargs must be a JSON object, e.g. --kwargs '{\"n\": 3}'",
+            )),
+            Err(e) => Err(bad_input(format!("--kwargs is not valid JSON: {e}"))),
+        }
+    }
+}
+
 impl InputArgs {
     pub fn arguments(&self) -> Result<Arguments> {
         match &self.input {
-            Some(path) => Arguments::from_input(path),
-            None => Arguments::from_flags(self.args.as_deref(), self.kwargs.as_deref()),
+            Some(path) => read_arguments(path),
+            None => Ok(Arguments {
+                args: self.args.clone().map(|a| a.0).unwrap_or_default(),
+                kwargs: self.kwargs.clone().map(|k| k.0).unwrap_or_default(),
+            }),
         }
     }
+}
+
+/// Arguments from an input file (`-` for stdin) holding `{"args": [...], "kwargs": {...}}`.
+pub fn read_arguments(path: &Path) -> Result<Arguments> {
+    if path == Path::new("-") {
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut text)
+            .map_err(|e| bad_input(format!("cannot read stdin: {e}")))?;
+        return Arguments::from_json("stdin", &text);
+    }
+    let text = std::fs::read(path)
+        .map_err(|e| bad_input(format!("cannot read input file `{}`: {e}", path.display())))?;
+    Arguments::from_json(&format!("`{}`", path.display()), &text)
 }
 
 /// What the sandbox may see, and its limits.
@@ -62,54 +117,47 @@ impl InputArgs {
 pub struct SandboxArgs {
     /// Make a host directory visible to the function, read-only unless `:rw` (repeatable).
     #[arg(long, value_name = "HOST_DIR:GUEST_DIR[:ro|rw]")]
-    pub grant: Vec<String>,
+    pub grant: Vec<Grant>,
     /// Set an environment variable inside the sandbox (repeatable); the environment is
     /// otherwise empty.
     #[arg(long, value_name = "KEY=VALUE")]
-    pub env: Vec<String>,
+    pub env: Vec<EnvVar>,
     /// Memory limit of the call (e.g. 512M, 2G).
     #[arg(long, value_name = "SIZE", default_value = "1G")]
-    pub memory: String,
-    /// Wall-clock time limit of the call (e.g. 30s, 500ms, 2m).
+    pub memory: Size,
+    /// Wall-clock time limit of the call (e.g. 30s, 500ms, 2m; at most 24h).
     #[arg(long, value_name = "DURATION", default_value = "30s")]
-    pub timeout: String,
+    pub timeout: Timeout,
     /// Limit on what the call may print plus the size of its result (e.g. 16M).
     #[arg(long, value_name = "SIZE", default_value = "16M")]
-    pub max_output: String,
+    pub max_output: Size,
 }
 
 impl SandboxArgs {
-    /// The validated policy, before any work starts.
-    pub fn policy(&self) -> Result<Policy> {
-        let grants = self
-            .grant
-            .iter()
-            .map(|g| g.parse::<Grant>())
-            .collect::<Result<Vec<_>>>()?;
-        let env = self
-            .env
-            .iter()
-            .map(|kv| match kv.split_once('=') {
-                Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-                _ => Err(bad_input(format!("--env `{kv}`: expected KEY=VALUE"))),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let limits = Limits {
-            memory: parse_size(&self.memory)?,
-            timeout: parse_duration(&self.timeout)?,
-            output: parse_size(&self.max_output)?,
-        };
-        Ok(Policy {
-            grants,
-            env,
-            limits,
-        })
+    /// The policy the flags describe.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            grants: self.grant.clone(),
+            env: self
+                .env
+                .iter()
+                .map(|v| (v.key.clone(), v.value.clone()))
+                .collect(),
+            limits: Limits {
+                memory: self.memory.0,
+                timeout: self.timeout.0,
+                output: self.max_output.0,
+            },
+        }
     }
 }
 
 pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
+    if let Some(path) = &args.record {
+        check_output(path, "--record")?;
+    }
     let arguments = args.input.arguments()?;
-    let policy = args.sandbox.policy()?;
+    let policy = args.sandbox.policy();
     // Leaked: the process ends after this one call, and its exit unmaps the compiled
     // interpreter for free, where dropping it would first deregister its unwind tables and
     // unmap it piece by piece (a millisecond or so).
@@ -124,39 +172,49 @@ pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
     } else {
         Prepared::new(sandbox, bundle)?
     };
-    let result = match &args.record {
-        None => call::call(sandbox, &policy, &prepared, &args.function, &arguments)?,
-        Some(path) => {
-            let (result, trace) =
-                call::call_recorded(sandbox, &policy, &prepared, &args.function, &arguments)?;
-            trace.write(path)?;
-            eprintln!(
-                "host: recorded {} events to {}",
-                trace.events.len(),
-                path.display()
-            );
-            result
-        }
+    let request = Request {
+        function: &args.function,
+        arguments: &arguments,
+        policy: &policy,
+        record: args.record.is_some(),
     };
+    let finished = call::call(sandbox, &prepared, &request)?;
+    if let (Some(path), Some(trace)) = (&args.record, &finished.trace) {
+        crate::engine::write_private(path, &trace.bytes)
+            .map_err(|e| e.context(format!("failed to write trace `{}`", path.display())))?;
+        eprintln!(
+            "host: recorded {} events to {}",
+            trace.events,
+            path.display()
+        );
+    }
     let envelope = args
         .envelope
-        .then_some((prepared.bundle.version.as_str(), args.function.as_str()));
-    report(result, envelope)
+        .then_some((finished.bundle.as_str(), args.function.as_str()));
+    report(
+        finished.outcome,
+        [&finished.stdout, &finished.stderr],
+        envelope,
+    )
 }
 
 /// Prints what the guest printed (on stderr, so stdout stays the result alone), then the
 /// value or the exception.
-pub fn report(result: call::CallResult, envelope: Option<(&str, &str)>) -> Result<Exit> {
+pub fn report(
+    outcome: Outcome,
+    printed: [&[u8]; 2],
+    envelope: Option<(&str, &str)>,
+) -> Result<Exit> {
     {
         let mut stderr = std::io::stderr().lock();
-        for stream in [&result.stdout, &result.stderr] {
+        for stream in printed {
             let _ = stderr.write_all(stream);
             if stream.last().is_some_and(|&b| b != b'\n') {
                 let _ = stderr.write_all(b"\n");
             }
         }
     }
-    match result.outcome {
+    match outcome {
         Outcome::Returned(value) => {
             let value = match envelope {
                 Some((version, function)) => {
