@@ -8,10 +8,10 @@
 //! fresh sandboxed instance, recorded when asked; a trace replays it.
 //!
 //! - Foundations: [`error`] (exit codes, user errors), [`progress`] (what a terminal sees of
-//!   slow one-time work), [`policy`] (grants, environment and limits, as typed values).
-//! - The machine: [`runtime`] (the Python runtime on disk), [`memory`] (linear memories
-//!   mapped from images and pooled), [`engine`] (Wasmtime and the compiled-module cache),
-//!   [`image`] (memory images on disk).
+//!   slow one-time work), [`runtime`] (the Python runtime on disk), [`policy`] (grants,
+//!   environment and limits, as typed values).
+//! - The machine: [`memory`] (linear memories mapped from images and pooled), [`engine`]
+//!   (Wasmtime and the compiled-module cache), [`image`] (memory images on disk).
 //! - The guest boundary: [`door`] (the guest's source and the protocol, every message typed),
 //!   [`record`] (recording and replaying the guest's imports), [`sandbox`] (one fresh
 //!   instance per run, with grants, limits and the door).
@@ -84,14 +84,13 @@
 //! ```
 
 pub mod error;
-pub mod progress;
-
 pub mod policy;
+pub mod progress;
+pub mod runtime;
 
 pub mod engine;
 pub mod image;
 pub(crate) mod memory;
-pub mod runtime;
 
 pub mod door;
 pub mod record;
