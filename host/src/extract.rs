@@ -487,4 +487,161 @@ mod tests {
         let out = keep_spans(text, &[[1, 0, 1, 9], [3, 0, 4, 17]]);
         assert_eq!(out, "import os\n\ndef f():\n    return os.sep\n");
     }
+
+    /// A statement as the guest would report it: `kind`, what it binds, the globals it reads
+    /// when it runs and those it reads when a function it defines is called. A `def` binds
+    /// its own name.
+    fn stmt(kind: Kind, binds: &[&str], eager: &[&str], lazy: &[&str]) -> Statement {
+        let strings = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+        let function = kind == Kind::Definition && binds.len() == 1;
+        Statement {
+            span: [1, 0, 1, 1],
+            kind,
+            name: function.then(|| binds[0].to_owned()),
+            function,
+            binds: strings(binds),
+            star_import: false,
+            eager: strings(eager),
+            lazy: strings(lazy),
+            magic_lines: Vec::new(),
+        }
+    }
+
+    /// An extraction of hand-written cells (numbered from 1), each a list of statements.
+    fn extraction(cells: Vec<Vec<Statement>>) -> Extraction {
+        let notebook = Notebook {
+            name: "nb.ipynb".into(),
+            path: "nb.ipynb".into(),
+            sha256: String::new(),
+            cells: (1..=cells.len())
+                .map(|number| crate::notebook::Cell {
+                    number,
+                    kind: crate::notebook::CellKind::Code,
+                    source: format!("# cell {number}"),
+                    tags: Vec::new(),
+                })
+                .collect(),
+        };
+        let analysis = Analysis {
+            cells: cells
+                .into_iter()
+                .enumerate()
+                .map(|(i, statements)| CellAnalysis {
+                    index: i + 1,
+                    text: Some(format!("# cell {}", i + 1)),
+                    cell_magic: None,
+                    syntax_error: None,
+                    statements,
+                })
+                .collect(),
+            builtins: vec!["len".into(), "print".into()],
+        };
+        Extraction::new(&notebook, analysis)
+    }
+
+    fn kept(extraction: &Extraction, function: &str) -> Vec<StatementId> {
+        let closure = extraction.closure(function).unwrap();
+        closure.statements.into_iter().collect()
+    }
+
+    use crate::door::{CellAnalysis, Statement};
+
+    #[test]
+    fn a_closure_takes_what_its_function_reads_transitively_and_nothing_else() {
+        let x = extraction(vec![
+            vec![
+                stmt(Kind::Import, &["pd"], &[], &[]),
+                stmt(Kind::Import, &["np"], &[], &[]),
+            ],
+            vec![stmt(Kind::Code, &["df"], &["pd"], &[])],
+            vec![stmt(Kind::Definition, &["helper"], &[], &["np", "len"])],
+            vec![stmt(
+                Kind::Definition,
+                &["process"],
+                &[],
+                &["helper", "RATE"],
+            )],
+            vec![stmt(Kind::Constant, &["RATE"], &[], &[])],
+        ]);
+        // `RATE` is bound after `process` is defined: a lazy read sees the whole module.
+        assert_eq!(kept(&x, "process"), [(0, 1), (2, 0), (3, 0), (4, 0)]);
+        assert!(x.closure("process").unwrap().warnings.is_empty());
+        assert_eq!(kept(&x, "helper"), [(0, 1), (2, 0)]);
+    }
+
+    #[test]
+    fn an_eager_read_resolves_to_the_binding_before_it() {
+        let x = extraction(vec![
+            vec![stmt(Kind::Constant, &["SCALE"], &[], &[])],
+            vec![stmt(Kind::Definition, &["f"], &["SCALE"], &[])],
+            vec![stmt(Kind::Constant, &["SCALE"], &[], &[])],
+        ]);
+        // A default argument (eager) reads the SCALE of cell 1; the later one is not needed.
+        assert_eq!(kept(&x, "f"), [(0, 0), (1, 0)]);
+    }
+
+    #[test]
+    fn a_global_only_dropped_code_binds_is_refused_with_the_chain_and_the_fix() {
+        let x = extraction(vec![
+            vec![stmt(Kind::Code, &["seen"], &[], &[])],
+            vec![stmt(Kind::Definition, &["helper"], &[], &["seen"])],
+            vec![stmt(Kind::Definition, &["process"], &[], &["helper"])],
+        ]);
+        let message = format!("{:#}", x.closure("process").unwrap_err());
+        for needle in [
+            "`process` -> `helper` uses the global `seen`",
+            "top-level code",
+            "nb.ipynb, cell 1, line 1",
+            "Tag cell 1 `export`",
+        ] {
+            assert!(message.contains(needle), "{needle:?} not in {message}");
+        }
+    }
+
+    #[test]
+    fn an_unresolved_name_pulls_in_star_imports_or_is_a_warning() {
+        let mut star = stmt(Kind::Import, &[], &[], &[]);
+        star.star_import = true;
+        let x = extraction(vec![
+            vec![star],
+            vec![stmt(Kind::Definition, &["f"], &[], &["mystery", "print"])],
+        ]);
+        assert_eq!(kept(&x, "f"), [(0, 0), (1, 0)]);
+
+        let x = extraction(vec![vec![stmt(
+            Kind::Definition,
+            &["f"],
+            &[],
+            &["mystery", "print"],
+        )]]);
+        let closure = x.closure("f").unwrap();
+        assert_eq!(closure.warnings.len(), 1, "{:?}", closure.warnings);
+        assert!(closure.warnings[0].contains("`mystery` is not defined anywhere"));
+    }
+
+    #[test]
+    fn an_exported_cell_is_kept_whole() {
+        let x = extraction(vec![
+            vec![
+                stmt(Kind::Export, &["model"], &[], &[]),
+                stmt(Kind::Export, &["unused"], &[], &[]),
+            ],
+            vec![stmt(Kind::Definition, &["predict"], &[], &["model"])],
+        ]);
+        assert_eq!(kept(&x, "predict"), [(0, 0), (0, 1), (1, 0)]);
+    }
+
+    #[test]
+    fn only_defs_are_callable() {
+        let x = extraction(vec![vec![
+            stmt(Kind::Definition, &["f"], &[], &[]),
+            stmt(Kind::Constant, &["LIMIT"], &[], &[]),
+        ]]);
+        assert_eq!(x.functions(), ["f"]);
+        let message = format!("{:#}", x.closure("LIMIT").unwrap_err());
+        assert!(message.contains("is not a function"), "{message}");
+        let message = format!("{:#}", x.closure("g").unwrap_err());
+        assert!(message.contains("defines no function `g`"), "{message}");
+        assert!(message.contains("functions it defines: f"), "{message}");
+    }
 }

@@ -60,6 +60,60 @@ impl Fixture {
     }
 }
 
+/// A fixture's notebook called in this process through the library: where a test is about
+/// what a call returns, a `host` process adds nothing but its start-up.
+pub struct InProcess {
+    sandbox: host::Sandbox,
+    prepared: host::Prepared,
+    _engine: host::Engine,
+}
+
+impl Fixture {
+    /// Every function of the notebook, bundled and pre-initialised on the test's cache.
+    pub fn in_process(&self) -> InProcess {
+        let engine = host::Engine::new(Some(cache_dir())).unwrap();
+        let sandbox = host::Sandbox::new(&engine, &host::Runtime::locate(None).unwrap()).unwrap();
+        let notebook = host::Notebook::read(&self.notebook).unwrap();
+        let bundle =
+            host::Bundle::from_notebook(&sandbox, &notebook, host::bundle::Select::All, None)
+                .unwrap();
+        let prepared = host::Prepared::new(&sandbox, bundle).unwrap();
+        InProcess {
+            sandbox,
+            prepared,
+            _engine: engine,
+        }
+    }
+}
+
+impl InProcess {
+    /// How `function(*args)` ends under the default policy.
+    pub fn call(&self, function: &str, args: Value) -> host::Outcome {
+        let arguments = host::Arguments {
+            args: serde_json::from_value(args).unwrap(),
+            ..Default::default()
+        };
+        let policy = host::Policy::default();
+        let request = host::Request {
+            function,
+            arguments: &arguments,
+            policy: &policy,
+            record: false,
+        };
+        host::call::call(&self.sandbox, &self.prepared, &request)
+            .unwrap()
+            .outcome
+    }
+
+    /// What `function(*args)` returns; fails the test unless it returns.
+    pub fn value(&self, function: &str, args: Value) -> Value {
+        match self.call(function, args) {
+            host::Outcome::Returned(value) => value,
+            other => panic!("{function} did not return: {other:?}"),
+        }
+    }
+}
+
 pub fn code_cell(source: &str) -> Value {
     json!({"cell_type": "code", "metadata": {}, "source": source, "outputs": [], "execution_count": null})
 }
