@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+use crate::cache;
 use crate::door::{
     Analysis, AnalysisInput, CellSource, Chunk, Door, GUEST_SOURCE, GuestMessage, Kind, Script,
     Statement,
@@ -67,11 +68,11 @@ pub fn analyse(sandbox: &Sandbox, notebook: &Notebook) -> Result<Analysis> {
     h.update(GUEST_SOURCE);
     h.update(&request_json);
     let cached = sandbox
-        .cache_dir()
-        .join("analysis")
+        .cache()
+        .folder("analysis")?
         .join(format!("{}.json", hex::encode(h.finalize())));
-    if let Ok(bytes) = std::fs::read(&cached)
-        && let Ok(analysis) = serde_json::from_slice(&bytes)
+    if let Some(file) = cache::open_file(&cached)?
+        && let Ok(analysis) = serde_json::from_reader(std::io::BufReader::new(file))
     {
         return Ok(analysis);
     }

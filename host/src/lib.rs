@@ -9,7 +9,8 @@
 //!
 //! - Foundations: [`error`] (exit codes, user errors), [`progress`] (what a terminal sees of
 //!   slow one-time work), [`runtime`] (the Python runtime on disk), [`policy`] (grants,
-//!   environment and limits, as typed values).
+//!   environment and limits, as typed values), [`cache`] (the owner-only cache folder, and
+//!   the seals that make what host reads back from it trusted).
 //! - The machine: [`memory`] (linear memories mapped from images and pooled), [`engine`]
 //!   (Wasmtime and the compiled-module cache), [`image`] (memory images on disk).
 //! - The guest boundary: [`door`] (the guest's source and the protocol, every message typed),
@@ -83,6 +84,7 @@
 //! # }
 //! ```
 
+pub mod cache;
 pub mod error;
 pub mod policy;
 pub mod progress;

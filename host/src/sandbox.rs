@@ -6,7 +6,7 @@
 //! the user's grants, no environment variable not given with `--env`. This module is the one
 //! place host opens host paths on the guest's behalf.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context as TaskContext, Poll};
@@ -19,6 +19,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
+use crate::cache::CacheDir;
 use crate::door::{Door, Script};
 use crate::engine::{Engine, EngineSettings, TICK};
 use crate::error::bad_input;
@@ -68,7 +69,7 @@ pub struct Sandbox {
     /// The interpreter's initial memory, which [`Start::Fresh`] instances start from.
     initial: Image,
     native_stack: usize,
-    cache_dir: PathBuf,
+    cache: CacheDir,
 }
 
 /// Where an instance's memory starts.
@@ -158,9 +159,9 @@ impl Sandbox {
             linker: Arc::new(linker),
             pre,
             traced: OnceLock::new(),
-            initial: image::initial_image(engine.cache_dir(), runtime)?,
+            initial: image::initial_image(engine.cache(), runtime)?,
             native_stack: engine.native_stack(),
-            cache_dir: engine.cache_dir().to_owned(),
+            cache: engine.cache().clone(),
         })
     }
 
@@ -186,8 +187,8 @@ impl Sandbox {
     }
 
     /// The per-machine cache folder of the engine this sandbox was made from.
-    pub fn cache_dir(&self) -> &Path {
-        &self.cache_dir
+    pub fn cache(&self) -> &CacheDir {
+        &self.cache
     }
 
     /// Runs `script` in a fresh instance under `policy`, with `door` answering the guest's
