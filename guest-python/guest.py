@@ -388,26 +388,52 @@ def _drive(coroutine):
         return stop.value
 
 
+# A traceback as Python prints it collapses a frame repeated more than this many times in a row
+# ("[Previous line repeated N more times]"); host keeps at most _MAX_FRAMES frames of what is
+# left, the outermost and the innermost halves, so a runaway recursion's report stays small
+# (a million frames once made the report itself overrun the output limit).
+_REPEATS_SHOWN = 3
+_MAX_FRAMES = 100
+_MAX_MESSAGE = 64 << 10
+
+
 def _report_exception(exc, phase):
     """Hand an exception to the host: type, message and the frames from the notebook inward.
     Frames of this file (the driver) are left out: they are host machinery, not the user's."""
-    frames = []
-    for frame in traceback.extract_tb(exc.__traceback__):
-        if frame.filename == _GUEST_FILE:
+    places = []
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        code = frame.f_code
+        if code.co_filename == _GUEST_FILE:
             continue
-        cell = _cell_files.get(frame.filename)
+        place = (code.co_filename, lineno, code.co_name)
+        if len(places) >= _REPEATS_SHOWN and all(p[0] == place for p in places[-_REPEATS_SHOWN:]):
+            places[-1][1] += 1
+        else:
+            places.append([place, 0])
+    omitted = max(len(places) - _MAX_FRAMES, 0)
+    if omitted:
+        places = places[: _MAX_FRAMES // 2] + places[-_MAX_FRAMES // 2 :]
+    frames = []
+    for (filename, lineno, name), repeated in places:
+        cell = _cell_files.get(filename)
         frames.append(
             {
-                "file": _notebook if cell is not None else frame.filename,
+                "file": _notebook if cell is not None else filename,
                 "cell": cell,
-                "line": frame.lineno,
-                "function": frame.name,
-                "text": (frame.line or "").strip(),
+                "line": lineno,
+                "function": name,
+                "text": linecache.getline(filename, lineno).strip(),
+                "repeated": repeated,
             }
         )
     kind = type(exc)
     name = kind.__qualname__ if kind.__module__ in ("builtins", "__notebook__") else f"{kind.__module__}.{kind.__qualname__}"
-    _door({"op": "error", "phase": phase, "type": name, "message": str(exc), "frames": frames})
+    message = str(exc)
+    if len(message) > _MAX_MESSAGE:
+        message = f"{message[:_MAX_MESSAGE]}... ({len(message) - _MAX_MESSAGE} more characters)"
+    _door(
+        {"op": "error", "phase": phase, "type": name, "message": message, "frames": frames, "omitted": omitted}
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -387,6 +387,13 @@ pub struct GuestException {
     pub kind: String,
     pub message: String,
     pub frames: Vec<Frame>,
+    /// Frames left out between the outermost and the innermost ones shown, in a deep stack.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub omitted: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// One traceback frame: in the notebook (`cell` set) or in a library file.
@@ -398,6 +405,10 @@ pub struct Frame {
     pub line: usize,
     pub function: String,
     pub text: String,
+    /// How many more times this frame repeats right below it (a recursion), as Python's
+    /// "[Previous line repeated N more times]" says.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repeated: usize,
 }
 
 impl fmt::Display for GuestException {
@@ -406,7 +417,10 @@ impl fmt::Display for GuestException {
         if !self.frames.is_empty() {
             writeln!(f, "Traceback (most recent call last):")?;
         }
-        for frame in &self.frames {
+        for (i, frame) in self.frames.iter().enumerate() {
+            if self.omitted > 0 && i == self.frames.len() / 2 {
+                writeln!(f, "  [{} frames omitted]", self.omitted)?;
+            }
             let place = match frame.cell {
                 Some(cell) => format!("{}, cell {cell}, line {}", frame.file, frame.line),
                 None => format!("{}, line {}", frame.file, frame.line),
@@ -419,6 +433,13 @@ impl fmt::Display for GuestException {
             writeln!(f, "  {place}{function}")?;
             if !frame.text.is_empty() {
                 writeln!(f, "    {}", frame.text)?;
+            }
+            if frame.repeated > 0 {
+                writeln!(
+                    f,
+                    "  [Previous line repeated {} more times]",
+                    frame.repeated
+                )?;
             }
         }
         if self.message.is_empty() {

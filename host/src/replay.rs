@@ -142,7 +142,7 @@ fn prepare(sandbox: &Sandbox, h: &Header) -> Result<Prepared> {
     let Some(want) = h.image_sha256.as_deref() else {
         return Ok(Prepared::without_image(h.bundle.clone()));
     };
-    let prepared = Prepared::new(sandbox, h.bundle.clone())?;
+    let prepared = Prepared::with_limits(sandbox, h.bundle.clone(), &h.limits.into())?;
     match &prepared.image {
         Some(image) if image.sha256 == want => Ok(prepared),
         // Not a bug here: a trace from another build of host, whose guest code makes another
@@ -178,7 +178,7 @@ pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<
     let function = h.function.as_str();
     let bundle = Bundle::from_notebook(sandbox, notebook, Select::Only(&[function]), None)?;
     let version = bundle.version.clone();
-    let prepared = Prepared::new(sandbox, bundle)?;
+    let prepared = Prepared::with_limits(sandbox, bundle, &h.limits.into())?;
     let blobs = trace.blobs(&sandbox.runtime().stdlib_dir());
     let files = RecordedFiles::from_trace(trace, &blobs)?;
     let mut dirs = Vec::new();

@@ -170,7 +170,7 @@ pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
     let prepared = if args.no_image {
         Prepared::without_image(bundle)
     } else {
-        Prepared::new(sandbox, bundle)?
+        Prepared::with_limits(sandbox, bundle, &policy.limits)?
     };
     let request = Request {
         function: &args.function,
