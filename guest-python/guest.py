@@ -203,13 +203,18 @@ def _analyse_cell(cell):
         return {"index": cell["index"], "cell_magic": first.split()[0], "statements": []}
     text, magics = _strip_magics(source)
     try:
-        tree = ast.parse(text, filename=f"cell {cell['index']}")
+        return _analyse_statements(cell, text, magics)
     except SyntaxError as e:
-        return {
-            "index": cell["index"],
-            "syntax_error": {"line": e.lineno or 1, "message": e.msg},
-            "statements": [],
-        }
+        problem = {"line": e.lineno or 1, "message": e.msg}
+    except (RecursionError, MemoryError) as e:
+        # Nesting too deep for the parser (or symtable) is as unparseable as a syntax error:
+        # the cell is dropped, and the notebook's other functions stay callable.
+        problem = {"line": 1, "message": f"too deeply nested to parse ({type(e).__name__})"}
+    return {"index": cell["index"], "syntax_error": problem, "statements": []}
+
+
+def _analyse_statements(cell, text, magics):
+    tree = ast.parse(text, filename=f"cell {cell['index']}")
     lines = text.split("\n")
     statements = []
     for stmt in tree.body:
@@ -352,6 +357,11 @@ def invoke():
     except _Unconvertible as e:
         _door({"op": "error", "phase": "result", "type": "TypeError", "message": str(e), "frames": []})
         return
+    except (RecursionError, MemoryError) as e:
+        # json.dumps of what to_json made: only nesting past the limit gets here.
+        message = f"the return value cannot be encoded as JSON ({type(e).__name__})"
+        _door({"op": "error", "phase": "result", "type": "TypeError", "message": message, "frames": []})
+        return
     _host.call(b'{"op":"result","value":' + encoded.encode() + b"}")
 
 
@@ -428,12 +438,29 @@ def _report_exception(exc, phase):
         )
     kind = type(exc)
     name = kind.__qualname__ if kind.__module__ in ("builtins", "__notebook__") else f"{kind.__module__}.{kind.__qualname__}"
-    message = str(exc)
+    message = _message(exc)
     if len(message) > _MAX_MESSAGE:
         message = f"{message[:_MAX_MESSAGE]}... ({len(message) - _MAX_MESSAGE} more characters)"
     _door(
         {"op": "error", "phase": phase, "type": name, "message": message, "frames": frames, "omitted": omitted}
     )
+
+
+def _message(exc):
+    """An exception's message; a placeholder when its own `__str__` raises, as the user's
+    exception classes may."""
+    try:
+        return str(exc)
+    except BaseException as e:
+        return f"<the exception's message could not be made: its __str__ raised {type(e).__name__}>"
+
+
+def _describe(value):
+    """`repr(value)` for a path in a message; a placeholder when `__repr__` raises."""
+    try:
+        return repr(value)
+    except Exception:
+        return f"<a {_type_name(value)} whose repr raised>"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,9 +471,26 @@ class _Unconvertible(Exception):
     pass
 
 
-def to_json(value, path="result"):
+# How deep a result may nest: far more than data has, and well inside the interpreter's own
+# recursion limit, which `to_json` and `json.dumps` both use up level by level.
+_MAX_DEPTH = 100
+
+
+def to_json(value, path="result", _within=()):
     """A JSON-ready copy of a return value; raises _Unconvertible naming the first value (and
-    where it sits) that has no JSON form."""
+    where it sits) that has no JSON form, that nests too deep, that contains itself, or whose
+    conversion raised. `_within` holds the ids of the containers `value` sits in."""
+    try:
+        return _to_json(value, path, _within)
+    except _Unconvertible:
+        raise
+    except Exception as e:
+        raise _Unconvertible(
+            f"converting the return value at {path} raised {type(e).__name__}: {_message(e)}"
+        ) from None
+
+
+def _to_json(value, path, within):
     if value is None or isinstance(value, (bool, str)):
         return value
     # numpy and pandas first: their scalars subclass float and datetime but need their own rules.
@@ -465,20 +509,28 @@ def to_json(value, path="result"):
         return value.isoformat()
     if isinstance(value, datetime.timedelta):
         return value.total_seconds()
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        if id(value) in within:
+            raise _Unconvertible(f"the return value contains itself at {path}, which has no JSON form")
+        if len(within) >= _MAX_DEPTH:
+            raise _Unconvertible(
+                f"the return value nests deeper than {_MAX_DEPTH} levels at {path}, more than JSON results may"
+            )
+        within = (*within, id(value))
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
-            out[_key(k, path)] = to_json(v, f"{path}[{k!r}]")
+            out[_key(k, path)] = to_json(v, f"{path}[{_describe(k)}]", within)
         return out
     if isinstance(value, (list, tuple)):
-        return [to_json(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [to_json(v, f"{path}[{i}]", within) for i, v in enumerate(value)]
     if isinstance(value, (set, frozenset)):
         items = list(value)
         try:
             items.sort()
-        except TypeError:
+        except Exception:
             pass
-        return [to_json(v, f"{path}[{i}]") for i, v in enumerate(items)]
+        return [to_json(v, f"{path}[{i}]", within) for i, v in enumerate(items)]
     raise _Unconvertible(
         f"the return value holds a {_type_name(value)} at {path}, which has no JSON form: "
         "return plain values (numbers, strings, lists, dicts), numpy or pandas objects"

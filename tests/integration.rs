@@ -5,6 +5,8 @@
 
 mod common;
 
+/// Hostile input of every kind, one line per case: refused or contained, nothing outside changed.
+mod attacks;
 /// `host bundle`, `host inspect`, versions and pre-initialised images.
 mod bundles;
 /// Arguments in, JSON out, exceptions and exit codes.

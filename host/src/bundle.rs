@@ -15,6 +15,9 @@ use sha2::{Digest, Sha256};
 use crate::door::{Arguments, BundleSource, Chunk, Door, WarmUp};
 use crate::error::bad_input;
 use crate::extract::{self, Closure, Extraction, StatementSummary};
+use crate::files::{
+    MAX_NOTEBOOK, SigningKey, is_signed, read_regular, sealed, unsealed, write_private,
+};
 use crate::notebook::Notebook;
 use crate::sandbox::Sandbox;
 
@@ -31,6 +34,11 @@ pub struct Bundle {
     pub manifest: Manifest,
     /// The kept source, cell by cell, each line at its notebook line number.
     pub chunks: Vec<Chunk>,
+    /// sha256 of everything above (the bundle as compact JSON with this field empty): the
+    /// version covers what runs, so a label or a date can differ between bundles of one
+    /// version, and this covers the rest, so no field of a bundle can be edited unnoticed.
+    #[serde(default)]
+    pub sha256: String,
 }
 
 /// What a bundle records about where it came from and what it holds.
@@ -67,6 +75,12 @@ pub struct Manifest {
 pub struct FunctionClosure {
     pub function: String,
     pub statements: Vec<StatementSummary>,
+}
+
+/// What a path given as a notebook or a bundle holds.
+pub enum Opened {
+    Bundle(Box<Bundle>),
+    Notebook(Notebook),
 }
 
 /// How to pick the functions of a new bundle.
@@ -155,8 +169,9 @@ impl Bundle {
                 warm_up: Vec::new(),
             },
             chunks,
+            sha256: String::new(),
         };
-        bundle.version = bundle.content_version();
+        bundle.seal();
         Ok(bundle)
     }
 
@@ -170,30 +185,40 @@ impl Bundle {
             args: arguments.args.clone(),
             kwargs: arguments.kwargs.clone(),
         });
-        self.version = self.content_version();
+        self.seal();
         Ok(self)
     }
 
     /// A bundle from a path that holds either a bundle or a notebook (which is extracted now,
-    /// its analysis cached by content).
-    pub fn open(sandbox: &Sandbox, path: &Path, select: Select<'_>) -> Result<Bundle> {
-        let bytes = std::fs::read(path).map_err(|e| {
-            bad_input(format!(
-                "cannot read notebook or bundle `{}`: {e}",
-                path.display()
-            ))
-        })?;
-        if Self::sniff(&bytes) {
-            let bundle = Self::parse(path, &bytes)?;
-            if let Select::Only(functions) = select {
-                for f in functions {
-                    bundle.check_function(f)?;
+    /// its analysis cached by content). With `key`, a bundle must be signed with it.
+    pub fn open(
+        sandbox: &Sandbox,
+        path: &Path,
+        select: Select<'_>,
+        key: Option<&SigningKey>,
+    ) -> Result<Bundle> {
+        match Self::read(path, key)? {
+            Opened::Bundle(bundle) => {
+                if let Select::Only(functions) = select {
+                    for f in functions {
+                        bundle.check_function(f)?;
+                    }
                 }
+                Ok(*bundle)
             }
-            return Ok(bundle);
+            Opened::Notebook(notebook) => Self::from_notebook(sandbox, &notebook, select, None),
         }
-        let notebook = Notebook::parse(path, &bytes)?;
-        Self::from_notebook(sandbox, &notebook, select, None)
+    }
+
+    /// Reads a path that holds a bundle (checked, and with `key` its signature too) or a
+    /// notebook.
+    pub fn read(path: &Path, key: Option<&SigningKey>) -> Result<Opened> {
+        let bytes = read_regular(path, "notebook or bundle", MAX_NOTEBOOK)?;
+        if is_signed(&bytes) || Self::sniff(&bytes) {
+            let body = unsealed(key, &bytes, &format!("bundle `{}`", path.display()))?;
+            return Ok(Opened::Bundle(Box::new(Self::parse(path, body)?)));
+        }
+        Ok(Opened::Notebook(Notebook::parse(path, &bytes)?))
     }
 
     /// Parses bundle bytes; `path` names the bundle in messages.
@@ -225,8 +250,25 @@ impl Bundle {
         )
     }
 
-    /// Refuses a bundle whose content does not hash to its version: it was changed after it
-    /// was made.
+    /// sha256 of the whole bundle but this field: [`Bundle::sha256`].
+    fn content_sha256(&self) -> String {
+        let unsealed = Bundle {
+            sha256: String::new(),
+            ..self.clone()
+        };
+        hex::encode(Sha256::digest(
+            serde_json::to_vec(&unsealed).expect("a bundle is JSON"),
+        ))
+    }
+
+    /// Sets the version and the sha256 from the content, after it was made or changed.
+    fn seal(&mut self) {
+        self.version = self.content_version();
+        self.sha256 = self.content_sha256();
+    }
+
+    /// Refuses a bundle whose content does not hash to its version and its sha256: it was
+    /// changed after it was made, in what runs or in its manifest.
     pub fn check_version(&self) -> Result<()> {
         let expected = self.content_version();
         if expected != self.version {
@@ -235,14 +277,27 @@ impl Bundle {
                 self.version
             )));
         }
+        if self.sha256.is_empty() {
+            return Err(bad_input(
+                "has no sha256 of its content (it was made by an older host): make it again with `host bundle`",
+            ));
+        }
+        let sha256 = self.content_sha256();
+        if sha256 != self.sha256 {
+            return Err(bad_input(format!(
+                "was changed after it was made: its manifest and source hash to {}, not to its sha256 {}",
+                short(&sha256),
+                short(&self.sha256)
+            )));
+        }
         Ok(())
     }
 
-    /// Writes the bundle as JSON.
-    pub fn write(&self, path: &Path) -> Result<()> {
+    /// Writes the bundle as JSON, owner-only and atomically, signed with `key` when given.
+    pub fn write(&self, path: &Path, key: Option<&SigningKey>) -> Result<()> {
         let mut text = serde_json::to_string_pretty(self)?;
         text.push('\n');
-        std::fs::write(path, text)
+        write_private(path, &sealed(key, text.into_bytes()))
             .with_context(|| format!("failed to write bundle `{}`", path.display()))
     }
 

@@ -248,31 +248,10 @@ impl Drop for Engine {
     }
 }
 
-/// Writes a cache file readable by its owner only, in a private folder, atomically: it is
-/// written aside and renamed into place, so a concurrent process never reads half a file.
+/// Writes a cache file readable by its owner only, in a private folder, atomically (see
+/// [`crate::files::write_private`]): a concurrent process never reads half a file.
 pub fn write_cache_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().context("a cache file needs a folder")?;
     cache::create_private_dir(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.{:?}.tmp",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    write_private(&tmp, bytes)?;
-    std::fs::rename(&tmp, path).with_context(|| format!("failed to write `{}`", path.display()))
-}
-
-/// Writes a file only its owner can read.
-pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("failed to create `{}`", path.display()))?;
-    file.write_all(bytes)
-        .with_context(|| format!("failed to write `{}`", path.display()))
+    crate::files::write_private(path, bytes)
 }

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::UserError;
+use crate::files::{MAX_NOTEBOOK, read_regular};
 
 /// A notebook as host uses it: its name, and its cells in order.
 #[derive(Debug, Clone)]
@@ -52,11 +53,10 @@ impl Cell {
 impl Notebook {
     /// Reads and checks a notebook file.
     ///
-    /// Every failure is a [`UserError::BadInput`] naming the file and what is wrong with it.
+    /// Every failure is a [`UserError::BadInput`] naming the file and what is wrong with it;
+    /// anything but a regular file of at most [`MAX_NOTEBOOK`] bytes is refused unread.
     pub fn read(path: &Path) -> Result<Notebook> {
-        let bytes = std::fs::read(path).map_err(|e| {
-            UserError::BadInput(format!("cannot read notebook `{}`: {e}", path.display()))
-        })?;
+        let bytes = read_regular(path, "notebook", MAX_NOTEBOOK)?;
         Self::parse(path, &bytes)
     }
 

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use wasmtime::{Caller, Func, Instance, Linker, Memory, Module, Val};
 
+use crate::error::bad_input;
 use crate::runtime::STDLIB_GUEST_DIR;
 
 /// Writes up to this size are stored in the event itself; larger ones once, by content.
@@ -187,30 +188,73 @@ impl Blobs {
     pub fn get(&self, data: &Data) -> Result<Vec<u8>> {
         let text = match data {
             Data::Inline(text) => text,
-            Data::Blob(id) => self
-                .map
-                .get(id)
-                .with_context(|| format!("the trace has no blob {id}"))?,
+            Data::Blob(id) => self.blob(id)?,
             Data::Runtime { file, offset, len } => {
                 use std::os::unix::fs::FileExt;
-                let dir = self
-                    .runtime
-                    .as_ref()
-                    .context("no runtime to read recorded runtime files from")?;
-                if file.split('/').any(|c| c == ".." || c.is_empty()) {
-                    anyhow::bail!("the trace names a runtime file outside the runtime: {file:?}");
-                }
+                let handle = self.runtime_range(file, *offset, *len)?;
                 let mut bytes = vec![0; *len as usize];
-                std::fs::File::open(dir.join(file))
-                    .and_then(|f| f.read_exact_at(&mut bytes, *offset))
-                    .with_context(|| {
-                        format!("failed to read {len} bytes of the runtime's {file} at {offset}")
-                    })?;
+                handle.read_exact_at(&mut bytes, *offset).with_context(|| {
+                    format!("failed to read {len} bytes of the runtime's {file} at {offset}")
+                })?;
                 return Ok(bytes);
             }
         };
-        B64.decode(text).context("the trace holds malformed base64")
+        decode(text)
     }
+
+    /// Refuses data that [`Blobs::get`] could not give, without reading it: a blob that is
+    /// missing, inline bytes that are not base64, a runtime range out of the runtime's files.
+    /// A trace's references are its author's word, checked before a replay relies on them.
+    pub fn check(&self, data: &Data) -> Result<()> {
+        match data {
+            Data::Inline(text) => decode(text).map(drop),
+            Data::Blob(id) => self.blob(id).map(drop),
+            Data::Runtime { file, offset, len } => {
+                self.runtime_range(file, *offset, *len).map(drop)
+            }
+        }
+    }
+
+    fn blob(&self, id: &str) -> Result<&String> {
+        self.map
+            .get(id)
+            .ok_or_else(|| bad_input(format!("the trace has no blob {id}")))
+    }
+
+    /// The runtime's `file`, opened beneath the runtime's folder only (the name comes from
+    /// the trace), once the range is known to lie inside it.
+    fn runtime_range(&self, file: &str, offset: u64, len: u32) -> Result<std::fs::File> {
+        let dir = self
+            .runtime
+            .as_ref()
+            .context("no runtime to read recorded runtime files from")?;
+        let outside = || {
+            bad_input(format!(
+                "the trace names a runtime file outside the runtime: {file:?}"
+            ))
+        };
+        if file.split('/').any(|c| c == ".." || c.is_empty()) {
+            return Err(outside());
+        }
+        let runtime = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
+            .with_context(|| format!("failed to open the runtime's `{}`", dir.display()))?;
+        let handle = runtime.open(file).map_err(|_| outside())?.into_std();
+        let size = handle.metadata()?.len();
+        if offset
+            .checked_add(u64::from(len))
+            .is_none_or(|end| end > size)
+        {
+            return Err(bad_input(format!(
+                "the trace reads {len} bytes of the runtime's {file} at {offset}, past its end ({size} bytes)"
+            )));
+        }
+        Ok(handle)
+    }
+}
+
+fn decode(text: &str) -> Result<Vec<u8>> {
+    B64.decode(text)
+        .map_err(|e| bad_input(format!("the trace holds malformed base64: {e}")))
 }
 
 /// Which open files are the runtime's own (opened under its standard library folder), and
@@ -278,7 +322,7 @@ impl RuntimeFiles {
             "fd_pread" => self
                 .open
                 .get(&fd)
-                .map(|(file, _)| (file.clone(), args[3] as u64)),
+                .and_then(|(file, _)| Some((file.clone(), *args.get(3)? as u64))),
             "fd_close" => {
                 self.open.remove(&fd);
                 None

@@ -51,6 +51,9 @@ pub enum Ended {
     Limit(LimitExceeded),
     /// The guest called WASI's `proc_exit` (Python's `os._exit`).
     Exit(i32),
+    /// The interpreter trapped (`os.abort()`, a fatal signal, a fatal error): the guest's
+    /// doing, said as Wasmtime describes the trap.
+    Crashed(String),
     /// A replay went another way than the recording.
     Diverged(Divergence),
 }
@@ -329,11 +332,13 @@ impl Sandbox {
 
         let (stdout, stderr) = streams.take();
         let State { door, tracing, .. } = store.into_data();
-        // A message host could not read made the guest fail: that is the error to report.
-        door.check()?;
-        let ended = match outcome {
-            Ok(()) => Ended::Finished,
-            Err(e) => classify(e, limits, &stderr)?,
+        // A message host cannot read is what made the guest fail, so it is what to report.
+        // host's own guest code sends none, and any code in the guest can reach the door as
+        // it can any module: it is the guest's doing.
+        let ended = match (door.check(), outcome) {
+            (Err(malformed), _) => Ended::Crashed(format!("{malformed:#}")),
+            (Ok(()), Ok(())) => Ended::Finished,
+            (Ok(()), Err(e)) => classify(e, limits, &stderr)?,
         };
         Ok(Run {
             ended,
@@ -592,7 +597,7 @@ fn check_grant_dir(path: &Path) -> Result<()> {
     }
 }
 
-/// Sorts a failed run: a limit by name, an exit, or else an internal error.
+/// Sorts a failed run: a limit by name, an exit, a trap, or else an internal error.
 fn classify(e: wasmtime::Error, limits: &Limits, stderr: &[u8]) -> Result<Ended> {
     if let Some(limit) = e.downcast_ref::<LimitExceeded>() {
         return Ok(Ended::Limit(*limit));
@@ -603,7 +608,10 @@ fn classify(e: wasmtime::Error, limits: &Limits, stderr: &[u8]) -> Result<Ended>
     match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => return Ok(Ended::Limit(LimitExceeded::Time(limits.timeout))),
         Some(Trap::StackOverflow) => return Ok(Ended::Limit(LimitExceeded::Stack)),
-        _ => {}
+        // Only the interpreter's own code traps (abort() is `unreachable`): what the guest
+        // did ended it, not a fault of host's.
+        Some(trap) => return Ok(Ended::Crashed(trap.to_string())),
+        None => {}
     }
     if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
         return Ok(Ended::Exit(exit.0));

@@ -6,10 +6,11 @@ use std::str::FromStr;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::run::read_arguments;
+use super::run::{DEFAULT_MAX_INPUT, read_arguments};
 use super::{GlobalOptions, check_output};
 use crate::bundle::{Bundle, Select, short};
 use crate::error::{Exit, bad_input};
+use crate::files::SigningKey;
 use crate::notebook::Notebook;
 use crate::preinit::Prepared;
 
@@ -75,7 +76,7 @@ pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
     };
     let mut bundle = Bundle::from_notebook(&sandbox, &notebook, select, args.label.as_deref())?;
     for spec in &args.warm_up {
-        let arguments = read_arguments(&spec.input)
+        let arguments = read_arguments(&spec.input, DEFAULT_MAX_INPUT)
             .with_context(|| format!("--warm-up `{}={}`", spec.function, spec.input.display()))?;
         bundle = bundle.warm_up(&spec.function, &arguments)?;
     }
@@ -108,7 +109,7 @@ pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
         }
         prepared.bundle
     };
-    bundle.write(&output)?;
+    bundle.write(&output, SigningKey::from_env()?.as_ref())?;
     let version = &bundle.version;
     let functions = bundle.manifest.functions.join(", ");
     eprintln!(

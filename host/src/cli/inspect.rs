@@ -8,9 +8,10 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use super::GlobalOptions;
-use crate::bundle::{Bundle, short};
-use crate::error::{Exit, bad_input};
+use crate::bundle::{Bundle, Opened, short};
+use crate::error::Exit;
 use crate::extract::{self, Extraction, StatementSummary};
+use crate::files::SigningKey;
 use crate::notebook::{CellKind, Notebook};
 
 #[derive(Debug, Args)]
@@ -23,21 +24,15 @@ pub struct InspectArgs {
 }
 
 pub fn inspect(global: &GlobalOptions, args: &InspectArgs) -> Result<Exit> {
-    let bytes = std::fs::read(&args.path).map_err(|e| {
-        bad_input(format!(
-            "cannot read notebook or bundle `{}`: {e}",
-            args.path.display()
-        ))
-    })?;
-    let report = if Bundle::sniff(&bytes) {
-        bundle_report(&Bundle::parse(&args.path, &bytes)?)
-    } else {
-        let notebook = Notebook::parse(&args.path, &bytes)?;
-        let (_engine, sandbox) = global.sandbox()?;
-        notebook_report(
-            &notebook,
-            &Extraction::new(&notebook, extract::analyse(&sandbox, &notebook)?),
-        )
+    let report = match Bundle::read(&args.path, SigningKey::from_env()?.as_ref())? {
+        Opened::Bundle(bundle) => bundle_report(&bundle),
+        Opened::Notebook(notebook) => {
+            let (_engine, sandbox) = global.sandbox()?;
+            notebook_report(
+                &notebook,
+                &Extraction::new(&notebook, extract::analyse(&sandbox, &notebook)?),
+            )
+        }
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
