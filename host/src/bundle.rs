@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::call::Arguments;
 use crate::error::bad_input;
 use crate::extract::{self, Chunk, Closure, Extraction, StatementSummary};
+use crate::neighbours::{self, Module, Wheel};
 use crate::notebook::Notebook;
 use crate::sandbox::{Door, Sandbox};
 
@@ -31,6 +32,11 @@ pub struct Bundle {
     pub manifest: Manifest,
     /// The kept source, cell by cell, each line at its notebook line number.
     pub chunks: Vec<Chunk>,
+    /// Modules the source imports that the runtime does not have: the notebook's neighbours
+    /// (a `.py` file, a package folder, a sibling notebook's kept cells) and the modules of
+    /// the wheels given with `--wheel`. Part of the version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<Module>,
 }
 
 /// What a bundle records about where it came from and what it holds.
@@ -84,6 +90,7 @@ pub struct FunctionClosure {
 struct LoadRequest<'a> {
     notebook: &'a str,
     chunks: &'a [Chunk],
+    modules: &'a [Module],
 }
 
 /// How to pick the functions of a new bundle.
@@ -97,12 +104,24 @@ pub enum Select<'a> {
 }
 
 impl Bundle {
-    /// Extracts functions (and what they need) from `notebook`.
+    /// Extracts functions (and what they need) from `notebook`, with the modules next to it
+    /// that they import.
     pub fn from_notebook(
         sandbox: &Sandbox,
         notebook: &Notebook,
         select: Select<'_>,
         label: Option<&str>,
+    ) -> Result<Bundle> {
+        Self::from_notebook_with(sandbox, notebook, select, label, &[])
+    }
+
+    /// [`Bundle::from_notebook`], with the modules of pure-Python `wheels` carried too.
+    pub fn from_notebook_with(
+        sandbox: &Sandbox,
+        notebook: &Notebook,
+        select: Select<'_>,
+        label: Option<&str>,
+        wheels: &[Wheel],
     ) -> Result<Bundle> {
         let analysis = extract::analyse(sandbox, notebook)?;
         let extraction = Extraction::new(notebook, analysis);
@@ -155,6 +174,12 @@ impl Bundle {
             .collect();
         let functions: Vec<String> = per_function.iter().map(|(f, _)| f.to_string()).collect();
         let chunks = extraction.source(&closure);
+        let folder = match notebook.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let modules =
+            neighbours::gather(sandbox, folder, &extraction, &closure.statements, wheels)?;
         let runtime_sha256 = sandbox.runtime().sha256().to_owned();
         let mut bundle = Bundle {
             format: FORMAT.to_owned(),
@@ -172,6 +197,7 @@ impl Bundle {
                 warm_up: Vec::new(),
             },
             chunks,
+            modules,
         };
         bundle.version = bundle.content_version();
         Ok(bundle)
@@ -246,6 +272,7 @@ impl Bundle {
             &m.functions,
             &m.runtime_sha256,
             &m.warm_up,
+            &self.modules,
         )
     }
 
@@ -290,6 +317,7 @@ impl Bundle {
         let request = LoadRequest {
             notebook: &self.manifest.notebook,
             chunks: &self.chunks,
+            modules: &self.modules,
         };
         door.answer("bundle", &request)?
             .answer("warm_up", &self.manifest.warm_up)
@@ -325,6 +353,7 @@ fn version(
     functions: &[String],
     runtime_sha256: &str,
     warm_up: &[WarmUp],
+    modules: &[Module],
 ) -> String {
     #[derive(Serialize)]
     struct Versioned<'a> {
@@ -335,6 +364,9 @@ fn version(
         // Absent when empty, so bundles without warm-up keep the versions they had.
         #[serde(skip_serializing_if = "<[WarmUp]>::is_empty")]
         warm_up: &'a [WarmUp],
+        // Absent when empty too, for the same reason.
+        #[serde(skip_serializing_if = "<[Module]>::is_empty")]
+        modules: &'a [Module],
     }
     let canonical = serde_json::to_vec(&Versioned {
         notebook,
@@ -342,6 +374,7 @@ fn version(
         functions,
         runtime_sha256,
         warm_up,
+        modules,
     })
     .unwrap();
     hex::encode(Sha256::digest(canonical))
@@ -387,24 +420,67 @@ mod tests {
             cell: 2,
             text: "def f():\n    return 1\n".into(),
         }];
-        let v = version("nb.ipynb", &chunks, &["f".into()], "abc", &[]);
-        assert_eq!(v, version("nb.ipynb", &chunks, &["f".into()], "abc", &[]));
-        assert_ne!(v, version("nb.ipynb", &chunks, &["f".into()], "abd", &[]));
+        let v = version("nb.ipynb", &chunks, &["f".into()], "abc", &[], &[]);
+        assert_eq!(
+            v,
+            version("nb.ipynb", &chunks, &["f".into()], "abc", &[], &[])
+        );
         assert_ne!(
             v,
-            version("nb.ipynb", &chunks, &["f".into(), "g".into()], "abc", &[])
+            version("nb.ipynb", &chunks, &["f".into()], "abd", &[], &[])
+        );
+        assert_ne!(
+            v,
+            version(
+                "nb.ipynb",
+                &chunks,
+                &["f".into(), "g".into()],
+                "abc",
+                &[],
+                &[]
+            )
         );
         let changed = vec![Chunk {
             cell: 2,
             text: "def f():\n    return 2\n".into(),
         }];
-        assert_ne!(v, version("nb.ipynb", &changed, &["f".into()], "abc", &[]));
+        assert_ne!(
+            v,
+            version("nb.ipynb", &changed, &["f".into()], "abc", &[], &[])
+        );
         let warm = [WarmUp {
             function: "f".into(),
             args: vec![serde_json::json!(1)],
             kwargs: Default::default(),
         }];
-        assert_ne!(v, version("nb.ipynb", &chunks, &["f".into()], "abc", &warm));
+        assert_ne!(
+            v,
+            version("nb.ipynb", &chunks, &["f".into()], "abc", &warm, &[])
+        );
+        let module = crate::neighbours::Module {
+            name: "helpers".into(),
+            file: "helpers.py".into(),
+            package: false,
+            chunks: Vec::new(),
+            sha256: "00".into(),
+        };
+        let with = version(
+            "nb.ipynb",
+            &chunks,
+            &["f".into()],
+            "abc",
+            &[],
+            std::slice::from_ref(&module),
+        );
+        assert_ne!(v, with);
+        let changed = crate::neighbours::Module {
+            sha256: "01".into(),
+            ..module
+        };
+        assert_ne!(
+            with,
+            version("nb.ipynb", &chunks, &["f".into()], "abc", &[], &[changed])
+        );
     }
 
     #[test]

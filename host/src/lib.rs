@@ -41,6 +41,7 @@ pub mod engine;
 pub mod error;
 pub mod extract;
 pub(crate) mod memory;
+pub mod neighbours;
 pub mod notebook;
 pub mod progress;
 pub mod replay;

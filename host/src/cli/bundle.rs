@@ -9,6 +9,7 @@ use super::GlobalOptions;
 use crate::bundle::{Bundle, Select, short};
 use crate::call::Arguments;
 use crate::error::{Exit, bad_input};
+use crate::neighbours::Wheel;
 use crate::notebook::Notebook;
 use crate::snapshot::Prepared;
 
@@ -37,6 +38,10 @@ pub struct BundleArgs {
         conflicts_with = "no_image"
     )]
     pub warm_up: Vec<String>,
+    /// A pure-Python wheel whose modules the bundle carries, for a library the runtime does
+    /// not have (repeatable).
+    #[arg(long = "wheel", value_name = "FILE.whl")]
+    pub wheels: Vec<PathBuf>,
 }
 
 pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
@@ -48,7 +53,13 @@ pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
     } else {
         Select::Only(&functions)
     };
-    let mut bundle = Bundle::from_notebook(&sandbox, &notebook, select, args.label.as_deref())?;
+    let wheels = args
+        .wheels
+        .iter()
+        .map(|w| Wheel::read(w))
+        .collect::<Result<Vec<_>>>()?;
+    let mut bundle =
+        Bundle::from_notebook_with(&sandbox, &notebook, select, args.label.as_deref(), &wheels)?;
     for spec in &args.warm_up {
         let (function, input) = spec
             .split_once('=')

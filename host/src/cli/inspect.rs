@@ -108,7 +108,12 @@ fn bundle_report(bundle: &Bundle) -> Value {
             json!({"cell": c.cell, "lines": lines})
         })
         .collect();
-    json!({"bundle": bundle.version, "manifest": m, "source_map": kept, "functions": functions})
+    let modules: Vec<Value> = bundle
+        .modules
+        .iter()
+        .map(|m| json!({"module": m.name, "file": m.file, "sha256": m.sha256}))
+        .collect();
+    json!({"bundle": bundle.version, "manifest": m, "source_map": kept, "functions": functions, "modules": modules})
 }
 
 fn render(report: &Value) -> String {
@@ -160,6 +165,15 @@ fn render(report: &Value) -> String {
         );
         if let Some(label) = m["label"].as_str() {
             let _ = writeln!(out, "  label    {label}");
+        }
+        for module in report["modules"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "  module   {} from {} (sha256 {})",
+                module["module"].as_str().unwrap_or(""),
+                module["file"].as_str().unwrap_or(""),
+                short(module["sha256"].as_str().unwrap_or(""))
+            );
         }
         for call in m["warm_up"].as_array().into_iter().flatten() {
             let _ = writeln!(
