@@ -402,3 +402,66 @@ fn unzip(bytes: &[u8]) -> Result<BTreeMap<String, Vec<u8>>> {
     }
     Ok(files)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_become_modules_packages_and_namespace_packages() {
+        let sources = BTreeMap::from([
+            ("lib/__init__.py".to_owned(), "A = 1".to_owned()),
+            ("lib/ns/deep.py".to_owned(), "B = 2".to_owned()),
+            ("top.py".to_owned(), "C = 3".to_owned()),
+        ]);
+        let modules = modules_of_files(&sources, "w.whl:");
+        let shape: Vec<(&str, &str, bool, usize)> = modules
+            .iter()
+            .map(|m| (m.name.as_str(), m.file.as_str(), m.package, m.chunks.len()))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                ("lib", "w.whl:lib/__init__.py", true, 1),
+                ("lib.ns", "w.whl:lib/ns/", true, 0),
+                ("lib.ns.deep", "w.whl:lib/ns/deep.py", false, 1),
+                ("top", "w.whl:top.py", false, 1),
+            ]
+        );
+        assert_ne!(modules[0].sha256, modules[3].sha256);
+    }
+
+    #[test]
+    fn a_stored_zip_is_read_and_garbage_refused() {
+        // One stored entry, as `zip -0` writes it (the CRC is not checked).
+        let name = b"a.py";
+        let data = b"x = 1\n";
+        let mut zip = Vec::new();
+        zip.extend_from_slice(b"PK\x03\x04");
+        zip.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        zip.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        zip.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        zip.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        zip.extend_from_slice(&0u16.to_le_bytes());
+        zip.extend_from_slice(name);
+        zip.extend_from_slice(data);
+        let central = zip.len();
+        zip.extend_from_slice(b"PK\x01\x02");
+        zip.extend_from_slice(&[20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        zip.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        zip.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        zip.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        zip.extend_from_slice(&[0; 12]);
+        zip.extend_from_slice(&0u32.to_le_bytes());
+        zip.extend_from_slice(name);
+        let size = zip.len() - central;
+        zip.extend_from_slice(b"PK\x05\x06");
+        zip.extend_from_slice(&[0, 0, 0, 0, 1, 0, 1, 0]);
+        zip.extend_from_slice(&(size as u32).to_le_bytes());
+        zip.extend_from_slice(&(central as u32).to_le_bytes());
+        zip.extend_from_slice(&[0, 0]);
+        let files = unzip(&zip).unwrap();
+        assert_eq!(files["a.py"], data);
+        assert!(unzip(b"not a zip at all, just some bytes").is_err());
+    }
+}
