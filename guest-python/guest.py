@@ -59,7 +59,8 @@ def _ipython_lines(source):
     known to be bound by dropped code); inside a block it is a call to `__host_magic__`, which
     raises a clear error if it is reached. Returns the lines and, by line number, what each
     escape was (`magic` or `shell`)."""
-    lines = source.split("\n")
+    # Python reads `\r\n` and a lone `\r` as line ends too; the lines here must be its lines.
+    lines = source.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     first = next((line for line in lines if line.strip()), "")
     indent = first[: len(first) - len(first.lstrip())]
     if indent:
@@ -278,13 +279,16 @@ _found = {}
 
 
 def _in_runtime(module):
-    """Whether the interpreter can import a top-level module (finding it imports nothing)."""
+    """Whether the interpreter can import a top-level module (finding it imports nothing), or
+    the guest stands in for it (IPython)."""
+    if module == "IPython":
+        return True
     if module not in _found:
         import importlib.util
 
         try:
             _found[module] = module in sys.builtin_module_names or importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
+        except Exception:  # a broken module's own finder code, a name it cannot take
             _found[module] = False
     return _found[module]
 
@@ -401,10 +405,23 @@ def _analyse_cell(cell):
     return {"index": cell["index"], "text": text, "statements": statements}
 
 
+def _analyse_or_drop(cell):
+    """A cell the interpreter's own parser or compiler cannot take (nesting too deep for it)
+    is dropped whole and named, like a cell that does not parse: never a failed analysis."""
+    try:
+        return _analyse_cell(cell)
+    except Exception as e:
+        return {
+            "index": cell["index"],
+            "syntax_error": {"line": 1, "message": f"host cannot analyse it ({type(e).__name__}: {e})"},
+            "statements": [],
+        }
+
+
 def analyse():
     """Answer the host's `analyse` request: every code cell, statement by statement."""
     request = _door({"op": "input"})
-    cells = [_analyse_cell(cell) for cell in request["cells"]]
+    cells = [_analyse_or_drop(cell) for cell in request["cells"]]
     _door({"op": "output", "cells": cells, "builtins": sorted(dir(builtins))})
 
 
@@ -476,7 +493,7 @@ class _Bundled:
     def find_spec(self, name, path=None, target=None):
         import importlib.util
 
-        module = self.modules.get(name)
+        module = self.modules.get(name) or _IPYTHON.get(name)
         if module is not None:
             return importlib.util.spec_from_loader(
                 name, self, origin=module["file"], is_package=module.get("package", False)
@@ -496,9 +513,66 @@ class _Bundled:
         return None
 
     def exec_module(self, module):
-        bundled = self.modules[module.__name__]
+        bundled = self.modules.get(module.__name__) or _IPYTHON[module.__name__]
         for chunk in bundled["chunks"]:
             _run_chunk(bundled["file"], chunk, module.__dict__)
+
+
+_IPYTHON_DISPLAY = """\
+__all__ = ["display", "update_display", "clear_output", "DisplayObject", "HTML", "Markdown",
+           "Latex", "Math", "JSON", "SVG", "Javascript", "Image", "Code", "Pretty", "IFrame"]
+
+
+def display(*objs, **kwargs):
+    \"\"\"IPython's `display` where no IPython shell runs: it prints the objects.\"\"\"
+    print(*objs)
+
+
+def update_display(obj, **kwargs):
+    display(obj)
+
+
+def clear_output(wait=False):
+    \"\"\"Nothing to clear: the output is a stream.\"\"\"
+
+
+class DisplayObject:
+    def __init__(self, data=None, url=None, filename=None, metadata=None, *args, **kwargs):
+        self.data, self.url, self.filename, self.metadata = data, url, filename, metadata
+
+    def __repr__(self):
+        return f"<IPython.core.display.{type(self).__name__} object>"
+
+
+class HTML(DisplayObject): pass
+class Markdown(DisplayObject): pass
+class Latex(DisplayObject): pass
+class Math(DisplayObject): pass
+class JSON(DisplayObject): pass
+class SVG(DisplayObject): pass
+class Javascript(DisplayObject): pass
+class Image(DisplayObject): pass
+class Code(DisplayObject): pass
+class Pretty(DisplayObject): pass
+class IFrame(DisplayObject):
+    def __init__(self, src, width, height, *args, **kwargs):
+        super().__init__(data=src)
+"""
+
+# IPython is not in the runtime. What functions use of it works as it does where no IPython
+# shell runs (a notebook imported as a module, nbimporter-style): `display()` prints,
+# `clear_output()` does nothing, `get_ipython()` is None, the rich display classes hold their
+# data. A bundled IPython (a wheel) comes first.
+_IPYTHON = {
+    name: {"name": name, "file": "<host's IPython stand-in>", "package": package, "chunks": [{"text": text}]}
+    for name, package, text in [
+        ("IPython", True, "def get_ipython():\n    return None\n"),
+        ("IPython.display", False, _IPYTHON_DISPLAY),
+        ("IPython.core", True, ""),
+        ("IPython.core.display", False, "from IPython.display import *\n"),
+        ("IPython.core.display_functions", False, "from IPython.display import display, update_display, clear_output\n"),
+    ]
+}
 
 
 class _Adjusted:

@@ -454,3 +454,27 @@ fn errors_at_the_sandbox_edge_say_so_and_name_the_flag() {
         run.stderr
     );
 }
+
+#[test]
+fn ipython_display_behaves_as_it_does_outside_a_notebook() {
+    let fx = Fixture::code(&[
+        "from IPython.display import display, HTML, clear_output\nfrom IPython import get_ipython",
+        "def show(x):\n    display(x, HTML('<b>'))\n    clear_output(wait=True)\n    return [x, get_ipython()]",
+    ]);
+    let run = fx.run("show", &["--args", "[5]"]);
+    assert_eq!(run.value(), json!([5, null]));
+    assert!(
+        run.stderr.contains("5 <IPython.core.display.HTML object>"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_cell_too_deep_to_analyse_is_dropped_and_named_never_an_internal_error() {
+    let deep = format!("X = 1{}", "+1".repeat(20_000));
+    let fx = Fixture::code(&[&deep, "def f():\r\n    return 2\r\n"]);
+    assert_eq!(fx.run("f", &[]).value(), json!(2));
+    fx.run("X", &[])
+        .fails(2, &["cell 1 does not parse", "host cannot analyse it"]);
+}
