@@ -270,6 +270,14 @@ fn a_sibling_module_package_and_notebook_are_bundled() {
             inspect.stdout
         );
     }
+    let inspect = host(&["inspect", fx.notebook.to_str().unwrap()]);
+    assert!(
+        inspect
+            .stdout
+            .contains("module   textkit.core from textkit/core.py"),
+        "{}",
+        inspect.stdout
+    );
     // The bundle alone runs: the neighbours travel in it.
     let elsewhere = tempfile::tempdir().unwrap();
     let moved = elsewhere.path().join("tidy.bundle.json");
@@ -477,4 +485,19 @@ fn a_cell_too_deep_to_analyse_is_dropped_and_named_never_an_internal_error() {
     assert_eq!(fx.run("f", &[]).value(), json!(2));
     fx.run("X", &[])
         .fails(2, &["cell 1 does not parse", "host cannot analyse it"]);
+}
+
+#[test]
+fn a_module_next_to_the_notebook_comes_before_the_runtimes_as_in_jupyter() {
+    // The runtime has `tabulate`; Jupyter puts the notebook's folder first on `sys.path`.
+    let fx = Fixture::code(&["import tabulate\ndef which():\n    return tabulate.WHO"]);
+    std::fs::write(
+        fx.path("tabulate.py"),
+        "WHO = 'the one next to the notebook'\n",
+    )
+    .unwrap();
+    assert_eq!(
+        fx.run("which", &[]).value(),
+        native_in(fx.dir.path(), "import tabulate", "tabulate.WHO")
+    );
 }

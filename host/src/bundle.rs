@@ -174,12 +174,13 @@ impl Bundle {
             .collect();
         let functions: Vec<String> = per_function.iter().map(|(f, _)| f.to_string()).collect();
         let chunks = extraction.source(&closure);
-        let folder = match notebook.path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let modules =
-            neighbours::gather(sandbox, folder, &extraction, &closure.statements, wheels)?;
+        let modules = neighbours::gather(
+            sandbox,
+            notebook.folder(),
+            &extraction,
+            &closure.statements,
+            wheels,
+        )?;
         let runtime_sha256 = sandbox.runtime().sha256().to_owned();
         let mut bundle = Bundle {
             format: FORMAT.to_owned(),

@@ -182,17 +182,22 @@ fn modules_of_files(sources: &BTreeMap<String, String>, prefix: &str) -> Vec<Mod
     modules
 }
 
-/// Where one import of a missing module was written, for messages.
+/// One import of a top-level module, and where it was written, for messages.
 struct Importer {
     place: String,
-    /// A top-level `import` statement runs when the bundle loads, so its module must be
+    /// Whether the runtime lacks the module.
+    missing: bool,
+    /// A top-level `import` statement runs when the bundle loads, so a missing module must be
     /// found; an import inside a function or a `try` only when reached.
     required: bool,
 }
 
-/// The modules the statements `selected` of `extraction` import that the runtime lacks, found
-/// next to the notebook (in `folder`) or in `wheels`, with what those import in turn.
-/// A required import found nowhere is an error naming the module and where host looked.
+/// The modules the statements `selected` of `extraction` import from next to the notebook (in
+/// `folder`) or from `wheels`, with what those import in turn. As in Jupyter, where the
+/// notebook's folder comes first on `sys.path`, a `.py` file or a package (a folder with an
+/// `__init__.py`) there is imported even when the runtime has a module of that name; a
+/// namespace folder or a sibling notebook only when it has not. A required import of a missing
+/// module found nowhere is an error naming the module and where host looked.
 pub fn gather(
     sandbox: &Sandbox,
     folder: &Path,
@@ -202,7 +207,7 @@ pub fn gather(
 ) -> Result<Vec<Module>> {
     let mut found: Vec<Module> = wheels.iter().flat_map(|w| w.modules.clone()).collect();
     let mut done: BTreeSet<String> = BTreeSet::new();
-    let mut work = missing_imports(extraction, selected);
+    let mut work = imports(extraction, selected);
     while let Some((top, importer)) = work.pop() {
         if done.contains(&top) || wheels.iter().any(|w| w.provides(&top)) {
             continue;
@@ -213,8 +218,10 @@ pub fn gather(
         let (modules, extraction, selected) = if py.is_file() {
             let sources = BTreeMap::from([(format!("{top}.py"), read_source(&py)?)]);
             python_files(sandbox, &sources)?
-        } else if package.is_dir() {
+        } else if package.join("__init__.py").is_file() || (importer.missing && package.is_dir()) {
             python_files(sandbox, &package_sources(folder, &package)?)?
+        } else if !importer.missing {
+            continue;
         } else if notebook.is_file() {
             sibling_notebook(sandbox, &top, &notebook)?
         } else if importer.required {
@@ -230,7 +237,7 @@ pub fn gather(
             continue;
         };
         done.insert(top);
-        work.extend(missing_imports(&extraction, &selected));
+        work.extend(imports(&extraction, &selected));
         found.extend(modules);
     }
     found.sort_by(|a, b| a.name.cmp(&b.name));
@@ -238,19 +245,18 @@ pub fn gather(
     Ok(found)
 }
 
-/// The missing modules that the statements import, with where.
-fn missing_imports(
-    extraction: &Extraction,
-    selected: &BTreeSet<StatementId>,
-) -> Vec<(String, Importer)> {
+/// The top-level modules that the statements import, with where; the first statements last,
+/// so they are looked at first.
+fn imports(extraction: &Extraction, selected: &BTreeSet<StatementId>) -> Vec<(String, Importer)> {
     let mut out = Vec::new();
     for &id in selected.iter().rev() {
         let stmt = extraction.statement(id);
-        for top in &stmt.missing {
+        for top in &stmt.imports {
             out.push((
                 top.clone(),
                 Importer {
                     place: extraction.place(id),
+                    missing: stmt.missing.contains(top),
                     required: stmt.kind == Kind::Import,
                 },
             ));

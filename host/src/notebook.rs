@@ -136,6 +136,14 @@ impl Notebook {
         })
     }
 
+    /// The folder it sits in, where its neighbours are looked for (`.` for a bare file name).
+    pub fn folder(&self) -> &Path {
+        match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        }
+    }
+
     /// The code cells, in order.
     pub fn code_cells(&self) -> impl Iterator<Item = &Cell> {
         self.cells.iter().filter(|c| c.kind == CellKind::Code)
