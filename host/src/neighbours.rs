@@ -278,12 +278,14 @@ fn package_sources(folder: &Path, package: &Path) -> Result<BTreeMap<String, Str
         let entries = std::fs::read_dir(&dir)
             .with_context(|| format!("failed to list `{}`", dir.display()))?;
         for entry in entries {
-            let path: PathBuf = entry?.path();
+            let entry = entry?;
+            let path: PathBuf = entry.path();
             let name = path.file_name().unwrap_or_default().to_string_lossy();
             if name.starts_with('.') || name == "__pycache__" {
                 continue;
             }
-            if path.is_dir() {
+            // A linked folder is not followed: it could lead back up, round and round.
+            if entry.file_type()?.is_dir() {
                 dirs.push(path);
             } else if name.ends_with(".py") {
                 let relative = path.strip_prefix(folder).unwrap_or(&path);

@@ -97,8 +97,11 @@ impl Notebook {
     }
 
     fn from_raw(path: &Path, name: String, sha256: String, raw: RawNotebook) -> Result<Notebook> {
+        // `python`, and the `python3` or `Python 3` some front ends write.
         if let Some(language) = raw.metadata.language()
-            && !language.eq_ignore_ascii_case("python")
+            && !language
+                .get(..6)
+                .is_some_and(|p| p.eq_ignore_ascii_case("python"))
         {
             bail!("has a {language} kernel; host runs Python notebooks only");
         }
@@ -348,6 +351,9 @@ mod tests {
     fn refuses_other_kernels_and_formats() {
         let r = parse(r#"{"nbformat":4,"metadata":{"kernelspec":{"language":"R"}},"cells":[]}"#);
         assert!(format!("{:#}", r.unwrap_err()).contains("R kernel"));
+        let r =
+            parse(r#"{"nbformat":4,"metadata":{"kernelspec":{"language":"python3"}},"cells":[]}"#);
+        assert!(r.is_ok());
         let r = parse(r#"{"nbformat":5,"metadata":{},"cells":[]}"#);
         let message = format!("{:#}", r.unwrap_err());
         assert!(message.contains("is nbformat 5"), "{message}");
