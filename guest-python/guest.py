@@ -46,7 +46,9 @@ def _door(request):
 # `%` and `%%`, shell `!` and `!!`, help `?` and `??`, and the autocall escapes `/`, `,`, `;`.
 _ESCAPE = re.compile(r"(?:%|!(?!=)|\?|[/,;](?=\S))")
 # `files = !ls`, `t = %time f()`: the value of a magic or a shell line, assigned.
-_ESCAPE_ASSIGN = re.compile(r"(?P<target>[A-Za-z_][\w.]*)\s*=\s*(?P<sigil>%|!(?!=))")
+_ESCAPE_ASSIGN = re.compile(
+    r"(?P<target>[A-Za-z_][\w.]*(?:\s*,\s*[A-Za-z_][\w.]*)*)\s*=\s*(?P<sigil>%|!(?!=))"
+)
 # IPython's prompts pasted with the code (`>>> `, `... `), removed when the cell starts with one.
 _CLASSIC_PROMPT = re.compile(r"^(?:>>>|\.\.\.)(?: |$)")
 
@@ -287,7 +289,11 @@ def _in_runtime(module):
         import importlib.util
 
         try:
-            _found[module] = module in sys.builtin_module_names or importlib.util.find_spec(module) is not None
+            _found[module] = (
+                module in sys.modules
+                or module in sys.builtin_module_names
+                or importlib.util.find_spec(module) is not None
+            )
         except Exception:  # a broken module's own finder code, a name it cannot take
             _found[module] = False
     return _found[module]

@@ -89,8 +89,8 @@ fn magics_shell_and_help_lines_in_every_position() {
     let fx = Fixture::code(&[
         "%%time\nraise RuntimeError('a cell magic cell must not run')",
         // A line magic continued with a backslash, then the cell's own imports.
-        "%matplotlib \\\n    --inline\nimport json\nfiles = !ls\n!pip install nothing\nlen?\n??json.dumps\njson.dumps?",
-        "def dumps(x):\n    return json.dumps(x)",
+        "%matplotlib \\\n    --inline\nimport json\nfiles, more = !ls\n!pip install nothing\nlen?\n??json.dumps\njson.dumps?\nTEXT = '100% sure?'  # why?",
+        "def dumps(x):\n    return json.dumps(x)\ndef text():\n    return TEXT",
         "def measured(x, timed):\n    if timed:\n        %time y = x * 2\n        total = !echo\n    return x + 1\n\nmeasured?",
         "    %load_ext autoreload\n    def indented_after_magic():\n        return 'ok'",
     ]);
@@ -98,6 +98,8 @@ fn magics_shell_and_help_lines_in_every_position() {
         fx.run("dumps", &["--args", "[[1, \"a\"]]"]).value(),
         native("import json", "json.dumps([1, 'a'])")
     );
+    // A `%` or `?` inside a string or a comment is Python's, not IPython's.
+    assert_eq!(fx.run("text", &[]).value(), json!("100% sure?"));
     let run = fx.run("measured", &["--args", "[1, false]"]);
     assert_eq!(run.value(), json!(2));
     assert!(
