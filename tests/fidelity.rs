@@ -315,6 +315,18 @@ fn a_sibling_module_package_and_notebook_are_bundled() {
 }
 
 #[test]
+fn a_module_a_neighbour_needs_and_nothing_has_is_named_with_where_it_is_imported() {
+    let fx = Fixture::code(&["import textkit\ndef f():\n    return textkit.X"]);
+    std::fs::create_dir_all(fx.path("textkit")).unwrap();
+    std::fs::write(fx.path("textkit/__init__.py"), "X = 1\n").unwrap();
+    std::fs::write(fx.path("textkit/extra.py"), "\nimport no_such_dependency\n").unwrap();
+    fx.run("f", &[]).fails(
+        2,
+        &["textkit/extra.py, line 2 imports `no_such_dependency`"],
+    );
+}
+
+#[test]
 fn an_error_in_a_neighbour_points_into_it() {
     let fx = Fixture::code(&["from helpers import boom\ndef f():\n    return boom()"]);
     std::fs::write(fx.path("helpers.py"), "def boom():\n    return 1 / 0\n").unwrap();
@@ -371,6 +383,12 @@ fn pure_python_wheels_are_bundled_and_compiled_ones_refused() {
     assert_eq!(made.code, 0, "{}", made.stderr);
     let run = host(&["run", out.to_str().unwrap(), "f", "--args", "[21]"]);
     assert_eq!(run.value(), json!([42, "tinylib.sub.deep"]));
+    // `host run` takes the wheel as well.
+    let wheel_flag = ["--wheel", wheel.to_str().unwrap(), "--args", "[1]"];
+    assert_eq!(
+        fx.run("f", &wheel_flag).value(),
+        json!([2, "tinylib.sub.deep"])
+    );
 
     let compiled = fx.path("fastthing-1.0-cp315-cp315-linux_x86_64.whl");
     write_wheel(

@@ -207,7 +207,7 @@ pub fn gather(
 ) -> Result<Vec<Module>> {
     let mut found: Vec<Module> = wheels.iter().flat_map(|w| w.modules.clone()).collect();
     let mut done: BTreeSet<String> = BTreeSet::new();
-    let mut work = imports(extraction, selected);
+    let mut work = imports(extraction, selected, |id| extraction.place(id));
     while let Some((top, importer)) = work.pop() {
         if done.contains(&top) || wheels.iter().any(|w| w.provides(&top)) {
             continue;
@@ -215,7 +215,7 @@ pub fn gather(
         let py = folder.join(format!("{top}.py"));
         let package = folder.join(&top);
         let notebook = folder.join(format!("{top}.ipynb"));
-        let (modules, extraction, selected) = if py.is_file() {
+        let (modules, more) = if py.is_file() {
             let sources = BTreeMap::from([(format!("{top}.py"), read_source(&py)?)]);
             python_files(sandbox, &sources)?
         } else if package.join("__init__.py").is_file() || (importer.missing && package.is_dir()) {
@@ -237,7 +237,7 @@ pub fn gather(
             continue;
         };
         done.insert(top);
-        work.extend(imports(&extraction, &selected));
+        work.extend(more);
         found.extend(modules);
     }
     found.sort_by(|a, b| a.name.cmp(&b.name));
@@ -247,7 +247,11 @@ pub fn gather(
 
 /// The top-level modules that the statements import, with where; the first statements last,
 /// so they are looked at first.
-fn imports(extraction: &Extraction, selected: &BTreeSet<StatementId>) -> Vec<(String, Importer)> {
+fn imports(
+    extraction: &Extraction,
+    selected: &BTreeSet<StatementId>,
+    place: impl Fn(StatementId) -> String,
+) -> Vec<(String, Importer)> {
     let mut out = Vec::new();
     for &id in selected.iter().rev() {
         let stmt = extraction.statement(id);
@@ -255,7 +259,7 @@ fn imports(extraction: &Extraction, selected: &BTreeSet<StatementId>) -> Vec<(St
             out.push((
                 top.clone(),
                 Importer {
-                    place: extraction.place(id),
+                    place: place(id),
                     missing: stmt.missing.contains(top),
                     required: stmt.kind == Kind::Import,
                 },
@@ -301,11 +305,11 @@ fn package_sources(folder: &Path, package: &Path) -> Result<BTreeMap<String, Str
     Ok(sources)
 }
 
-/// Modules of `.py` files, with their analysis (one cell per file), to follow what they import.
-fn python_files(
-    sandbox: &Sandbox,
-    sources: &BTreeMap<String, String>,
-) -> Result<(Vec<Module>, Extraction, BTreeSet<StatementId>)> {
+/// What a neighbour brings: its modules, and what they import in turn.
+type Found = (Vec<Module>, Vec<(String, Importer)>);
+
+/// Modules of `.py` files, and what they import (found by analysing each file as a cell).
+fn python_files(sandbox: &Sandbox, sources: &BTreeMap<String, String>) -> Result<Found> {
     let as_notebook = Notebook {
         name: sources.keys().next().cloned().unwrap_or_default(),
         path: PathBuf::new(),
@@ -323,17 +327,17 @@ fn python_files(
     };
     let extraction = Extraction::new(&as_notebook, extract::analyse(sandbox, &as_notebook)?);
     // A module runs whole: every statement's imports count.
-    let selected = extraction.all_statements();
-    Ok((modules_of_files(sources, ""), extraction, selected))
+    let files: Vec<&String> = sources.keys().collect();
+    let more = imports(&extraction, &extraction.all_statements(), |id| {
+        let line = extraction.statement(id).span[0];
+        format!("{}, line {line}", files[id.0])
+    });
+    Ok((modules_of_files(sources, ""), more))
 }
 
 /// A sibling notebook as a module: what its definitions, imports and constants need, never
 /// its top-level code.
-fn sibling_notebook(
-    sandbox: &Sandbox,
-    name: &str,
-    path: &Path,
-) -> Result<(Vec<Module>, Extraction, BTreeSet<StatementId>)> {
+fn sibling_notebook(sandbox: &Sandbox, name: &str, path: &Path) -> Result<Found> {
     let notebook = Notebook::read(path)?;
     let extraction = Extraction::new(&notebook, extract::analyse(sandbox, &notebook)?);
     let closure = extraction.closure_of_everything_kept();
@@ -346,7 +350,8 @@ fn sibling_notebook(
         })
         .collect();
     let module = Module::new(name.to_owned(), notebook.name.clone(), false, chunks);
-    Ok((vec![module], extraction, closure.statements))
+    let more = imports(&extraction, &closure.statements, |id| extraction.place(id));
+    Ok((vec![module], more))
 }
 
 /// The files of a zip archive, by name. Wheels are small: the central directory is read, each

@@ -10,6 +10,8 @@ use super::GlobalOptions;
 use crate::bundle::{Bundle, Select};
 use crate::call::{self, Arguments, Outcome};
 use crate::error::{Exit, bad_input};
+use crate::neighbours::Wheel;
+use crate::notebook::Notebook;
 use crate::sandbox::{Grant, Limits, Policy, parse_duration, parse_size};
 use crate::snapshot::Prepared;
 
@@ -28,6 +30,10 @@ pub struct RunArgs {
     /// Record every nondeterministic input of the call to this trace file (for `host replay`).
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+    /// A pure-Python wheel whose modules the notebook may import, as `host bundle --wheel`
+    /// adds them (repeatable; a bundle already carries its wheels).
+    #[arg(long = "wheel", value_name = "FILE.whl")]
+    pub wheels: Vec<PathBuf>,
     #[command(flatten)]
     pub input: InputArgs,
     #[command(flatten)]
@@ -115,7 +121,25 @@ pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
     // unmap it piece by piece (a millisecond or so).
     let (engine, sandbox) = global.sandbox()?;
     let sandbox = &Box::leak(Box::new((engine, sandbox))).1;
-    let bundle = Bundle::open(sandbox, &args.notebook, Select::Only(&[&args.function]))?;
+    let select = Select::Only(&[&args.function]);
+    let bundle = if args.wheels.is_empty() {
+        Bundle::open(sandbox, &args.notebook, select)?
+    } else {
+        let wheels = args
+            .wheels
+            .iter()
+            .map(|w| Wheel::read(w))
+            .collect::<Result<Vec<_>>>()?;
+        if std::fs::read(&args.notebook).is_ok_and(|b| Bundle::sniff(&b)) {
+            return Err(bad_input(format!(
+                "--wheel: `{}` is a bundle, which carries the wheels it was made with; \
+                 --wheel goes with a notebook",
+                args.notebook.display()
+            )));
+        }
+        let notebook = Notebook::read(&args.notebook)?;
+        Bundle::from_notebook_with(sandbox, &notebook, select, None, &wheels)?
+    };
     for warning in &bundle.manifest.warnings {
         eprintln!("host: warning: {warning}");
     }
