@@ -367,7 +367,15 @@ fn pure_python_wheels_are_bundled_and_compiled_ones_refused() {
             ),
         ],
     );
-    // Without the wheel, the import is refused naming the module.
+    // Without the wheel, the import is refused naming the module; a bundle of every
+    // function leaves that one out.
+    let all = host(&["bundle", fx.notebook.to_str().unwrap(), "--no-image"]);
+    assert_eq!(all.code, 2, "{}", all.stderr);
+    assert!(
+        all.stderr.contains("`f` is left out of the bundle"),
+        "{}",
+        all.stderr
+    );
     fx.run("f", &["--args", "[2]"])
         .fails(2, &["imports `tinylib`", "--wheel"]);
     let out = fx.path("f.bundle.json");

@@ -137,7 +137,20 @@ impl Bundle {
             }
             Select::All => {
                 for f in extraction.functions() {
-                    match extraction.closure(f) {
+                    // A function whose imports cannot be found is left out like one whose
+                    // globals cannot be.
+                    let closure = extraction.closure(f).and_then(|closure| {
+                        let folder = notebook.folder();
+                        neighbours::gather(
+                            sandbox,
+                            folder,
+                            &extraction,
+                            &closure.statements,
+                            wheels,
+                        )?;
+                        Ok(closure)
+                    });
+                    match closure {
                         Ok(closure) => per_function.push((f, closure)),
                         Err(why) => {
                             warnings.push(format!("`{f}` is left out of the bundle: {why:#}"))
