@@ -283,7 +283,7 @@ _found = {}
 def _in_runtime(module):
     """Whether the interpreter can import a top-level module (finding it imports nothing), or
     the guest stands in for it (IPython)."""
-    if module == "IPython":
+    if module in ("IPython", "importnb"):
         return True
     if module not in _found:
         import importlib.util
@@ -324,6 +324,15 @@ def _star_names(stmt):
     return None
 
 
+def _imports_notebooks(stmt):
+    """`with Notebook(): import other`: importnb importing notebooks, which is an import."""
+    return all(isinstance(s, (ast.Import, ast.ImportFrom)) for s in stmt.body) and all(
+        isinstance(item.context_expr, ast.Call)
+        and getattr(item.context_expr.func, "id", getattr(item.context_expr.func, "attr", None)) == "Notebook"
+        for item in stmt.items
+    )
+
+
 def _kind(stmt, exported):
     """Whether a top-level statement is kept, and why."""
     if _awaits_at_top_level(stmt):
@@ -336,6 +345,8 @@ def _kind(stmt, exported):
         # What runs is its `else`: kept when that only imports.
         if all(isinstance(s, (ast.Import, ast.ImportFrom)) for s in stmt.orelse):
             return "import"
+    if isinstance(stmt, ast.With) and _imports_notebooks(stmt):
+        return "import"
     if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         return "definition"
     if isinstance(stmt, (ast.Assign, ast.AnnAssign)):
@@ -526,7 +537,10 @@ class _Bundled:
 
 _IPYTHON_DISPLAY = """\
 __all__ = ["display", "update_display", "clear_output", "DisplayObject", "HTML", "Markdown",
-           "Latex", "Math", "JSON", "SVG", "Javascript", "Image", "Code", "Pretty", "IFrame"]
+           "Latex", "Math", "JSON", "SVG", "Javascript", "Image", "Code", "Pretty", "IFrame",
+           "Audio", "Video", "YouTubeVideo", "FileLink", "FileLinks", "ProgressBar",
+           "display_html", "display_markdown", "display_latex", "display_json", "display_svg",
+           "display_png", "display_jpeg", "display_javascript", "display_pretty"]
 
 
 def display(*objs, **kwargs):
@@ -536,6 +550,10 @@ def display(*objs, **kwargs):
 
 def update_display(obj, **kwargs):
     display(obj)
+
+
+display_html = display_markdown = display_latex = display_json = display_svg = display
+display_png = display_jpeg = display_javascript = display_pretty = display
 
 
 def clear_output(wait=False):
@@ -560,9 +578,35 @@ class Javascript(DisplayObject): pass
 class Image(DisplayObject): pass
 class Code(DisplayObject): pass
 class Pretty(DisplayObject): pass
+class Audio(DisplayObject): pass
+class Video(DisplayObject): pass
+class FileLink(DisplayObject): pass
+class FileLinks(DisplayObject): pass
+class ProgressBar(DisplayObject): pass
 class IFrame(DisplayObject):
     def __init__(self, src, width, height, *args, **kwargs):
         super().__init__(data=src)
+class YouTubeVideo(IFrame):
+    def __init__(self, id, width=400, height=300, *args, **kwargs):
+        super().__init__(id, width, height)
+"""
+
+_IMPORTNB = """\
+class Notebook:
+    \"\"\"importnb's notebook loader: host bundles the notebooks imported under it.\"\"\"
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def get_ipython():
+    return None
 """
 
 # IPython is not in the runtime. What functions use of it works as it does where no IPython
@@ -577,6 +621,8 @@ _IPYTHON = {
         ("IPython.core", True, ""),
         ("IPython.core.display", False, "from IPython.display import *\n"),
         ("IPython.core.display_functions", False, "from IPython.display import display, update_display, clear_output\n"),
+        # importnb's loader: the notebooks imported under it are bundled, so it has nothing to do.
+        ("importnb", False, _IMPORTNB),
     ]
 }
 

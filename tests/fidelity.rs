@@ -327,6 +327,19 @@ fn a_module_a_neighbour_needs_and_nothing_has_is_named_with_where_it_is_imported
 }
 
 #[test]
+fn notebooks_imported_with_importnb_are_bundled() {
+    let fx = Fixture::code(&[
+        "from importnb import Notebook\nwith Notebook():\n    import other",
+        "def twice(x):\n    return other.double(x) * 2",
+    ]);
+    let other = json!({"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
+        code_cell("def double(x):\n    return 2 * x"),
+    ]});
+    std::fs::write(fx.path("other.ipynb"), other.to_string()).unwrap();
+    assert_eq!(fx.run("twice", &["--args", "[3]"]).value(), json!(12));
+}
+
+#[test]
 fn an_error_in_a_neighbour_points_into_it() {
     let fx = Fixture::code(&["from helpers import boom\ndef f():\n    return boom()"]);
     std::fs::write(fx.path("helpers.py"), "def boom():\n    return 1 / 0\n").unwrap();
