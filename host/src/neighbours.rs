@@ -279,17 +279,18 @@ fn package_sources(folder: &Path, package: &Path) -> Result<BTreeMap<String, Str
     let mut sources = BTreeMap::new();
     let mut dirs = vec![package.to_owned()];
     while let Some(dir) = dirs.pop() {
-        let entries = std::fs::read_dir(&dir)
-            .with_context(|| format!("failed to list `{}`", dir.display()))?;
-        for entry in entries {
-            let entry = entry?;
+        // What cannot be listed is the user's to fix, like a module that cannot be read.
+        let unlistable =
+            |e: std::io::Error| bad_input(format!("cannot list package `{}`: {e}", dir.display()));
+        for entry in std::fs::read_dir(&dir).map_err(unlistable)? {
+            let entry = entry.map_err(unlistable)?;
             let path: PathBuf = entry.path();
             let name = path.file_name().unwrap_or_default().to_string_lossy();
             if name.starts_with('.') || name == "__pycache__" {
                 continue;
             }
             // A linked folder is not followed: it could lead back up, round and round.
-            if entry.file_type()?.is_dir() {
+            if entry.file_type().map_err(unlistable)?.is_dir() {
                 dirs.push(path);
             } else if name.ends_with(".py") {
                 let relative = path.strip_prefix(folder).unwrap_or(&path);
