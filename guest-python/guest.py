@@ -300,27 +300,57 @@ def _in_runtime(module):
 
 
 def _star_names(stmt):
-    """The names `from MODULE import *` may bind, when the module's own source says so (a
-    literal `__all__`), else None: it may bind anything. Only modules found without importing
-    anything are read (a top-level module of the runtime)."""
+    """The names `from MODULE import *` may bind, else None: it may bind anything. A module
+    already imported says so itself (its `__all__`, else its public names); another module of
+    the runtime by the one literal `__all__` its compiled code assigns (the runtime carries
+    compiled code, not source). Finding and reading it imports nothing."""
     module = stmt.module or ""
-    if stmt.level or "." in module or not _in_runtime(module):
+    if stmt.level:
+        return None
+    loaded = sys.modules.get(module)
+    if loaded is not None:
+        names = getattr(loaded, "__all__", None)
+        if names is None:
+            names = [n for n in vars(loaded) if not n.startswith("_")]
+        return sorted(str(n) for n in names)
+    if "." in module or not _in_runtime(module):
         return None
     import importlib.util
 
     try:
-        source = importlib.util.find_spec(module).loader.get_source(module)
-        tree = ast.parse(source or "")
+        return _literal_all(importlib.util.find_spec(module).loader.get_code(module))
     except Exception:
         return None
-    for node in tree.body:
-        if (
-            isinstance(node, ast.Assign)
-            and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
-            and isinstance(node.value, (ast.List, ast.Tuple))
-            and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.value.elts)
-        ):
-            return sorted(e.value for e in node.value.elts)
+
+
+def _literal_all(code):
+    """The names of `__all__ = [...]` (or a tuple) in a module's code, when it is assigned once
+    from string constants and never read back (no `__all__ += ...`); else None."""
+    import dis
+
+    ops = [i for i in dis.get_instructions(code) if i.opname not in ("CACHE", "NOP", "EXTENDED_ARG")]
+    uses = [k for k, i in enumerate(ops) if i.argval == "__all__" and i.opname.endswith("_NAME")]
+    if len(uses) != 1 or ops[uses[0]].opname != "STORE_NAME":
+        return None
+    before = ops[: uses[0]]
+
+    def strings(value):
+        ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+        return sorted(value) if ok else None
+
+    if not before:
+        return None
+    last = before[-1]
+    if last.opname == "LOAD_CONST":  # a constant tuple
+        return strings(last.argval)
+    if last.opname in ("LIST_EXTEND", "CALL_INTRINSIC_1") and len(before) >= 2:
+        # BUILD_LIST 0, LOAD_CONST (...), LIST_EXTEND (a list); LIST_TO_TUPLE for a tuple.
+        k = -2 if last.opname == "LIST_EXTEND" else -3
+        return strings(before[k].argval) if before[k].opname == "LOAD_CONST" else None
+    if last.opname in ("BUILD_LIST", "BUILD_TUPLE") and len(before) > last.arg:
+        loads = before[len(before) - 1 - last.arg : -1]
+        if all(i.opname == "LOAD_CONST" and isinstance(i.argval, str) for i in loads):
+            return sorted(i.argval for i in loads)
     return None
 
 

@@ -173,6 +173,39 @@ fn a_star_import_is_a_dependency_only_of_functions_using_a_name_it_may_bind() {
 }
 
 #[test]
+fn a_star_import_whose_module_lists_its_names_is_needed_only_for_those() {
+    let imports = "from json import *\nfrom os.path import *";
+    let function = "def encode(x):\n    return dumps(x)";
+    let fx = Fixture::code(&[
+        imports,
+        function,
+        "def unknown():\n    return undefined_name",
+    ]);
+    assert_eq!(
+        fx.run("encode", &["--args", "[[1]]"]).value(),
+        native(&format!("{imports}\n{function}"), "encode([1])")
+    );
+    let inspect = host(&["inspect", fx.notebook.to_str().unwrap(), "--json"]);
+    let report: Value = serde_json::from_str(&inspect.stdout).unwrap();
+    let needs = |f: &str| -> Vec<String> {
+        let entry = report["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["function"] == f)
+            .unwrap();
+        entry["closure"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["text"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(needs("encode"), ["from json import *", "def encode(x):"]);
+    assert_eq!(needs("unknown"), ["def unknown():"]);
+}
+
+#[test]
 fn the_refusal_names_every_dropped_global_with_every_statement_binding_it() {
     let fx = Fixture::code(&[
         "rewards = [0, 1]\ntransition_probabilities = {}",

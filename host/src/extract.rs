@@ -76,8 +76,8 @@ pub struct Statement {
     /// it is reached.
     #[serde(default)]
     pub magic_lines: Vec<usize>,
-    /// For a star import, the names it may bind when its module's `__all__` says so; `None`:
-    /// it may bind anything.
+    /// For a star import, the names it may bind when the guest can tell without importing
+    /// the module (its `__all__`); `None`: it may bind anything.
     #[serde(default)]
     pub star_names: Option<Vec<String>>,
     /// The top-level modules it imports by absolute name (in its body too).
@@ -355,8 +355,8 @@ impl Extraction {
     /// The statements `function` needs, transitively: the definitions it references (their
     /// decorators, defaults and base classes count), and the imports and constants those use.
     ///
-    /// Refuses, naming the global, the cell that binds it and the fix, when something needed
-    /// is bound only by dropped code.
+    /// Refuses, naming every global needed that only dropped code binds, each with every
+    /// statement that binds it and the fix.
     pub fn closure(&self, function: &str) -> anyhow::Result<Closure> {
         self.closure_from(vec![self.function_statement(function)?])
     }
@@ -475,8 +475,8 @@ impl Extraction {
         })
     }
 
-    /// The kept star imports that may bind `name` (their module's `__all__` lists it, or it
-    /// has none), or `None` when no star import can.
+    /// The kept star imports that may bind `name` (their module's names list it, or they are
+    /// not known), or `None` when no star import can.
     fn star_imports_binding(&self, name: &str) -> Option<Vec<StatementId>> {
         let stars: Vec<StatementId> = self
             .star_imports
