@@ -678,11 +678,15 @@ class _Adjusted:
 def _matplotlib_before(module):
     import os
 
-    if os.path.isdir(_MPL_DATA):
-        # matplotlib finds its data beside its `__file__`; its rc file is named outright, so
-        # that finding it does not ask for a configuration folder, which the sandbox has not.
-        module.__file__ = os.path.join(os.path.dirname(_MPL_DATA), "__init__.py")
-        os.environ["MATPLOTLIBRC"] = os.path.join(_MPL_DATA, "matplotlibrc")
+    if not os.path.isdir(_MPL_DATA):
+        raise ImportError(
+            f"matplotlib's data files are not in the runtime ({_MPL_DATA}): "
+            "run `make runtime` again, which extracts them"
+        )
+    # matplotlib finds its data beside its `__file__`; its rc file is named outright, so that
+    # finding it does not ask for a configuration folder, which the sandbox has not.
+    module.__file__ = os.path.join(os.path.dirname(_MPL_DATA), "__init__.py")
+    os.environ["MATPLOTLIBRC"] = os.path.join(_MPL_DATA, "matplotlibrc")
 
 
 def _matplotlib_after(module):
