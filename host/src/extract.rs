@@ -252,14 +252,67 @@ impl Extraction {
     /// The statements `function` needs, transitively: the definitions it references (their
     /// decorators, defaults and base classes count), and the imports and constants those use.
     ///
-    /// Refuses, naming the global, the cell that binds it and the fix, when something needed
-    /// is bound only by dropped code.
+    /// Refuses, naming every global needed that only dropped code binds, each with every
+    /// statement that binds it and the fix.
     pub fn closure(&self, function: &str) -> anyhow::Result<Closure> {
+        self.closure_from(vec![self.function_statement(function)?])
+    }
+
+    /// What a notebook imported as a module needs: the closure of every kept statement whose
+    /// own closure can be extracted (the others are left out, with a warning), never its
+    /// top-level code.
+    pub fn closure_of_everything_kept(&self) -> Closure {
+        let mut all = Closure {
+            statements: BTreeSet::new(),
+            warnings: Vec::new(),
+        };
+        for id in self.all_statements() {
+            if !self.statement(id).kind.is_kept() || all.statements.contains(&id) {
+                continue;
+            }
+            match self.closure_from(vec![id]) {
+                Ok(closure) => {
+                    all.statements.extend(closure.statements);
+                    all.warnings.extend(closure.warnings);
+                }
+                Err(why) => all.warnings.push(format!(
+                    "{} is left out of the module {}: {why:#}",
+                    self.place(id),
+                    self.notebook
+                )),
+            }
+        }
+        all
+    }
+
+    /// Every statement of every analysed cell.
+    pub fn all_statements(&self) -> BTreeSet<StatementId> {
+        self.analysis
+            .cells
+            .iter()
+            .enumerate()
+            .flat_map(|(c, cell)| (0..cell.statements.len()).map(move |s| (c, s)))
+            .collect()
+    }
+
+    /// Where a statement is, as messages name it: `nb.ipynb, cell 3, line 1`.
+    pub fn place(&self, id: StatementId) -> String {
+        format!(
+            "{}, cell {}, line {}",
+            self.notebook,
+            self.cell_number(id),
+            self.statement(id).span[0]
+        )
+    }
+
+    /// The closure of the statements `work`, see [`Extraction::closure`].
+    fn closure_from(&self, mut work: Vec<StatementId>) -> anyhow::Result<Closure> {
         let mut selected = BTreeSet::new();
         let mut warnings = Vec::new();
         // Who pulled a statement in, to explain a refusal as a chain (process -> helper).
         let mut parent: HashMap<StatementId, StatementId> = HashMap::new();
-        let mut work = vec![self.function_statement(function)?];
+        // Globals only dropped code binds, each with the first statement found using it.
+        let mut dropped: BTreeMap<&str, StatementId> = BTreeMap::new();
         let builtins: HashSet<&str> = self.analysis.builtins.iter().map(String::as_str).collect();
         while let Some(id) = work.pop() {
             if !selected.insert(id) {
@@ -273,7 +326,7 @@ impl Extraction {
             }
             if !stmt.magic_lines.is_empty() {
                 warnings.push(format!(
-                    "{}, cell {}: magic or shell lines inside `{}` (lines {}) are not run: IPython is not in the sandbox",
+                    "{}, cell {}: magic or shell lines inside `{}` (lines {}) raise an error if reached: IPython is not in the sandbox",
                     self.notebook,
                     self.cell_number(id),
                     stmt.name.as_deref().unwrap_or("a statement"),
@@ -295,16 +348,12 @@ impl Extraction {
                 if let Some(binder) = found {
                     parent.entry(binder).or_insert(id);
                     work.push(binder);
-                } else if let Some(dropped) = self.dropped_binders.get(name) {
-                    return Err(self.dropped_dependency(
-                        name,
-                        id,
-                        *dropped.last().unwrap(),
-                        &parent,
-                    ));
+                } else if self.dropped_binders.contains_key(name) {
+                    // Every such global is collected, so one refusal names them all.
+                    dropped.entry(name.as_str()).or_insert(id);
                 } else if builtins.contains(name.as_str()) {
-                } else if !self.star_imports.is_empty() {
-                    work.extend(self.star_imports.iter().copied());
+                } else if let Some(stars) = self.star_imports_binding(name) {
+                    work.extend(stars);
                 } else {
                     warnings.push(format!(
                         "{}, cell {}: `{name}` is not defined anywhere in the notebook; calling code that reads it raises NameError",
@@ -314,10 +363,30 @@ impl Extraction {
                 }
             }
         }
+        if !dropped.is_empty() {
+            return Err(self.dropped_dependencies(&dropped, &parent));
+        }
         Ok(Closure {
             statements: selected,
             warnings,
         })
+    }
+
+    /// The kept star imports that may bind `name` (their module's names list it, or they are
+    /// not known), or `None` when no star import can.
+    fn star_imports_binding(&self, name: &str) -> Option<Vec<StatementId>> {
+        let stars: Vec<StatementId> = self
+            .star_imports
+            .iter()
+            .copied()
+            .filter(|&id| {
+                self.statement(id)
+                    .star_names
+                    .as_ref()
+                    .is_none_or(|names| names.iter().any(|n| n == name))
+            })
+            .collect();
+        (!stars.is_empty()).then_some(stars)
     }
 
     fn function_statement(&self, function: &str) -> anyhow::Result<StatementId> {
@@ -376,42 +445,74 @@ impl Extraction {
         Err(bad_input(message))
     }
 
-    fn dropped_dependency(
+    /// The refusal for globals only dropped code binds: each global, who uses it (as a chain
+    /// from the function), every statement that binds it, and the fix.
+    fn dropped_dependencies(
         &self,
-        name: &str,
-        user: StatementId,
-        binder: StatementId,
+        dropped: &BTreeMap<&str, StatementId>,
         parent: &HashMap<StatementId, StatementId>,
     ) -> anyhow::Error {
-        let mut chain = vec![user];
-        while let Some(&p) = parent.get(chain.last().unwrap()) {
-            if chain.contains(&p) {
-                break;
+        let mut message = String::new();
+        for (&name, &user) in dropped {
+            let mut chain = vec![user];
+            while let Some(&p) = parent.get(chain.last().unwrap()) {
+                if chain.contains(&p) {
+                    break;
+                }
+                chain.push(p);
             }
-            chain.push(p);
+            let names: Vec<String> = chain
+                .iter()
+                .rev()
+                .map(|&id| match &self.statement(id).name {
+                    Some(n) => format!("`{n}`"),
+                    None => format!("cell {}", self.cell_number(id)),
+                })
+                .collect();
+            if !message.is_empty() {
+                message.push('\n');
+            }
+            let _ = writeln!(
+                message,
+                "{} uses the global `{name}`, which only dropped code binds:",
+                names.join(" -> ")
+            );
+            let binders = &self.dropped_binders[name];
+            let mut cells: Vec<usize> = Vec::new();
+            for &binder in binders {
+                let stmt = self.statement(binder);
+                let cell = self.cell_number(binder);
+                if !cells.contains(&cell) {
+                    cells.push(cell);
+                }
+                let _ = writeln!(
+                    message,
+                    "  {}, cell {cell}, line {}: `{}` ({})",
+                    self.notebook,
+                    stmt.span[0],
+                    self.first_line(binder),
+                    stmt.kind.reason(),
+                );
+            }
+            let cells = match cells.as_slice() {
+                [one] => format!("cell {one}"),
+                [init @ .., last] => format!("cells {} and {last}", join(init.iter())),
+                [] => unreachable!("a dropped global has a binder"),
+            };
+            let constant = if is_all_caps(name) {
+                String::new()
+            } else {
+                format!(" (or make `{name}` an ALL_CAPS constant if it is one)")
+            };
+            let _ = write!(
+                message,
+                "  Tag {cells} `export` to keep it, or move that code into a function{constant}."
+            );
         }
-        let names: Vec<String> = chain
-            .iter()
-            .rev()
-            .map(|&id| match &self.statement(id).name {
-                Some(n) => format!("`{n}`"),
-                None => format!("cell {}", self.cell_number(id)),
-            })
-            .collect();
-        let stmt = self.statement(binder);
-        let cell = &self.analysis.cells[binder.0];
-        let line = stmt.span[0];
-        let text = self.first_line(binder);
-        bad_input(format!(
-            "{} uses the global `{name}`, which only dropped {} binds: {}, cell {}, line {line}: `{text}`\n  \
-             host never runs top-level code. Tag cell {} `export` to keep it, or move that code into a function \
-             (or make `{name}` an ALL_CAPS constant if it is one).",
-            names.join(" -> "),
-            stmt.kind.reason(),
-            self.notebook,
-            cell.index,
-            cell.index,
-        ))
+        message.push_str(
+            "\nhost never runs top-level code, IPython magics or shell lines; definitions, imports and ALL_CAPS constants are kept.",
+        );
+        bad_input(message)
     }
 
     /// The kept source: for each cell with a selected statement, its text with everything
@@ -474,6 +575,12 @@ fn keep_spans(text: &str, spans: &[[usize; 4]]) -> String {
     out
 }
 
+/// Whether Python's `str.isupper()` holds: every cased character upper case, and at least
+/// one, so `ÄNDERUNG` and `MAX_2` are constants.
+fn is_all_caps(name: &str) -> bool {
+    name.chars().any(char::is_uppercase) && !name.chars().any(char::is_lowercase)
+}
+
 fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
     items.map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
 }
@@ -481,6 +588,16 @@ fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_caps_is_pythons_isupper() {
+        for name in ["LIMIT", "MAX_2", "_PRIVATE", "ÄNDERUNG", "ΣUM"] {
+            assert!(is_all_caps(name), "{name}");
+        }
+        for name in ["Limit", "max", "_", "__2", "Änderung"] {
+            assert!(!is_all_caps(name), "{name}");
+        }
+    }
 
     #[test]
     fn keep_spans_blanks_the_rest_and_keeps_line_numbers() {
@@ -505,6 +622,9 @@ mod tests {
             eager: strings(eager),
             lazy: strings(lazy),
             magic_lines: Vec::new(),
+            star_names: None,
+            imports: Vec::new(),
+            missing: Vec::new(),
         }
     }
 

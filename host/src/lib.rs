@@ -18,6 +18,7 @@
 //!   [`record`] (recording and replaying the guest's imports), [`sandbox`] (one fresh
 //!   instance per run, with grants, limits and the door).
 //! - The pipeline: [`notebook`] (`.ipynb` files) → [`extract`] (what a function needs) →
+//!   [`neighbours`] (the modules beside the notebook, and wheels, that it imports) →
 //!   [`bundle`] (the kept source and its manifest) → [`preinit`] (imports and definitions run
 //!   once, their memory kept as an image) → [`trace`] (the file a recorded call is kept in) →
 //!   [`call`] (arguments in, value out) → [`replay`] (a trace run again, exactly or against
@@ -103,6 +104,7 @@ pub mod sandbox;
 pub mod bundle;
 pub mod call;
 pub mod extract;
+pub mod neighbours;
 pub mod notebook;
 pub mod preinit;
 pub mod replay;

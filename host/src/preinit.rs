@@ -26,7 +26,8 @@ use crate::sandbox::{Ended, Sandbox, Setup, Start};
 const KEEP_IMAGES: usize = 64;
 /// Part of every image's cache key: changed whenever how an image is built changes (its
 /// fixed world, the metadata it normalises), so no stale image outlives the change.
-const RECIPE: &str = "fixed-clock, fixed-random, no dev/ino/nlink/times; 2";
+const RECIPE: &str =
+    "fixed-clock, fixed-random, no dev/ino/nlink/times, no directory sizes, listings by name; 3";
 
 /// A bundle ready to call: its pre-initialised image when it has one.
 #[derive(Debug)]
@@ -145,6 +146,9 @@ fn build(sandbox: &Sandbox, bundle: &Bundle, limits: &Limits) -> Result<Result<V
             return Ok(Err(format!(
                 "loading the bundle ended the interpreter with exit status {status}"
             )));
+        }
+        Ended::Crashed(why) => {
+            return Ok(Err(format!("loading the bundle ended the interpreter: {why}")));
         }
         Ended::Diverged(_) => bail!("a divergence in a run that does not replay"),
     }
