@@ -364,7 +364,6 @@ pub struct ModuleChunk {
     pub text: String,
 }
 
-
 /// A call made before a bundle's image is saved, so that the one-time work of a function's
 /// first calls (imports inside functions, caches filled on first use, the interpreter
 /// specialising its bytecode) is already done in every call's starting state.

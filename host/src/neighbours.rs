@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
+use crate::door::Kind;
 use crate::door::{Module, ModuleChunk};
 use crate::error::bad_input;
-use crate::door::Kind;
 use crate::extract::{self, Extraction, StatementId};
 use crate::notebook::{Cell, CellKind, Notebook};
 use crate::sandbox::Sandbox;

@@ -148,7 +148,9 @@ fn build(sandbox: &Sandbox, bundle: &Bundle, limits: &Limits) -> Result<Result<V
             )));
         }
         Ended::Crashed(why) => {
-            return Ok(Err(format!("loading the bundle ended the interpreter: {why}")));
+            return Ok(Err(format!(
+                "loading the bundle ended the interpreter: {why}"
+            )));
         }
         Ended::Diverged(_) => bail!("a divergence in a run that does not replay"),
     }

@@ -9,10 +9,10 @@ use serde_json::{Value, json};
 
 use super::GlobalOptions;
 use crate::bundle::{Bundle, Opened, short};
+use crate::door::Module;
 use crate::error::Exit;
 use crate::extract::{self, Extraction, StatementSummary};
 use crate::files::SigningKey;
-use crate::door::Module;
 use crate::neighbours;
 use crate::notebook::{CellKind, Notebook};
 use crate::sandbox::Sandbox;

@@ -14,9 +14,9 @@ use crate::call::{self, Outcome, Request};
 use crate::door::Arguments;
 use crate::error::{Exit, bad_input};
 use crate::files::{SigningKey, read_capped, read_regular, sealed, write_private};
+use crate::neighbours::Wheel;
 use crate::policy::{EnvVar, Grant, Limits, Policy, Size, Timeout, check_distinct};
 use crate::preinit::Prepared;
-use crate::neighbours::Wheel;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
