@@ -126,6 +126,15 @@ fn top_level_await_is_dropped_and_the_cell_keeps_its_definitions() {
         "def uses_result():\n    return result",
     ]);
     assert_eq!(fx.run("plain", &["--args", "[1]"]).value(), json!(2));
+    // In a cell tagged `export`, the awaiting statement still cannot run as Python: dropped.
+    let exported = Fixture::cells(vec![json!({
+        "cell_type": "code", "metadata": {"tags": ["export"]}, "outputs": [], "execution_count": null,
+        "source": "async def fetch():\n    return 1\nVALUE = await fetch()\nlookup = {'a': 1}\ndef get(k):\n    return lookup[k]"
+    })]);
+    assert_eq!(
+        exported.run("get", &["--args", "[\"a\"]"]).value(),
+        json!(1)
+    );
     assert_eq!(fx.run("fetch", &["--args", "[4]"]).value(), json!(40));
     // `result` is bound only by a statement IPython awaits at the top level: not run.
     fx.run("uses_result", &[])
