@@ -382,6 +382,17 @@ fn notebooks_imported_with_importnb_are_bundled() {
 }
 
 #[test]
+fn a_folder_next_to_the_notebook_imports_as_a_namespace_package() {
+    let fx = Fixture::code(&["import settings\ndef name():\n    return settings.__name__"]);
+    std::fs::create_dir_all(fx.path("settings")).unwrap();
+    std::fs::write(fx.path("settings/values.yaml"), "a: 1\n").unwrap();
+    assert_eq!(
+        fx.run("name", &[]).value(),
+        native_in(fx.dir.path(), "import settings", "settings.__name__")
+    );
+}
+
+#[test]
 fn an_error_in_a_neighbour_points_into_it() {
     let fx = Fixture::code(&["from helpers import boom\ndef f():\n    return boom()"]);
     std::fs::write(fx.path("helpers.py"), "def boom():\n    return 1 / 0\n").unwrap();
