@@ -126,6 +126,15 @@ fn top_level_await_is_dropped_and_the_cell_keeps_its_definitions() {
         "def uses_result():\n    return result",
     ]);
     assert_eq!(fx.run("plain", &["--args", "[1]"]).value(), json!(2));
+    // In a cell tagged `export`, the awaiting statement still cannot run as Python: dropped.
+    let exported = Fixture::cells(vec![json!({
+        "cell_type": "code", "metadata": {"tags": ["export"]}, "outputs": [], "execution_count": null,
+        "source": "async def fetch():\n    return 1\nVALUE = await fetch()\nlookup = {'a': 1}\ndef get(k):\n    return lookup[k]"
+    })]);
+    assert_eq!(
+        exported.run("get", &["--args", "[\"a\"]"]).value(),
+        json!(1)
+    );
     assert_eq!(fx.run("fetch", &["--args", "[4]"]).value(), json!(40));
     // `result` is bound only by a statement IPython awaits at the top level: not run.
     fx.run("uses_result", &[])
@@ -370,6 +379,17 @@ fn notebooks_imported_with_importnb_are_bundled() {
     ]});
     std::fs::write(fx.path("other.ipynb"), other.to_string()).unwrap();
     assert_eq!(fx.run("twice", &["--args", "[3]"]).value(), json!(12));
+}
+
+#[test]
+fn a_folder_next_to_the_notebook_imports_as_a_namespace_package() {
+    let fx = Fixture::code(&["import settings\ndef name():\n    return settings.__name__"]);
+    std::fs::create_dir_all(fx.path("settings")).unwrap();
+    std::fs::write(fx.path("settings/values.yaml"), "a: 1\n").unwrap();
+    assert_eq!(
+        fx.run("name", &[]).value(),
+        native_in(fx.dir.path(), "import settings", "settings.__name__")
+    );
 }
 
 #[test]

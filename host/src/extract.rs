@@ -320,9 +320,14 @@ impl Extraction {
             }
             let stmt = self.statement(id);
             if stmt.kind == Kind::Export {
-                // A cell tagged `export` runs whole or not at all.
+                // A cell tagged `export` runs whole or not at all: every statement of it that
+                // Python can run (not its magics, nor what IPython awaits at the top level).
                 let cell = &self.analysis.cells[id.0];
-                work.extend((0..cell.statements.len()).map(|s| (id.0, s)));
+                work.extend(
+                    (0..cell.statements.len())
+                        .map(|s| (id.0, s))
+                        .filter(|&s| self.statement(s).kind.is_kept()),
+                );
             }
             if !stmt.magic_lines.is_empty() {
                 warnings.push(format!(

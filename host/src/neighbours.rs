@@ -195,7 +195,17 @@ pub fn gather(
             let sources = BTreeMap::from([(format!("{top}.py"), read_source(&py)?)]);
             python_files(sandbox, &sources)?
         } else if package.join("__init__.py").is_file() || (importer.missing && package.is_dir()) {
-            python_files(sandbox, &package_sources(folder, &package)?)?
+            let (mut modules, more) = python_files(sandbox, &package_sources(folder, &package)?)?;
+            if !modules.iter().any(|m| m.name == top) {
+                // A folder with no module at its top still imports, as a namespace package.
+                modules.push(Module::new(
+                    top.clone(),
+                    format!("{top}/"),
+                    true,
+                    Vec::new(),
+                ));
+            }
+            (modules, more)
         } else if !importer.missing {
             continue;
         } else if notebook.is_file() {
