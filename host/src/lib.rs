@@ -46,6 +46,7 @@ pub mod progress;
 pub mod replay;
 pub mod runtime;
 pub mod sandbox;
+pub mod serve;
 pub mod snapshot;
 pub mod trace;
 
