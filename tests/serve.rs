@@ -246,10 +246,10 @@ fn a_tenant_sees_nothing_of_another_and_not_its_grants() {
         server.get("/v1/bundles", Some(&b)).expect(200)["bundles"],
         json!([])
     );
-    assert_eq!(
-        server.get("/v1/runs", Some(&b)).expect(200)["runs"],
-        json!([])
-    );
+    let runs = server.get("/v1/runs", Some(&b)).expect(200);
+    for r in runs["runs"].as_array().unwrap() {
+        assert_eq!(r["tenant"], json!("b"), "B lists only its own runs: {r}");
+    }
     assert_eq!(
         server.get("/v1/aliases", Some(&b)).expect(200)["aliases"],
         json!([])
@@ -271,12 +271,14 @@ fn a_tenant_sees_nothing_of_another_and_not_its_grants() {
         json!("FileNotFoundError"),
         "{error}"
     );
+    let runs = server.get("/v1/runs?outcome=raised", Some(&b)).expect(200);
+    assert_eq!(runs["runs"][0]["function"], json!("secret"));
+    assert_eq!(runs["runs"][0]["tenant"], json!("b"));
+    let of_a = server.get("/v1/runs", Some(&a)).expect(200);
     assert_eq!(
-        server.get("/v1/runs", Some(&b)).expect(200)["runs"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
+        of_a["runs"].as_array().unwrap().len(),
+        1,
+        "A sees only its own run: {of_a}"
     );
 
     // No token, a wrong token, a malformed header: 401.
@@ -479,7 +481,8 @@ fn kill_9_during_calls_then_restart_marks_them_interrupted_and_loses_nothing_els
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
-    server.signal(libc::SIGKILL);
+    let mut server = server;
+    server.kill();
     caller.join().unwrap();
     let server = server.restart();
     assert!(

@@ -141,22 +141,37 @@ impl Server {
         }
     }
 
-    /// The same server again, on the same data and config (a new port).
+    /// The same server again, on the same data and config (a new port), after stopping this
+    /// one with SIGTERM unless it already exited.
     pub fn restart(mut self) -> Server {
-        self.stop();
+        if self.child.try_wait().unwrap().is_none() {
+            self.stop();
+        }
         Server::start(&self.data.clone(), self.config.clone().as_deref())
     }
 
     /// SIGTERM, and the exit code once it exited.
     pub fn stop(&mut self) -> i32 {
         self.signal(libc::SIGTERM);
+        let status = self.wait();
+        status
+            .code()
+            .unwrap_or_else(|| panic!("host serve died of a signal: {status:?}\n{}", self.log()))
+    }
+
+    /// `kill -9`, waited for.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait();
+    }
+
+    /// Waits for the process to exit and for its stderr to be read to the end.
+    fn wait(&mut self) -> std::process::ExitStatus {
         let status = self.child.wait().unwrap();
         if let Some(reader) = self.reader.take() {
             reader.join().unwrap();
         }
         status
-            .code()
-            .unwrap_or_else(|| panic!("host serve died of a signal: {status:?}\n{}", self.log()))
     }
 
     pub fn signal(&self, signal: i32) {

@@ -23,9 +23,13 @@ use serde_json::{Value, json};
 
 use super::runner::is_user_error;
 
-/// A failed request.
+/// A failed request. Boxed: it travels in every handler's `Result`, mostly unused.
 #[derive(Debug)]
-pub struct ApiError {
+pub struct ApiError(Box<Failure>);
+
+/// What [`ApiError`] holds.
+#[derive(Debug)]
+pub struct Failure {
     pub status: StatusCode,
     /// `{"kind": ..., "message": ..., ...}`.
     pub error: Value,
@@ -37,13 +41,17 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, kind: &str, message: impl Into<String>) -> ApiError {
-        ApiError {
+        ApiError::with(status, json!({"kind": kind, "message": message.into()}))
+    }
+
+    fn with(status: StatusCode, error: Value) -> ApiError {
+        ApiError(Box::new(Failure {
             status,
-            error: json!({"kind": kind, "message": message.into()}),
+            error,
             bundle: None,
             run: None,
             retry_after: None,
-        }
+        }))
     }
 
     pub fn bad_input(message: impl Into<String>) -> ApiError {
@@ -76,13 +84,7 @@ impl ApiError {
 
     /// A function's failure, described by the runner (`raised`, `exited` or `limit`).
     pub fn call_failed(error: Value) -> ApiError {
-        ApiError {
-            status: StatusCode::UNPROCESSABLE_ENTITY,
-            error,
-            bundle: None,
-            run: None,
-            retry_after: None,
-        }
+        ApiError::with(StatusCode::UNPROCESSABLE_ENTITY, error)
     }
 
     /// The `runs.outcome` this failure stands for, when it ends an accepted call.
@@ -100,6 +102,20 @@ impl ApiError {
             .as_str()
             .unwrap_or_default()
             .to_owned()
+    }
+}
+
+impl std::ops::Deref for ApiError {
+    type Target = Failure;
+
+    fn deref(&self) -> &Failure {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ApiError {
+    fn deref_mut(&mut self) -> &mut Failure {
+        &mut self.0
     }
 }
 
@@ -121,13 +137,20 @@ impl From<anyhow::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": self.error, "bundle": self.bundle, "run": self.run});
-        let mut response = (self.status, axum::Json(body)).into_response();
+        let Failure {
+            status,
+            error,
+            bundle,
+            run,
+            retry_after,
+        } = *self.0;
+        let body = json!({"error": error, "bundle": bundle, "run": run});
+        let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
-        if let Some(run) = self.run.and_then(|r| HeaderValue::from_str(&r).ok()) {
+        if let Some(run) = run.and_then(|r| HeaderValue::from_str(&r).ok()) {
             headers.insert("host-run", run);
         }
-        if let Some(seconds) = self.retry_after {
+        if let Some(seconds) = retry_after {
             headers.insert("retry-after", HeaderValue::from(seconds));
         }
         response
