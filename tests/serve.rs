@@ -782,3 +782,180 @@ fn health_readiness_and_token() {
         made.stderr
     );
 }
+
+#[test]
+fn a_client_sending_its_body_slowly_holds_no_worker_and_gets_408() {
+    use std::io::{Read, Write};
+    let dir = workdir();
+    let (t, digest) = token("slow");
+    let cfg = config(
+        dir.path(),
+        "workers = 1\nbody_timeout = \"1s\"",
+        &[format!(
+            "name = \"s\"\ntokens_sha256 = [\"{digest}\"]\nconcurrency = 1\nqueue = 0"
+        )],
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&cfg));
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&t, &nb.notebook, &["double"]);
+    let addr = server.url.strip_prefix("http://").unwrap();
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        slow,
+        "POST /v1/call/{version}/double HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {t}\r\n\
+         Content-Length: 40\r\n\r\n{{\"args\""
+    )
+    .unwrap();
+    let sent = Instant::now();
+    // The only worker is free while the slow body trickles in.
+    assert_eq!(
+        server.call(&t, &version, "double", json!([4])).expect(200)["result"],
+        json!(8)
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        sent.elapsed()
+    );
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert_eq!(
+        rows(&server).len(),
+        1,
+        "a body that never arrived leaves no row"
+    );
+}
+
+#[test]
+fn traces_are_pruned_oldest_first_for_storage_and_retention_then_507() {
+    let dir = workdir();
+    let (full, full_digest) = token("full");
+    let (old, old_digest) = token("old");
+    let cfg = config(
+        dir.path(),
+        "",
+        &[
+            format!("name = \"full\"\ntokens_sha256 = [\"{full_digest}\"]\nstorage = \"8K\""),
+            format!("name = \"old\"\ntokens_sha256 = [\"{old_digest}\"]\nretention = \"1s\""),
+        ],
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&cfg));
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&full, &nb.notebook, &["double"]);
+    let mut runs = Vec::new();
+    for i in 0..12 {
+        let call = server.call(&full, &version, "double", json!([i]));
+        runs.push(call.expect(200)["run"].as_str().unwrap().to_owned());
+    }
+    let db = server.db();
+    let pruned: Vec<bool> = runs
+        .iter()
+        .map(|id| {
+            db.query_row("SELECT trace_pruned FROM runs WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        })
+        .collect();
+    let (usage, traces): (u64, u64) = db
+        .query_row(
+            "SELECT (SELECT sum(size) FROM bundles WHERE tenant = 'full')
+                  + (SELECT coalesce(sum(trace_size), 0) FROM runs WHERE tenant = 'full' AND trace_pruned = 0),
+                    (SELECT max(trace_size) FROM runs)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    eprintln!("usage {usage} bytes, a trace {traces} bytes, pruned {pruned:?}");
+    assert!(pruned[0], "the oldest trace goes first: {pruned:?}");
+    assert!(!pruned[11], "the newest is kept: {pruned:?}");
+    assert!(
+        pruned.windows(2).all(|w| w[0] >= w[1]),
+        "oldest first: {pruned:?}"
+    );
+    assert!(usage <= 8 << 10, "usage {usage}");
+    let gone = server.get(&format!("/v1/runs/{}/trace", runs[0]), Some(&full));
+    assert!(
+        gone.expect(404)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("pruned")
+    );
+    assert_eq!(
+        server
+            .get(&format!("/v1/runs/{}", runs[0]), Some(&full))
+            .expect(200)["trace_pruned"],
+        json!(true)
+    );
+    assert_eq!(
+        server
+            .get(&format!("/v1/runs/{}/trace", runs[11]), Some(&full))
+            .status,
+        200
+    );
+    // A bundle bigger than what pruning can free is refused, not half-stored.
+    let big = notebook(&format!(
+        "def big():\n    '''{}'''\n    return 1\n",
+        "x".repeat(60 << 10)
+    ));
+    let refused = server.post(
+        "/v1/bundles?name=nb.ipynb",
+        Some(&full),
+        &std::fs::read(&big.notebook).unwrap(),
+    );
+    assert_eq!(refused.expect(507)["error"]["kind"], json!("storage"));
+
+    // Retention: a trace older than it is pruned at the next call.
+    let v = server.deploy(&old, &nb.notebook, &["double"]);
+    let first = server.call(&old, &v, "double", json!([1])).expect(200)["run"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::thread::sleep(Duration::from_millis(1500));
+    server.call(&old, &v, "double", json!([2])).expect(200);
+    assert_eq!(
+        server
+            .get(&format!("/v1/runs/{first}"), Some(&old))
+            .expect(200)["trace_pruned"],
+        json!(true)
+    );
+}
+
+#[test]
+fn a_store_that_cannot_write_answers_503_with_the_reason_and_recovers() {
+    let dir = workdir();
+    let server = Server::start(&dir.path().join("data"), None);
+    let tok = server.default_token();
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&tok, &nb.notebook, &["double"]);
+    // Another process holds the database's write lock longer than the server waits for it.
+    let blocker = rusqlite::Connection::open(server.data.join("host.db")).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let refused = server.call(&tok, &version, "double", json!([1]));
+    let error = refused.expect(503);
+    assert_eq!(error["error"]["kind"], json!("unavailable"));
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("locked"),
+        "{error}"
+    );
+    assert_eq!(server.get("/readyz", None).status, 200, "reads still work");
+    blocker.execute_batch("COMMIT").unwrap();
+    assert_eq!(
+        server
+            .call(&tok, &version, "double", json!([2]))
+            .expect(200)["result"],
+        json!(4)
+    );
+    assert_eq!(
+        rows(&server),
+        vec![("double".to_owned(), Some("returned".to_owned()), Some(200))],
+        "the refused call left no row and ran nothing"
+    );
+    let metrics = server.get("/metrics", None).text();
+    assert!(metrics.contains("host_store_errors_total 1"), "{metrics}");
+}

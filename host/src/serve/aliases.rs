@@ -27,7 +27,7 @@ pub async fn move_alias(
     request: Body,
 ) -> Result<Json<Value>, ApiError> {
     check_name(&name)?;
-    let bytes = body::read(request, tenant.config.max_body).await?;
+    let bytes = body::read(request, tenant.config.max_body, app.body_timeout).await?;
     let request: MoveRequest = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_input(format!("the body must be {{\"version\": VERSION}}: {e}"))
     })?;

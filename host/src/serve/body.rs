@@ -9,14 +9,11 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::error::ApiError;
 
-/// How long a client may take to send its body.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The whole body, or 413 over `max_body`, 408 when it does not arrive within
-/// [`BODY_TIMEOUT`].
-pub async fn read(body: Body, max_body: u64) -> Result<Bytes, ApiError> {
+/// The whole body, or 413 over `max_body`, 408 when it does not arrive within `timeout`
+/// (the config's `body_timeout`).
+pub async fn read(body: Body, max_body: u64, timeout: Duration) -> Result<Bytes, ApiError> {
     let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
-    let collected = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect()).await;
+    let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await;
     match collected {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.is::<LengthLimitError>() => Err(ApiError::new(
@@ -31,8 +28,8 @@ pub async fn read(body: Body, max_body: u64) -> Result<Bytes, ApiError> {
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
             format!(
-                "the request body did not arrive within {}s",
-                BODY_TIMEOUT.as_secs()
+                "the request body did not arrive within {:.1}s (body_timeout)",
+                timeout.as_secs_f64()
             ),
         )),
     }

@@ -42,7 +42,7 @@ pub async fn deploy(
             }
         }
     }
-    let bytes = body::read(request, tenant.config.max_body).await?;
+    let bytes = body::read(request, tenant.config.max_body, app.body_timeout).await?;
     app.check_storage(&tenant, bytes.len() as u64)?;
     let ticket = app
         .pool

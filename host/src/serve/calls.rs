@@ -54,7 +54,7 @@ pub async fn call(
     app.accepting()?;
     let runtime_sha256 = app.runner()?.runtime_sha256().to_owned();
     tenant.admit()?;
-    let bytes = body::read(request, tenant.config.max_body).await?;
+    let bytes = body::read(request, tenant.config.max_body, app.body_timeout).await?;
     app.check_storage(&tenant, 0)?;
     let ticket = app
         .pool
@@ -120,6 +120,11 @@ pub async fn call(
             e.run = Some(id.clone());
             e
         })?;
+    // The call's trace may have taken the tenant over its storage: older traces make room
+    // now, so the quota holds between calls (the next call is refused if they cannot).
+    if let Err(e) = app.check_storage(&tenant, 0) {
+        eprintln!("host: tenant `{}`: {}", tenant.name(), e.message());
+    }
     let labels = [
         ("tenant", tenant.name().to_owned()),
         ("function", function.clone()),

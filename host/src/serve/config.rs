@@ -27,6 +27,7 @@ struct File {
     max_timeout: Option<String>,
     max_output: Option<String>,
     max_body: Option<String>,
+    body_timeout: Option<String>,
     #[serde(default)]
     tenant: Vec<TenantFile>,
 }
@@ -58,6 +59,8 @@ pub struct Config {
     pub data: PathBuf,
     /// Calls running at once, over all tenants.
     pub workers: usize,
+    /// How long a client may take to send a request's body.
+    pub body_timeout: Duration,
     pub tenants: Vec<Tenant>,
 }
 
@@ -100,6 +103,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// The data folder by default, relative to where the server starts.
 pub const DEFAULT_DATA: &str = "host-data";
 const DEFAULT_MAX_BODY: &str = "16M";
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_CONCURRENCY: usize = 2;
 const DEFAULT_QUEUE: usize = 16;
 
@@ -150,6 +154,8 @@ impl Config {
             body: size_or(file.max_body.as_deref(), parse_size(DEFAULT_MAX_BODY)?)
                 .map_err(key("max_body"))?,
         };
+        let body_timeout = duration_or(file.body_timeout.as_deref(), DEFAULT_BODY_TIMEOUT)
+            .map_err(key("body_timeout"))?;
         let mut tenants = Vec::new();
         for t in file.tenant {
             let tenant = Tenant::resolve(t, &maxima)?;
@@ -165,6 +171,7 @@ impl Config {
             listen,
             data: file.data.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
             workers,
+            body_timeout,
             tenants,
         })
     }

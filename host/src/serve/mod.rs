@@ -70,6 +70,7 @@ pub struct App {
     /// Deployed bundles by version, pre-initialised.
     ready: RwLock<HashMap<String, Arc<Ready>>>,
     data: PathBuf,
+    body_timeout: Duration,
     metrics: PrometheusHandle,
     draining: AtomicBool,
 }
@@ -214,6 +215,7 @@ pub fn serve(options: &Options) -> Result<()> {
         runner: OnceLock::new(),
         ready: RwLock::new(HashMap::new()),
         data: config.data.clone(),
+        body_timeout: config.body_timeout,
         metrics,
         draining: AtomicBool::new(false),
     });
