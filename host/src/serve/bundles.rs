@@ -99,6 +99,7 @@ pub async fn show(
     Caller(tenant): Caller,
     Path(version): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    app.runner()?;
     let row = app
         .store
         .bundle(tenant.name(), &version)?
