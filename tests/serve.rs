@@ -423,6 +423,19 @@ fn every_outcome_leaves_one_row_and_a_pulled_trace_replays_to_the_production_res
         production,
         "the replay reproduces the production result"
     );
+    // And against a fixed notebook: the recorded inputs, the updated function.
+    let fixed = notebook(&FUNCTIONS.replace(
+        "return {\"random\": random.random(), \"time\": time.time()}",
+        "return {\"random\": random.random(), \"time\": time.time(), \"fixed\": True}",
+    ));
+    let what_if = host(&[
+        "replay",
+        trace.to_str().unwrap(),
+        "--notebook",
+        fixed.notebook.to_str().unwrap(),
+    ]);
+    assert_eq!(what_if.code, 0, "{}", what_if.stderr);
+    assert!(what_if.stdout.contains("fixed"), "{}", what_if.stdout);
     let mut list = vec!["runs", "list", "--outcome", "raised"];
     list.extend(client);
     let listed = host(&list);
@@ -958,4 +971,44 @@ fn a_store_that_cannot_write_answers_503_with_the_reason_and_recovers() {
     );
     let metrics = server.get("/metrics", None).text();
     assert!(metrics.contains("host_store_errors_total 1"), "{metrics}");
+}
+
+#[test]
+fn a_client_that_hangs_up_mid_call_still_leaves_the_complete_row() {
+    use std::io::Write;
+    let dir = workdir();
+    let server = Server::start(&dir.path().join("data"), None);
+    let tok = server.default_token();
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&tok, &nb.notebook, &["spin"]);
+    let addr = server.url.strip_prefix("http://").unwrap();
+    let mut client = std::net::TcpStream::connect(addr).unwrap();
+    let body = r#"{"args": [1]}"#;
+    write!(
+        client,
+        "POST /v1/call/{version}/spin HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {tok}\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let started = Instant::now();
+    while rows(&server).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the call never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(client);
+    while rows(&server)[0].1.is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the row was never completed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        rows(&server),
+        vec![("spin".to_owned(), Some("returned".to_owned()), Some(200))]
+    );
 }

@@ -77,61 +77,33 @@ pub async fn call(
         runtime_sha256: &runtime_sha256,
     })?;
     let version = version.map(str::to_owned);
+    let accepted = Accepted {
+        app: app.clone(),
+        tenant: tenant.clone(),
+        id: id.clone(),
+        function,
+        received,
+    };
     let record = match (target, arguments(&bytes)) {
-        (Err(e), _) | (_, Err(e)) => Record::failed(e),
-        (Ok((_, version)), Ok(arguments)) => {
-            let (app, tenant, id, function) =
-                (app.clone(), tenant.clone(), id.clone(), function.clone());
-            ticket
-                .run(move || execute(&app, &tenant, &id, &version, &function, &arguments))
-                .await
-                .unwrap_or_else(|_| {
-                    Record::failed(ApiError::internal(&anyhow::anyhow!(
-                        "the call's worker panicked"
-                    )))
-                })
-        }
+        (Err(e), _) | (_, Err(e)) => accepted.finish(Record::failed(e)),
+        // The worker completes the row itself: a client that hangs up mid-call drops this
+        // handler, never the call's record.
+        (Ok((_, version)), Ok(arguments)) => ticket
+            .run(move || {
+                let record = execute(&accepted, &version, &arguments);
+                accepted.finish(record)
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(ApiError::internal(&anyhow::anyhow!(
+                    "the call's worker panicked"
+                )))
+            }),
     };
-    let (status, outcome) = match &record.error {
-        None => (StatusCode::OK, "returned"),
-        Some(e) => (e.status, e.outcome()),
-    };
-    let result_text = record.result.as_ref().map(Value::to_string);
-    let result_sha256 = result_text
-        .as_ref()
-        .map(|t| hex::encode(Sha256::digest(t.as_bytes())));
-    let message = record.error.as_ref().map(ApiError::message);
-    app.store
-        .finish_run(
-            &id,
-            &Finished {
-                duration_ms: record.duration_ms,
-                outcome,
-                http_status: status.as_u16(),
-                result: result_text.as_deref().filter(|t| t.len() <= RESULT_CAP),
-                result_sha256: result_sha256.as_deref(),
-                error: message.as_deref(),
-                trace_sha256: record.trace.as_ref().map(|t| t.0.as_str()),
-                trace_size: record.trace.as_ref().map(|t| t.1),
-            },
-        )
-        .map_err(|e| {
-            let mut e = ApiError::from(e);
-            e.run = Some(id.clone());
-            e
-        })?;
-    // The call's trace may have taken the tenant over its storage: older traces make room
-    // now, so the quota holds between calls (the next call is refused if they cannot).
-    if let Err(e) = app.check_storage(&tenant, 0) {
-        eprintln!("host: tenant `{}`: {}", tenant.name(), e.message());
-    }
-    let labels = [
-        ("tenant", tenant.name().to_owned()),
-        ("function", function.clone()),
-        ("outcome", outcome.to_owned()),
-    ];
-    metrics::counter!("host_calls_total", &labels[..]).increment(1);
-    metrics::histogram!("host_call_seconds", &labels[..2]).record(received.elapsed().as_secs_f64());
+    let record = record.map_err(|mut e| {
+        e.run = Some(id.clone());
+        e
+    })?;
     match record.error {
         None => {
             let mut response = Json(json!({
@@ -147,14 +119,6 @@ pub async fn call(
             Ok(response)
         }
         Some(mut e) => {
-            if let Some(limit) = e.error["limit"].as_str() {
-                metrics::counter!(
-                    "host_limit_hits_total",
-                    "tenant" => tenant.name().to_owned(),
-                    "limit" => limit.to_owned()
-                )
-                .increment(1);
-            }
             e.bundle = version;
             e.run = Some(id);
             Err(e)
@@ -207,15 +171,81 @@ fn arguments(bytes: &Bytes) -> Result<Arguments, ApiError> {
     serde_json::from_value(value).map_err(|e| ApiError::bad_input(format!("{shape}: {e}")))
 }
 
+/// An accepted call: its row is written, and [`Accepted::finish`] completes it.
+struct Accepted {
+    app: Arc<App>,
+    tenant: Arc<TenantState>,
+    id: String,
+    function: String,
+    received: Instant,
+}
+
+impl Accepted {
+    /// Completes the call's row, makes room in the tenant's storage for what it added, and
+    /// counts it in the metrics.
+    fn finish(&self, record: Record) -> Result<Record, ApiError> {
+        let (app, tenant) = (&self.app, &self.tenant);
+        let (status, outcome) = match &record.error {
+            None => (StatusCode::OK, "returned"),
+            Some(e) => (e.status, e.outcome()),
+        };
+        let result_text = record.result.as_ref().map(Value::to_string);
+        let result_sha256 = result_text
+            .as_ref()
+            .map(|t| hex::encode(Sha256::digest(t.as_bytes())));
+        let message = record.error.as_ref().map(ApiError::message);
+        app.store.finish_run(
+            &self.id,
+            &Finished {
+                duration_ms: record.duration_ms,
+                outcome,
+                http_status: status.as_u16(),
+                result: result_text.as_deref().filter(|t| t.len() <= RESULT_CAP),
+                result_sha256: result_sha256.as_deref(),
+                error: message.as_deref(),
+                trace_sha256: record.trace.as_ref().map(|t| t.0.as_str()),
+                trace_size: record.trace.as_ref().map(|t| t.1),
+            },
+        )?;
+        // The call's trace may have taken the tenant over its storage: older traces make
+        // room now, so the quota holds between calls (the next call is refused if they
+        // cannot).
+        if let Err(e) = app.check_storage(tenant, 0) {
+            eprintln!("host: tenant `{}`: {}", tenant.name(), e.message());
+        }
+        let labels = [
+            ("tenant", tenant.name().to_owned()),
+            ("function", self.function.clone()),
+            ("outcome", outcome.to_owned()),
+        ];
+        metrics::counter!("host_calls_total", &labels[..]).increment(1);
+        metrics::histogram!("host_call_seconds", &labels[..2])
+            .record(self.received.elapsed().as_secs_f64());
+        if let Some(limit) = record
+            .error
+            .as_ref()
+            .and_then(|e| e.error["limit"].as_str())
+        {
+            metrics::counter!(
+                "host_limit_hits_total",
+                "tenant" => tenant.name().to_owned(),
+                "limit" => limit.to_owned()
+            )
+            .increment(1);
+        }
+        Ok(record)
+    }
+}
+
 /// The call itself, on a worker: run it, write its trace, say what to record.
-fn execute(
-    app: &App,
-    tenant: &TenantState,
-    id: &str,
-    version: &str,
-    function: &str,
-    arguments: &Arguments,
-) -> Record {
+fn execute(call: &Accepted, version: &str, arguments: &Arguments) -> Record {
+    let Accepted {
+        app,
+        tenant,
+        id,
+        function,
+        ..
+    } = call;
     let run = || -> Result<Record, ApiError> {
         app.store.run_started(id)?;
         let ready = app.ready(version)?;
