@@ -21,6 +21,7 @@ use axum::routing::{get, post, put};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::engine::{create_private_dir, write_private};
+use crate::error::Exit;
 
 mod aliases;
 pub mod auth;
@@ -237,7 +238,12 @@ async fn run(app: Arc<App>, listen: SocketAddr, options: &Options) -> Result<()>
     std::thread::spawn(move || {
         if let Err(e) = start_runner(&warm, runtime.as_deref(), cache_dir) {
             eprintln!("host: {e:#}");
-            std::process::exit(crate::cli::exit_code(&e) as i32);
+            let exit = if runner::is_user_error(&e) {
+                Exit::Usage
+            } else {
+                Exit::Internal
+            };
+            std::process::exit(exit as i32);
         }
     });
     let stop = Arc::new(tokio::sync::Notify::new());

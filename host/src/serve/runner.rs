@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::bundle::{Bundle, Select};
 use crate::call::{self, Arguments, Outcome};
 use crate::engine::Engine;
-use crate::error::Exit;
+use crate::error::UserError;
 use crate::notebook::Notebook;
 use crate::runtime::Runtime;
 use crate::sandbox::{Grant, LimitExceeded, Limits, Policy, Sandbox};
@@ -43,9 +43,11 @@ pub struct Done {
     pub trace: Vec<u8>,
 }
 
-/// Whether an error is the user's to fix (host run's exit code 2) rather than a bug.
+/// Whether an error is the user's to fix (what `host run` exits 2 for) rather than a bug.
+/// The test is on the library's error type, not the CLI's exit codes, so the server does
+/// not depend on the CLI.
 pub fn is_user_error(e: &anyhow::Error) -> bool {
-    crate::cli::exit_code(e) == Exit::Usage
+    e.chain().any(|c| c.is::<UserError>())
 }
 
 impl Runner {
