@@ -456,6 +456,14 @@ fn every_outcome_leaves_one_row_and_a_pulled_trace_replays_to_the_production_res
         .expect(200);
     assert_eq!(older["runs"][0]["outcome"], json!("bad_input"));
     assert_eq!(older["runs"][0]["function"], json!("nope"));
+    let metrics = server.get("/metrics", None).text();
+    for line in [
+        r#"host_limit_hits_total{tenant="ops",limit="time"} 1"#,
+        r#"host_calls_total{tenant="ops",function="boom",outcome="raised"} 1"#,
+        r#"host_calls_total{tenant="ops",function="double",outcome="bad_input"} 4"#,
+    ] {
+        assert!(metrics.contains(line), "{line}:\n{metrics}");
+    }
     // A run that never reached the sandbox has no trace to pull.
     let failed_run = malformed.json()["run"].as_str().unwrap().to_owned();
     assert_eq!(
