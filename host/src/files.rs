@@ -73,6 +73,17 @@ fn too_large(what: &str, cap: u64) -> anyhow::Error {
     ))
 }
 
+/// Creates `dir` (and its parents) readable by its owner only: what host keeps there (native
+/// code, images, traces of production data, tokens) is no one else's to read or change.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("failed to create the folder `{}`", dir.display()))
+}
+
 /// Writes `bytes` to `path` readable by its owner only, atomically: into a temporary file in
 /// the same folder, renamed over `path`, so a concurrent reader never sees half a file and a
 /// file that was there (with whatever permissions) is replaced, not reused.

@@ -23,6 +23,8 @@
 //!   once, their memory kept as an image) → [`trace`] (the file a recorded call is kept in) →
 //!   [`call`] (arguments in, value out) → [`replay`] (a trace run again, exactly or against
 //!   an updated notebook).
+//! - [`serve`]: `host serve`, the multi-tenant HTTP service on the library: deploys, aliases,
+//!   calls logged with their traces in a run store.
 //! - [`cli`]: the `host` command, a thin user of all the above. Nothing below it prints to
 //!   stdout or exits the process.
 //!
@@ -109,6 +111,8 @@ pub mod notebook;
 pub mod preinit;
 pub mod replay;
 pub mod trace;
+
+pub mod serve;
 
 pub mod cli;
 

@@ -9,6 +9,9 @@ use std::sync::Once;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
+/// A real `host serve` process and an HTTP client for it.
+pub mod server;
+
 /// The repository root (the workspace).
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

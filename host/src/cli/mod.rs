@@ -17,6 +17,7 @@ mod inspect;
 mod prepare;
 mod replay;
 mod run;
+mod serve;
 
 pub use run::{DEFAULT_MAX_INPUT, read_arguments};
 
@@ -63,6 +64,12 @@ pub enum Command {
     Replay(replay::ReplayArgs),
     /// Compile the Python runtime for this machine now, so the first call does not wait.
     Prepare,
+    /// Serve deployed notebooks' functions over HTTP to several tenants, logging every call.
+    Serve(serve::ServeArgs),
+    /// Print a new random token for a tenant, and the config line with its digest.
+    Token,
+    /// A server's logged calls: list them, pull one's trace to replay it here.
+    Runs(serve::RunsArgs),
 }
 
 /// Runs a parsed command line; returns the exit code after printing any error to stderr.
@@ -73,6 +80,9 @@ pub fn main(cli: Cli) -> Exit {
         Command::Inspect(args) => inspect::inspect(&cli.global, args),
         Command::Replay(args) => replay::replay(&cli.global, args),
         Command::Prepare => prepare::prepare(&cli.global),
+        Command::Serve(args) => serve::serve(&cli.global, args),
+        Command::Token => serve::token(),
+        Command::Runs(args) => serve::runs(args),
     };
     match result {
         Ok(exit) => exit,

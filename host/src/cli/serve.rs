@@ -1,0 +1,210 @@
+//! `host serve`, `host token`, and the client side: `host runs list|pull`.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::GlobalOptions;
+use crate::error::{Exit, bad_input};
+use crate::files::write_private;
+use crate::policy::parse_duration;
+use crate::serve;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A TOML config (see README, "Serving") [default: one tenant, `default`, on 127.0.0.1:8080].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The address to listen on, overriding the config's `listen`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// The data folder (run store, bundles, traces), overriding the config's `data`.
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// On SIGTERM or SIGINT, how long calls in flight may take to finish.
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    pub grace: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    #[command(subcommand)]
+    pub command: RunsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunsCommand {
+    /// List a server's runs, newest first, one JSON object a line.
+    List(ListArgs),
+    /// Download a run's trace, checked against its row's trace_sha256, for `host replay`.
+    Pull(PullArgs),
+}
+
+/// Which server, and the token to use there.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The server's URL.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// A file holding the token (`host serve` writes the default tenant's to
+    /// host-data/default.token).
+    #[arg(long, value_name = "FILE", default_value = "host-data/default.token")]
+    pub token_file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Only runs of this function.
+    #[arg(long)]
+    pub function: Option<String>,
+    /// Only runs called through this alias.
+    #[arg(long)]
+    pub alias: Option<String>,
+    /// Only runs of this bundle version.
+    #[arg(long)]
+    pub version: Option<String>,
+    /// Only runs with this outcome (returned, raised, limit, bad_input, internal, interrupted).
+    #[arg(long)]
+    pub outcome: Option<String>,
+    /// Only runs received at or after this time (RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many runs.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The run's id (its `Host-Run` header).
+    pub run: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Where to write the trace.
+    #[arg(long, short = 'o', value_name = "FILE", default_value = "call.trace")]
+    pub output: PathBuf,
+}
+
+pub fn serve(global: &GlobalOptions, args: &ServeArgs) -> Result<Exit> {
+    let options = serve::Options {
+        config: args.config.clone(),
+        listen: args.listen,
+        data: args.data.clone(),
+        grace: parse_duration(&args.grace).context("--grace")?,
+        runtime: global.runtime.clone(),
+        cache_dir: global.cache_dir.clone(),
+    };
+    serve::serve(&options)?;
+    Ok(Exit::Success)
+}
+
+/// Prints a new token and the config line that lets it in.
+pub fn token() -> Result<Exit> {
+    let token = serve::auth::new_token()?;
+    println!("{token}");
+    eprintln!(
+        "host: give the token to the client; put its digest in the tenant's table:\n\
+         tokens_sha256 = [\"{}\"]",
+        hex::encode(serve::auth::digest(&token))
+    );
+    Ok(Exit::Success)
+}
+
+pub fn runs(args: &RunsArgs) -> Result<Exit> {
+    match &args.command {
+        RunsCommand::List(list) => {
+            let mut query = vec![("limit", list.limit.to_string())];
+            for (key, value) in [
+                ("function", &list.function),
+                ("alias", &list.alias),
+                ("version", &list.version),
+                ("outcome", &list.outcome),
+                ("since", &list.since),
+            ] {
+                if let Some(v) = value {
+                    query.push((key, v.clone()));
+                }
+            }
+            let body = get(&list.client, "/v1/runs", &query)?;
+            let page: Value =
+                serde_json::from_slice(&body).context("the server's answer is not JSON")?;
+            for run in page["runs"].as_array().into_iter().flatten() {
+                println!("{run}");
+            }
+        }
+        RunsCommand::Pull(pull) => {
+            let run: Value =
+                serde_json::from_slice(&get(&pull.client, &format!("/v1/runs/{}", pull.run), &[])?)
+                    .context("the server's answer is not JSON")?;
+            let expected = run["trace_sha256"]
+                .as_str()
+                .ok_or_else(|| bad_input(format!("run {} has no trace", pull.run)))?
+                .to_owned();
+            let trace = get(&pull.client, &format!("/v1/runs/{}/trace", pull.run), &[])?;
+            let actual = hex::encode(Sha256::digest(&trace));
+            if actual != expected {
+                anyhow::bail!(
+                    "the trace of run {} does not match its row: sha256 {actual}, the row says {expected}",
+                    pull.run
+                );
+            }
+            write_private(&pull.output, &trace)?;
+            eprintln!(
+                "host: run {} ({} of bundle {}, {}) written to {}: `host replay {}` re-runs it",
+                pull.run,
+                run["function"].as_str().unwrap_or(""),
+                run["bundle_version"].as_str().unwrap_or(""),
+                run["outcome"].as_str().unwrap_or(""),
+                pull.output.display(),
+                pull.output.display()
+            );
+        }
+    }
+    Ok(Exit::Success)
+}
+
+/// A GET with the token; the body of a 2xx answer, else the server's error message.
+fn get(client: &ClientArgs, path: &str, query: &[(&str, String)]) -> Result<Vec<u8>> {
+    let token = std::fs::read_to_string(&client.token_file).map_err(|e| {
+        bad_input(format!(
+            "cannot read token file `{}`: {e}",
+            client.token_file.display()
+        ))
+    })?;
+    let url = format!("{}{path}", client.server.trim_end_matches('/'));
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let mut request = agent
+        .get(&url)
+        .header("Authorization", format!("Bearer {}", token.trim()));
+    for (key, value) in query {
+        request = request.query(*key, value);
+    }
+    let mut response = request
+        .call()
+        .map_err(|e| bad_input(format!("cannot reach the server at {url}: {e}")))?;
+    let status = response.status();
+    let mut body = Vec::new();
+    response
+        .body_mut()
+        .as_reader()
+        .read_to_end(&mut body)
+        .with_context(|| format!("failed to read the answer of {url}"))?;
+    if !status.is_success() {
+        let message = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        return Err(bad_input(format!("{url}: {status}: {message}")));
+    }
+    Ok(body)
+}

@@ -1,0 +1,235 @@
+//! The one place the server calls the host library: making, loading and calling bundles.
+//!
+//! Everything else in `serve` speaks in this file's types ([`Runner`], [`Ready`], [`Done`]),
+//! so a change in the library's API is a change here only.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use crate::bundle::{Bundle, Opened, Select};
+use crate::call::{self, Outcome, Request};
+use crate::door::Arguments;
+use crate::engine::Engine;
+use crate::error::{UserError, bad_input};
+use crate::notebook::Notebook;
+use crate::policy::{Grant, LimitExceeded, Limits, Policy};
+use crate::preinit::Prepared;
+use crate::runtime::Runtime;
+use crate::sandbox::Sandbox;
+
+/// The engine and the compiled interpreter, shared by every request.
+pub struct Runner {
+    // Kept alive for the sandbox's sake: the sandbox's module lives in its engine.
+    _engine: Engine,
+    sandbox: Sandbox,
+}
+
+/// A deployed bundle, pre-initialised: what calls run.
+pub struct Ready {
+    prepared: Prepared,
+}
+
+/// How a call ended, in the server's terms.
+pub struct Done {
+    /// `returned`, `raised` or `limit` (the `runs.outcome` column).
+    pub outcome: &'static str,
+    /// The value when it returned.
+    pub result: Option<Value>,
+    /// What went wrong otherwise: `kind`, `message` and the details of the kind.
+    pub error: Option<Value>,
+    /// Which limit it hit (`memory`, `time`, `output`, `stack`), for the metrics.
+    pub limit: Option<&'static str>,
+    /// The trace file's bytes, as `host replay` reads them.
+    pub trace: Vec<u8>,
+}
+
+/// Whether an error is the user's to fix (what `host run` exits 2 for) rather than a bug.
+/// The test is on the library's error type, not the CLI's exit codes, so the server does
+/// not depend on the CLI.
+pub fn is_user_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<UserError>())
+}
+
+impl Runner {
+    /// Checks that the runtime is there: quick, so a server without one refuses to start at
+    /// once rather than after binding its port.
+    pub fn check_runtime(runtime: Option<&Path>) -> Result<()> {
+        Runtime::locate(runtime).map(drop)
+    }
+
+    /// Loads (compiling once per machine) the interpreter: seconds to a minute.
+    pub fn start(runtime: Option<&Path>, cache_dir: Option<PathBuf>) -> Result<Runner> {
+        let runtime = Runtime::locate(runtime)?;
+        let engine = Engine::new(cache_dir)?;
+        let sandbox = Sandbox::new(&engine, &runtime)?;
+        Ok(Runner {
+            _engine: engine,
+            sandbox,
+        })
+    }
+
+    /// The sha256 of the runtime every call runs on (recorded on each run).
+    pub fn runtime_sha256(&self) -> &str {
+        self.sandbox.runtime().sha256()
+    }
+
+    /// Makes a bundle from a notebook's or a bundle file's bytes, as `host bundle` would, and
+    /// pre-initialises it. `name` names the notebook in tracebacks; `functions` empty means
+    /// every function that can be extracted. Returns it with the bundle file's bytes.
+    pub fn deploy(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        functions: &[String],
+        label: Option<&str>,
+    ) -> Result<(Ready, Vec<u8>)> {
+        let path = Path::new(name);
+        let only: Vec<&str> = functions.iter().map(String::as_str).collect();
+        let bundle = if Bundle::sniff(bytes) {
+            let bundle = Bundle::parse(path, bytes)?;
+            for f in &only {
+                bundle.check_function(f)?;
+            }
+            bundle
+        } else {
+            let notebook = Notebook::parse(path, bytes)?;
+            let select = if only.is_empty() {
+                Select::All
+            } else {
+                Select::Only(&only)
+            };
+            Bundle::from_notebook(&self.sandbox, &notebook, select, label)?
+        };
+        let file = serde_json::to_vec_pretty(&bundle)?;
+        Ok((self.prepare(bundle)?, file))
+    }
+
+    /// A bundle the server stored at deploy, ready again (after a restart).
+    pub fn load(&self, path: &Path) -> Result<Ready> {
+        match Bundle::read(path, None)? {
+            Opened::Bundle(bundle) => self.prepare(*bundle),
+            Opened::Notebook(_) => Err(bad_input(format!("`{}` is not a bundle", path.display()))),
+        }
+    }
+
+    fn prepare(&self, bundle: Bundle) -> Result<Ready> {
+        Ok(Ready {
+            prepared: Prepared::new(&self.sandbox, bundle)?,
+        })
+    }
+
+    /// Calls `function` with the tenant's grants and limits, recording the call.
+    pub fn call(
+        &self,
+        ready: &Ready,
+        grants: &[Grant],
+        limits: Limits,
+        function: &str,
+        arguments: &Arguments,
+    ) -> Result<Done> {
+        let policy = Policy {
+            grants: grants.to_vec(),
+            env: Vec::new(),
+            limits,
+        };
+        let request = Request {
+            function,
+            arguments,
+            policy: &policy,
+            record: true,
+        };
+        let result = call::call(&self.sandbox, &ready.prepared, &request)?;
+        let trace = result
+            .trace
+            .context("the recorded call left no trace")?
+            .bytes;
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        let mut done = Done {
+            outcome: "returned",
+            result: None,
+            error: None,
+            limit: None,
+            trace,
+        };
+        match result.outcome {
+            Outcome::Returned(value) => done.result = Some(value),
+            Outcome::Raised(e) => {
+                done.outcome = "raised";
+                done.error = Some(json!({
+                    "kind": "raised",
+                    "message": format!("{}: {}", e.kind, e.message),
+                    "type": e.kind,
+                    "exception": e.message,
+                    "phase": e.phase,
+                    "traceback": e.to_string(),
+                    "stderr": stderr,
+                }));
+            }
+            Outcome::Exited(status) => {
+                done.outcome = "raised";
+                done.error = Some(json!({
+                    "kind": "exited",
+                    "message": format!("the function ended the interpreter with exit status {status}"),
+                    "status": status,
+                    "stderr": stderr,
+                }));
+            }
+            Outcome::Limit(limit) => {
+                let name = match limit {
+                    LimitExceeded::Memory(_) => "memory",
+                    LimitExceeded::Time(_) => "time",
+                    LimitExceeded::Output(_) => "output",
+                    LimitExceeded::Stack => "stack",
+                };
+                done.outcome = "limit";
+                done.limit = Some(name);
+                done.error = Some(json!({
+                    "kind": "limit",
+                    "limit": name,
+                    "message": limit.to_string(),
+                }));
+            }
+            Outcome::Crashed(why) => {
+                done.outcome = "raised";
+                done.error = Some(json!({
+                    "kind": "crashed",
+                    "message": format!("the function ended the interpreter: {why}"),
+                    "stderr": stderr,
+                }));
+            }
+            Outcome::Diverged(d) => anyhow::bail!("a live call reported a divergence: {d}"),
+        }
+        Ok(done)
+    }
+}
+
+impl Ready {
+    pub fn version(&self) -> &str {
+        &self.prepared.bundle.version
+    }
+
+    pub fn functions(&self) -> &[String] {
+        &self.prepared.bundle.manifest.functions
+    }
+
+    pub fn notebook(&self) -> &str {
+        &self.prepared.bundle.manifest.notebook
+    }
+
+    pub fn label(&self) -> Option<&str> {
+        self.prepared.bundle.manifest.label.as_deref()
+    }
+
+    /// What `GET /v1/bundles/VERSION` shows: the bundle's manifest, as `host inspect --json`
+    /// shows a bundle's, and whether calls start from a pre-initialised image.
+    pub fn inspect(&self) -> Value {
+        json!({
+            "bundle": self.version(),
+            "manifest": self.prepared.bundle.manifest,
+            "image": self.prepared.image.as_ref().map(|i| &i.sha256),
+            "no_image_because": self.prepared.unavailable,
+        })
+    }
+}

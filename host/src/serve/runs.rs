@@ -1,0 +1,73 @@
+//! `/v1/runs`: the tenant's logged calls, and their traces.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::App;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::store::{RunFilter, RunRow};
+
+/// `GET /v1/runs?function=&alias=&version=&outcome=&since=&limit=&after=`: newest first;
+/// `next` is the `after` of the next page (absent on the last).
+pub async fn list(
+    State(app): State<Arc<App>>,
+    Caller(tenant): Caller,
+    filter: Result<Query<RunFilter>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(filter) = filter.map_err(|e| ApiError::bad_input(e.body_text()))?;
+    let limit = filter.limit.unwrap_or(100).min(1000) as usize;
+    let runs = app.store.runs(tenant.name(), &filter)?;
+    let next = (runs.len() == limit)
+        .then(|| runs.last().map(|r| r.id.clone()))
+        .flatten();
+    Ok(Json(json!({"runs": runs, "next": next})))
+}
+
+/// `GET /v1/runs/ID`.
+pub async fn show(
+    State(app): State<Arc<App>>,
+    Caller(tenant): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<RunRow>, ApiError> {
+    Ok(Json(find(&app, tenant.name(), &id)?))
+}
+
+/// `GET /v1/runs/ID/trace`: the trace file, as `host replay` reads it.
+pub async fn trace(
+    State(app): State<Arc<App>>,
+    Caller(tenant): Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let run = find(&app, tenant.name(), &id)?;
+    if run.trace_pruned {
+        return Err(ApiError::not_found(format!(
+            "run {id}'s trace was pruned (retention or storage quota)"
+        )));
+    }
+    if run.trace_sha256.is_none() {
+        return Err(ApiError::not_found(format!(
+            "run {id} has no trace: it ended before its function ran ({})",
+            run.outcome.as_deref().unwrap_or("still running")
+        )));
+    }
+    let path = app.trace_path(tenant.name(), &id);
+    let bytes = tokio::fs::read(&path).await.map_err(|e| {
+        ApiError::internal(&anyhow::anyhow!(
+            "run {id}'s trace `{}` is missing: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+fn find(app: &App, tenant: &str, id: &str) -> Result<RunRow, ApiError> {
+    app.store
+        .run(tenant, id)?
+        .ok_or_else(|| ApiError::not_found(format!("no run `{id}`")))
+}

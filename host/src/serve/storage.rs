@@ -1,0 +1,66 @@
+//! Each tenant's storage quota and trace retention.
+//!
+//! Traces are pruned oldest first: those older than `retention`, and then, when the tenant's
+//! bundles and traces are still over `storage`, as many more as it takes. Their rows stay,
+//! marked `trace_pruned`. When even that is not enough (the bundles alone fill the quota),
+//! deploys and calls are refused with 507: a call is never run without being recorded.
+
+use anyhow::Result;
+use axum::http::StatusCode;
+
+use super::App;
+use super::auth::TenantState;
+use super::error::ApiError;
+
+impl App {
+    /// Makes room for `incoming` more bytes of the tenant's, or refuses with 507.
+    pub(super) fn check_storage(
+        &self,
+        tenant: &TenantState,
+        incoming: u64,
+    ) -> Result<(), ApiError> {
+        let name = tenant.name();
+        if let Some(retention) = tenant.config.retention {
+            let before = self.store.ago(retention)?;
+            for (id, _) in self.store.traces(name, Some(&before))? {
+                self.prune(name, &id)?;
+            }
+        }
+        let Some(quota) = tenant.config.storage else {
+            return Ok(());
+        };
+        let mut usage = self.store.usage(name)?;
+        if usage + incoming > quota {
+            for (id, size) in self.store.traces(name, None)? {
+                self.prune(name, &id)?;
+                usage = usage.saturating_sub(size);
+                if usage + incoming <= quota {
+                    break;
+                }
+            }
+        }
+        if usage + incoming > quota {
+            return Err(ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage",
+                format!(
+                    "tenant `{name}` keeps {usage} bytes of its {quota}-byte storage in bundles \
+                     and traces it cannot prune: raise `storage` or remove bundles"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Marks a run's trace pruned, then removes the file: a row never points at a trace that
+    /// is gone.
+    fn prune(&self, tenant: &str, id: &str) -> Result<()> {
+        self.store.mark_pruned(id)?;
+        let path = self.trace_path(tenant, id);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow::Error::new(e)
+                .context(format!("failed to prune trace `{}`", path.display()))),
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! A bounded pool of worker threads fed from per-tenant queues, served in turn.
+//!
+//! Why not one shared queue: a tenant that floods it would make every other tenant wait
+//! behind its calls. Here each tenant has its own queue and its own cap on calls running at
+//! once (`concurrency`); a free worker takes the next call of the next tenant in the ring
+//! that has one waiting and is under its cap, so one tenant's flood cannot hold more than
+//! its `concurrency` workers, and the others' calls start as soon as a worker is free.
+//!
+//! A place in a tenant's queue is reserved ([`Pool::reserve`]) before its run row is
+//! written, so a call refused for being over `concurrency + queue` (429) leaves no row.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+
+use tokio::sync::oneshot;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The pool's threads and queues.
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+struct State {
+    tenants: Vec<Queue>,
+    /// The next tenant to serve first: it moves on by one after each pick.
+    turn: usize,
+}
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    running: usize,
+    /// Places taken: reserved, queued or running.
+    held: usize,
+    concurrency: usize,
+    places: usize,
+}
+
+/// A reserved place in a tenant's queue; dropped unused, it is given back.
+pub struct Ticket {
+    shared: Arc<Shared>,
+    tenant: usize,
+    used: bool,
+}
+
+impl Pool {
+    /// Starts `workers` threads; `tenants` gives each tenant's `(concurrency, queue)`, in
+    /// the order of the tenants' indices.
+    pub fn new(workers: usize, tenants: &[(usize, usize)]) -> Pool {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                tenants: tenants
+                    .iter()
+                    .map(|&(concurrency, queue)| Queue {
+                        jobs: VecDeque::new(),
+                        running: 0,
+                        held: 0,
+                        concurrency,
+                        places: concurrency + queue,
+                    })
+                    .collect(),
+                turn: 0,
+            }),
+            wake: Condvar::new(),
+        });
+        for i in 0..workers {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("host-worker-{i}"))
+                .spawn(move || shared.work())
+                .expect("failed to start a worker thread");
+        }
+        Pool { shared }
+    }
+
+    /// A place for one call of `tenant`, or None when it already has `concurrency + queue`
+    /// calls running or waiting.
+    pub fn reserve(&self, tenant: usize) -> Option<Ticket> {
+        let mut state = self.shared.lock();
+        let q = &mut state.tenants[tenant];
+        if q.held >= q.places {
+            return None;
+        }
+        q.held += 1;
+        state.publish();
+        Some(Ticket {
+            shared: self.shared.clone(),
+            tenant,
+            used: false,
+        })
+    }
+
+    /// Calls running and calls waiting, over all tenants.
+    pub fn load(&self) -> (usize, usize) {
+        self.shared.lock().load()
+    }
+}
+
+impl Ticket {
+    /// Queues `f` in the ticket's place; the receiver gets its value once a worker ran it.
+    pub fn run<T: Send + 'static>(
+        mut self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> oneshot::Receiver<T> {
+        let (tx, rx) = oneshot::channel();
+        self.used = true;
+        let mut state = self.shared.lock();
+        state.tenants[self.tenant].jobs.push_back(Box::new(move || {
+            // The receiver is gone only when the client hung up; the call's row is complete
+            // either way.
+            let _ = tx.send(f());
+        }));
+        state.publish();
+        drop(state);
+        self.shared.wake.notify_one();
+        rx
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.used {
+            let mut state = self.shared.lock();
+            state.tenants[self.tenant].held -= 1;
+            state.publish();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A worker's life: take the next job in turn, run it, give its place back.
+    fn work(&self) {
+        let mut state = self.lock();
+        loop {
+            let Some((tenant, job)) = state.next() else {
+                state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+                continue;
+            };
+            state.publish();
+            drop(state);
+            // A panicking job must not take its worker with it; its caller sees the
+            // dropped sender as an internal error.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            state = self.lock();
+            let q = &mut state.tenants[tenant];
+            q.running -= 1;
+            q.held -= 1;
+            state.publish();
+            // A tenant under its cap again may have jobs waiting that no worker was woken for.
+            self.wake.notify_all();
+        }
+    }
+}
+
+impl State {
+    /// The next job: of the first tenant, from `turn` on, that has one waiting and is under
+    /// its `concurrency`.
+    fn next(&mut self) -> Option<(usize, Job)> {
+        let n = self.tenants.len();
+        for i in 0..n {
+            let t = (self.turn + i) % n;
+            let q = &mut self.tenants[t];
+            if q.running < q.concurrency
+                && let Some(job) = q.jobs.pop_front()
+            {
+                q.running += 1;
+                self.turn = (t + 1) % n;
+                return Some((t, job));
+            }
+        }
+        None
+    }
+
+    fn load(&self) -> (usize, usize) {
+        self.tenants
+            .iter()
+            .fold((0, 0), |(r, w), q| (r + q.running, w + q.held - q.running))
+    }
+
+    /// Updates the running and queued gauges of `/metrics`.
+    fn publish(&self) {
+        let (running, queued) = self.load();
+        metrics::gauge!("host_calls_running").set(running as f64);
+        metrics::gauge!("host_calls_queued").set(queued as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Tenant 0 floods (concurrency 1), tenant 1 calls once: with two workers, tenant 1's
+    /// call starts while tenant 0's are still queued, and tenant 0 never runs two at once.
+    #[test]
+    fn one_tenant_cannot_take_every_worker() {
+        let pool = Pool::new(2, &[(1, 3), (1, 3)]);
+        let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut flood = Vec::new();
+        for _ in 0..4 {
+            let running = running.clone();
+            let ticket = pool.reserve(0).expect("a place for tenant 0");
+            flood.push(ticket.run(move || {
+                let now = running.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(100));
+                running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                now
+            }));
+        }
+        assert!(
+            pool.reserve(0).is_none(),
+            "tenant 0 is over concurrency + queue"
+        );
+        let started = std::time::Instant::now();
+        let other = pool.reserve(1).unwrap().run(|| 7);
+        assert_eq!(other.blocking_recv().unwrap(), 7);
+        assert!(
+            started.elapsed() < Duration::from_millis(90),
+            "tenant 1 waited {:?}",
+            started.elapsed()
+        );
+        for rx in flood {
+            assert_eq!(
+                rx.blocking_recv().unwrap(),
+                0,
+                "tenant 0 ran two calls at once"
+            );
+        }
+        // A worker gives its place back just after the job's value is sent.
+        let gave_back = std::time::Instant::now();
+        while pool.load() != (0, 0) {
+            assert!(
+                gave_back.elapsed() < Duration::from_secs(1),
+                "{:?}",
+                pool.load()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}

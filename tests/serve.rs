@@ -1,0 +1,1030 @@
+//! `host serve`: a real server process on loopback, real HTTP, a real SQLite file.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::server::{Server, token, workdir};
+use crate::common::{Fixture, host};
+
+/// One notebook, several behaviours: each test deploys what it needs.
+const FUNCTIONS: &str = r#"
+import time, random
+
+def double(x):
+    return x * 2
+
+def boom(x):
+    raise ValueError(f"bad value {x}")
+
+def spin(seconds):
+    start = time.time()
+    while time.time() - start < seconds:
+        pass
+    return seconds
+
+def secret():
+    with open("/data/secret.txt") as f:
+        return f.read()
+
+def noisy():
+    return {"random": random.random(), "time": time.time()}
+"#;
+
+fn notebook(source: &str) -> Fixture {
+    Fixture::code(&[source])
+}
+
+/// A config of `tenants` (TOML tables without their `[[tenant]]` line) and server keys.
+fn config(dir: &Path, server: &str, tenants: &[String]) -> std::path::PathBuf {
+    let mut text = format!("{server}\n");
+    for t in tenants {
+        text.push_str(&format!("[[tenant]]\n{t}\n"));
+    }
+    let path = dir.join("host.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Every `runs` row's (function, outcome, http_status), oldest first.
+fn rows(server: &Server) -> Vec<(String, Option<String>, Option<u16>)> {
+    let db = server.db();
+    let mut s = db
+        .prepare("SELECT function, outcome, http_status FROM runs ORDER BY id")
+        .unwrap();
+    s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// A gauge's value in `/metrics`' text.
+fn gauge(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no gauge {name} in:\n{metrics}"))
+}
+
+#[test]
+fn deploy_alias_rollback_and_restart_serve_the_same_versions() {
+    let dir = workdir();
+    let v1_nb = notebook("def answer():\n    return 1\n");
+    let v2_nb = notebook("def answer():\n    return 2\n");
+    let server = Server::start(&dir.path().join("data"), None);
+    let tok = server.default_token();
+    let t = Some(tok.as_str());
+
+    let first = server.post(
+        "/v1/bundles?function=answer&label=one&name=nb.ipynb",
+        t,
+        &std::fs::read(&v1_nb.notebook).unwrap(),
+    );
+    let deployed = first.expect(201);
+    assert_eq!(deployed["functions"], json!(["answer"]));
+    assert_eq!(deployed["label"], json!("one"));
+    let v1 = deployed["version"].as_str().unwrap().to_owned();
+    let again = server.post(
+        "/v1/bundles?function=answer&label=one&name=nb.ipynb",
+        t,
+        &std::fs::read(&v1_nb.notebook).unwrap(),
+    );
+    assert_eq!(
+        again.expect(200)["version"],
+        json!(v1),
+        "same content, same version"
+    );
+    let v2 = server.deploy(&tok, &v2_nb.notebook, &["answer"]);
+    assert_ne!(v1, v2);
+
+    let moved = server
+        .put(
+            "/v1/aliases/prod",
+            t,
+            json!({"version": v1}).to_string().as_bytes(),
+        )
+        .expect(200);
+    assert_eq!(
+        moved,
+        json!({"alias": "prod", "version": v1, "previous": null})
+    );
+    let call = server.call(&tok, "prod", "answer", json!([]));
+    let body = call.expect(200);
+    assert_eq!(body["result"], json!(1));
+    assert_eq!(body["bundle"], json!(v1));
+    assert_eq!(
+        call.header("host-run"),
+        body["run"].as_str(),
+        "Host-Run header"
+    );
+    assert!(body["duration_ms"].as_f64().unwrap() > 0.0);
+
+    let moved = server
+        .put(
+            "/v1/aliases/prod",
+            t,
+            json!({"version": v2}).to_string().as_bytes(),
+        )
+        .expect(200);
+    assert_eq!(moved["previous"], json!(v1));
+    assert_eq!(
+        server.call(&tok, "prod", "answer", json!([])).expect(200)["result"],
+        json!(2)
+    );
+    // Rollback is moving it back.
+    server
+        .put(
+            "/v1/aliases/prod",
+            t,
+            json!({"version": v1}).to_string().as_bytes(),
+        )
+        .expect(200);
+    assert_eq!(
+        server.call(&tok, "prod", "answer", json!([])).expect(200)["result"],
+        json!(1)
+    );
+    // A version is callable directly too.
+    assert_eq!(
+        server.call(&tok, &v2, "answer", json!([])).expect(200)["result"],
+        json!(2)
+    );
+
+    let history = server.get("/v1/aliases/prod/history", t).expect(200);
+    let moves: Vec<(Value, Value)> = history["moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["from"].clone(), m["to"].clone()))
+        .collect();
+    assert_eq!(
+        moves,
+        vec![
+            (json!(null), json!(v1)),
+            (json!(v1), json!(v2)),
+            (json!(v2), json!(v1))
+        ]
+    );
+    let bundles = server.get("/v1/bundles", t).expect(200);
+    assert_eq!(bundles["bundles"].as_array().unwrap().len(), 2);
+    let inspect = server.get(&format!("/v1/bundles/{v2}"), t).expect(200);
+    assert_eq!(inspect["manifest"]["functions"], json!(["answer"]));
+    assert_eq!(inspect["manifest"]["notebook"], json!("nb.ipynb"));
+
+    let server = server.restart();
+    assert_eq!(
+        server.call(&tok, "prod", "answer", json!([])).expect(200)["result"],
+        json!(1)
+    );
+    assert_eq!(
+        server.call(&tok, &v2, "answer", json!([])).expect(200)["result"],
+        json!(2)
+    );
+    let aliases = server.get("/v1/aliases", t).expect(200);
+    assert_eq!(aliases["aliases"][0]["version"], json!(v1));
+    assert!(
+        !server.log().contains("token"),
+        "a restart does not print the token again:\n{}",
+        server.log()
+    );
+}
+
+#[test]
+fn a_tenant_sees_nothing_of_another_and_not_its_grants() {
+    let dir = workdir();
+    let secrets = dir.path().join("a-secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    std::fs::write(secrets.join("secret.txt"), "a's secret").unwrap();
+    let (a, a_digest) = token("a");
+    let (b, b_digest) = token("b");
+    let cfg = config(
+        dir.path(),
+        "",
+        &[
+            format!(
+                "name = \"a\"\ntokens_sha256 = [\"{a_digest}\"]\ngrants = [\"{}:/data:ro\"]",
+                secrets.display()
+            ),
+            format!("name = \"b\"\ntokens_sha256 = [\"{b_digest}\"]"),
+        ],
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&cfg));
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&a, &nb.notebook, &["secret", "double"]);
+    server
+        .put(
+            "/v1/aliases/prod",
+            Some(&a),
+            json!({"version": version}).to_string().as_bytes(),
+        )
+        .expect(200);
+    let call = server.call(&a, "prod", "secret", json!([]));
+    assert_eq!(call.expect(200)["result"], json!("a's secret"));
+    let run = call.json()["run"].as_str().unwrap().to_owned();
+
+    // B cannot call, list, inspect or pull anything of A's: 404, as if it did not exist.
+    for path in [
+        format!("/v1/bundles/{version}"),
+        format!("/v1/runs/{run}"),
+        format!("/v1/runs/{run}/trace"),
+        "/v1/aliases/prod/history".to_owned(),
+    ] {
+        let answer = server.get(&path, Some(&b));
+        assert_eq!(
+            answer.status,
+            404,
+            "{path}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+    assert_eq!(
+        server.call(&b, "prod", "double", json!([1])).expect(404)["error"]["kind"],
+        json!("not_found")
+    );
+    assert_eq!(server.call(&b, &version, "double", json!([1])).status, 404);
+    assert_eq!(
+        server.get("/v1/bundles", Some(&b)).expect(200)["bundles"],
+        json!([])
+    );
+    let runs = server.get("/v1/runs", Some(&b)).expect(200);
+    for r in runs["runs"].as_array().unwrap() {
+        assert_eq!(r["tenant"], json!("b"), "B lists only its own runs: {r}");
+    }
+    assert_eq!(
+        server.get("/v1/aliases", Some(&b)).expect(200)["aliases"],
+        json!([])
+    );
+    let moved = server.put(
+        "/v1/aliases/prod",
+        Some(&b),
+        json!({"version": version}).to_string().as_bytes(),
+    );
+    assert_eq!(moved.status, 404, "B cannot point an alias at A's version");
+
+    // The same notebook deployed by B runs without A's grant.
+    let own = server.deploy(&b, &nb.notebook, &["secret", "double"]);
+    assert_eq!(own, version, "the same content is the same version");
+    let denied = server.call(&b, &own, "secret", json!([]));
+    let error = denied.expect(422);
+    assert_eq!(
+        error["error"]["type"],
+        json!("FileNotFoundError"),
+        "{error}"
+    );
+    let runs = server.get("/v1/runs?outcome=raised", Some(&b)).expect(200);
+    assert_eq!(runs["runs"][0]["function"], json!("secret"));
+    assert_eq!(runs["runs"][0]["tenant"], json!("b"));
+    let of_a = server.get("/v1/runs", Some(&a)).expect(200);
+    assert_eq!(
+        of_a["runs"].as_array().unwrap().len(),
+        1,
+        "A sees only its own run: {of_a}"
+    );
+
+    // No token, a wrong token, a malformed header: 401.
+    assert_eq!(server.get("/v1/bundles", None).status, 401);
+    assert_eq!(server.get("/v1/bundles", Some("not-a-token")).status, 401);
+    let malformed = server.request("GET", "/v1/bundles", None, &[("Authorization", &a)], None);
+    assert_eq!(
+        malformed.expect(401)["error"]["kind"],
+        json!("unauthorized")
+    );
+}
+
+#[test]
+fn every_outcome_leaves_one_row_and_a_pulled_trace_replays_to_the_production_result() {
+    let dir = workdir();
+    let (t, digest) = token("outcomes");
+    let cfg = config(
+        dir.path(),
+        "",
+        &[format!(
+            "name = \"ops\"\ntokens_sha256 = [\"{digest}\"]\ntimeout = \"1s\""
+        )],
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&cfg));
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&t, &nb.notebook, &[]);
+
+    let returned = server.call(&t, &version, "noisy", json!([]));
+    let production = returned.expect(200)["result"].clone();
+    let raised = server.call(&t, &version, "boom", json!([7])).expect(422);
+    assert_eq!(raised["error"]["kind"], json!("raised"));
+    assert_eq!(raised["error"]["type"], json!("ValueError"));
+    assert_eq!(raised["error"]["exception"], json!("bad value 7"));
+    let traceback = raised["error"]["traceback"].as_str().unwrap();
+    assert!(
+        traceback.contains("nb.ipynb, cell 1, line 8, in boom"),
+        "{traceback}"
+    );
+    let limit = server.call(&t, &version, "spin", json!([30])).expect(422);
+    assert_eq!(limit["error"]["kind"], json!("limit"));
+    assert_eq!(limit["error"]["limit"], json!("time"));
+    assert_eq!(limit["bundle"], json!(version));
+    let malformed = server.post(
+        &format!("/v1/call/{version}/double"),
+        Some(&t),
+        b"{\"args\": [1,",
+    );
+    assert_eq!(malformed.expect(400)["error"]["kind"], json!("bad_input"));
+    let wrong_type = server.post(
+        &format!("/v1/call/{version}/double"),
+        Some(&t),
+        b"{\"args\": 5}",
+    );
+    assert!(
+        wrong_type.expect(400)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("args")
+    );
+    let unknown_key = server.post(
+        &format!("/v1/call/{version}/double"),
+        Some(&t),
+        b"{\"arg\": [1]}",
+    );
+    assert!(
+        unknown_key.expect(400)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown key `arg`")
+    );
+    let unknown_function = server.call(&t, &version, "nope", json!([]));
+    assert!(
+        unknown_function.expect(404)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not `nope`")
+    );
+    assert_eq!(
+        server
+            .call(&t, "no-such-alias", "double", json!([1]))
+            .status,
+        404
+    );
+    let keyed = server.request(
+        "POST",
+        &format!("/v1/call/{version}/double"),
+        Some(&t),
+        &[("Idempotency-Key", "order-42")],
+        Some(br#"{"args": [21]}"#),
+    );
+    assert_eq!(keyed.expect(200)["result"], json!(42));
+    let every = rows(&server);
+    let outcomes: Vec<(&str, &str, u16)> = every
+        .iter()
+        .map(|(f, o, s)| (f.as_str(), o.as_deref().unwrap(), s.unwrap()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            ("noisy", "returned", 200),
+            ("boom", "raised", 422),
+            ("spin", "limit", 422),
+            ("double", "bad_input", 400),
+            ("double", "bad_input", 400),
+            ("double", "bad_input", 400),
+            ("nope", "bad_input", 404),
+            ("double", "bad_input", 404),
+            ("double", "returned", 200),
+        ],
+        "one row per accepted call"
+    );
+    let db = server.db();
+    let (key, result, version_col, host_version): (String, String, String, String) = db
+        .query_row(
+            "SELECT idempotency_key, result, bundle_version, host_version FROM runs WHERE idempotency_key IS NOT NULL",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!((key.as_str(), result.as_str()), ("order-42", "42"));
+    assert_eq!(version_col, version);
+    assert_eq!(host_version, env!("CARGO_PKG_VERSION"));
+
+    // Pull the production call's trace with the CLI and replay it here.
+    let run = returned.json()["run"].as_str().unwrap().to_owned();
+    let token_file = dir.path().join("ops.token");
+    std::fs::write(&token_file, &t).unwrap();
+    let trace = dir.path().join("call.trace");
+    let client = [
+        "--server",
+        server.url.as_str(),
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ];
+    let mut pull = vec!["runs", "pull", run.as_str(), "-o", trace.to_str().unwrap()];
+    pull.extend(client);
+    let pulled = host(&pull);
+    assert_eq!(pulled.code, 0, "{}", pulled.stderr);
+    let replayed = host(&["replay", trace.to_str().unwrap()]);
+    assert_eq!(
+        replayed.value(),
+        production,
+        "the replay reproduces the production result"
+    );
+    // And against a fixed notebook: the recorded inputs, the updated function.
+    let fixed = notebook(&FUNCTIONS.replace(
+        "return {\"random\": random.random(), \"time\": time.time()}",
+        "return {\"random\": random.random(), \"time\": time.time(), \"fixed\": True}",
+    ));
+    let what_if = host(&[
+        "replay",
+        trace.to_str().unwrap(),
+        "--notebook",
+        fixed.notebook.to_str().unwrap(),
+    ]);
+    assert_eq!(what_if.code, 0, "{}", what_if.stderr);
+    assert!(what_if.stdout.contains("fixed"), "{}", what_if.stdout);
+    let mut list = vec!["runs", "list", "--outcome", "raised"];
+    list.extend(client);
+    let listed = host(&list);
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    let lines: Vec<Value> = listed
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["function"], json!("boom"));
+    // Paging: newest first, `next` leads to the older page.
+    let page = server.get("/v1/runs?limit=2", Some(&t)).expect(200);
+    assert_eq!(page["runs"][0]["function"], json!("double"));
+    let next = page["next"].as_str().unwrap();
+    let older = server
+        .get(&format!("/v1/runs?limit=2&after={next}"), Some(&t))
+        .expect(200);
+    assert_eq!(older["runs"][0]["outcome"], json!("bad_input"));
+    assert_eq!(older["runs"][0]["function"], json!("nope"));
+    let metrics = server.get("/metrics", None).text();
+    for line in [
+        r#"host_limit_hits_total{tenant="ops",limit="time"} 1"#,
+        r#"host_calls_total{tenant="ops",function="boom",outcome="raised"} 1"#,
+        r#"host_calls_total{tenant="ops",function="double",outcome="bad_input"} 4"#,
+    ] {
+        assert!(metrics.contains(line), "{line}:\n{metrics}");
+    }
+    // A run that never reached the sandbox has no trace to pull.
+    let failed_run = malformed.json()["run"].as_str().unwrap().to_owned();
+    assert_eq!(
+        server
+            .get(&format!("/v1/runs/{failed_run}/trace"), Some(&t))
+            .status,
+        404
+    );
+}
+
+#[test]
+fn kill_9_during_calls_then_restart_marks_them_interrupted_and_loses_nothing_else() {
+    let dir = workdir();
+    let server = Server::start(&dir.path().join("data"), None);
+    let tok = server.default_token();
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&tok, &nb.notebook, &["spin", "double"]);
+    let done = server.call(&tok, &version, "double", json!([2]));
+    let done_run = done.expect(200)["run"].as_str().unwrap().to_owned();
+    let url = server.url.clone();
+    let (tok2, version2) = (tok.clone(), version.clone());
+    let caller = std::thread::spawn(move || {
+        // The connection dies with the server: no answer is expected.
+        let agent = ureq::Agent::new_with_defaults();
+        let _ = agent
+            .post(&format!("{url}/v1/call/{version2}/spin"))
+            .header("Authorization", format!("Bearer {tok2}"))
+            .send(r#"{"args": [20]}"#);
+    });
+    let started = Instant::now();
+    while rows(&server).len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the slow call never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut server = server;
+    server.kill();
+    caller.join().unwrap();
+    let server = server.restart();
+    assert!(
+        server.log().contains("1 call(s) were cut short"),
+        "{}",
+        server.log()
+    );
+    let every = rows(&server);
+    assert_eq!(
+        every,
+        vec![
+            ("double".to_owned(), Some("returned".to_owned()), Some(200)),
+            ("spin".to_owned(), Some("interrupted".to_owned()), None),
+        ]
+    );
+    let kept = server.get(&format!("/v1/runs/{done_run}/trace"), Some(&tok));
+    assert_eq!(kept.status, 200, "the committed run's trace is kept");
+    assert_eq!(
+        server
+            .call(&tok, &version, "double", json!([3]))
+            .expect(200)["result"],
+        json!(6)
+    );
+}
+
+#[test]
+fn sigterm_drains_calls_in_flight_and_exits_0() {
+    let dir = workdir();
+    let mut server = Server::start(&dir.path().join("data"), None);
+    let tok = server.default_token();
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&tok, &nb.notebook, &["spin"]);
+    let url = server.url.clone();
+    let (tok2, version2) = (tok.clone(), version.clone());
+    let caller = std::thread::spawn(move || {
+        let agent = ureq::Agent::new_with_defaults();
+        let mut response = agent
+            .post(&format!("{url}/v1/call/{version2}/spin"))
+            .header("Authorization", format!("Bearer {tok2}"))
+            .send(r#"{"args": [2]}"#)
+            .expect("the call in flight is answered");
+        response.body_mut().read_to_string().unwrap()
+    });
+    let started = Instant::now();
+    while rows(&server).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the call never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let code = server.stop();
+    let answer: Value = serde_json::from_str(&caller.join().unwrap()).unwrap();
+    assert_eq!(answer["result"], json!(2));
+    assert_eq!(code, 0, "{}", server.log());
+    assert!(
+        server.log().contains("1 call(s) running"),
+        "{}",
+        server.log()
+    );
+    assert_eq!(
+        rows(&server),
+        vec![("spin".to_owned(), Some("returned".to_owned()), Some(200))]
+    );
+}
+
+#[test]
+fn one_tenants_flood_gets_429s_while_another_keeps_answering() {
+    let dir = workdir();
+    let (a, a_digest) = token("flood");
+    let (b, b_digest) = token("quiet");
+    let cfg = config(
+        dir.path(),
+        "workers = 2",
+        &[
+            format!("name = \"a\"\ntokens_sha256 = [\"{a_digest}\"]\nconcurrency = 1\nqueue = 3"),
+            format!(
+                "name = \"b\"\ntokens_sha256 = [\"{b_digest}\"]\nconcurrency = 1\ntimeout = \"5s\""
+            ),
+        ],
+    );
+    let server = std::sync::Arc::new(Server::start(&dir.path().join("data"), Some(&cfg)));
+    let nb = notebook(FUNCTIONS);
+    let va = server.deploy(&a, &nb.notebook, &["spin"]);
+    let vb = server.deploy(&b, &nb.notebook, &["double"]);
+    // A holds 4 times its concurrency in slow calls.
+    let flood: Vec<_> = (0..4)
+        .map(|_| {
+            let (server, a, va) = (server.clone(), a.clone(), va.clone());
+            std::thread::spawn(move || server.call(&a, &va, "spin", json!([2.5])).status)
+        })
+        .collect();
+    // Each accepted call has its row: four rows, four places held (one running, three
+    // queued) for the next 2.5 s at least.
+    let started = Instant::now();
+    while rows(&server).len() < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the flood was not accepted: {:?}\n{}",
+            rows(&server),
+            server.get("/metrics", None).text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let metrics = server.get("/metrics", None).text();
+    assert_eq!(gauge(&metrics, "host_calls_queued"), 3.0, "{metrics}");
+    assert_eq!(gauge(&metrics, "host_calls_running"), 1.0, "{metrics}");
+    let over = server.call(&a, &va, "spin", json!([0]));
+    assert_eq!(over.expect(429)["error"]["kind"], json!("busy"));
+    for i in 0..3 {
+        let t = Instant::now();
+        assert_eq!(
+            server.call(&b, &vb, "double", json!([i])).expect(200)["result"],
+            json!(i * 2)
+        );
+        // B's time limit plus one call's time.
+        assert!(
+            t.elapsed() < Duration::from_millis(7_500),
+            "B's call {i} took {:?}",
+            t.elapsed()
+        );
+    }
+    let statuses: Vec<u16> = flood.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(statuses, vec![200; 4], "A's queued calls all ran");
+    let metrics = server.get("/metrics", None).text();
+    assert!(
+        metrics.contains(r#"host_calls_total{tenant="b",function="double",outcome="returned"} 3"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("host_call_seconds_bucket"), "{metrics}");
+}
+
+#[test]
+fn over_its_quota_a_tenant_gets_429_with_retry_after() {
+    let dir = workdir();
+    let (t, digest) = token("quota");
+    let cfg = config(
+        dir.path(),
+        "",
+        &[format!(
+            "name = \"q\"\ntokens_sha256 = [\"{digest}\"]\ncalls_per_minute = 2"
+        )],
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&cfg));
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&t, &nb.notebook, &["double"]);
+    for i in 0..2 {
+        server.call(&t, &version, "double", json!([i])).expect(200);
+    }
+    let refused = server.call(&t, &version, "double", json!([3]));
+    assert_eq!(refused.expect(429)["error"]["kind"], json!("quota"));
+    let retry: u64 = refused
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(rows(&server).len(), 2, "a refused call leaves no row");
+}
+
+#[test]
+fn bad_deploys_bodies_and_configs_get_clear_errors() {
+    let dir = workdir();
+    let (t, digest) = token("bad");
+    let cfg = config(
+        dir.path(),
+        "",
+        &[format!(
+            "name = \"t\"\ntokens_sha256 = [\"{digest}\"]\nmax_body = \"64K\""
+        )],
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&cfg));
+    let tk = Some(t.as_str());
+
+    // A notebook that does not parse, and one whose function needs a dropped global: the
+    // message `host run` prints.
+    let broken = server.post("/v1/bundles?name=nb.ipynb", tk, b"{\"cells\": [");
+    assert!(
+        broken.expect(400)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nb.ipynb")
+    );
+    let fx = Fixture::code(&[
+        "threshold = 0.5\nraise RuntimeError('no')",
+        "def f(x):\n    return x > threshold",
+    ]);
+    let cli = fx.run("f", &["--args", "[1]"]);
+    let cli_message = cli.stderr.trim().strip_prefix("host: ").unwrap().to_owned();
+    let refused = server.post(
+        "/v1/bundles?name=nb.ipynb&function=f",
+        tk,
+        &std::fs::read(&fx.notebook).unwrap(),
+    );
+    assert_eq!(refused.expect(400)["error"]["message"], json!(cli_message));
+    let unknown = server.post("/v1/bundles?colour=red", tk, b"{}");
+    assert!(
+        unknown.expect(400)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`colour`")
+    );
+
+    // Over max_body: 413, nothing stored.
+    let big = vec![b' '; 100 << 10];
+    assert_eq!(
+        server.post("/v1/bundles", tk, &big).expect(413)["error"]["kind"],
+        json!("too_large")
+    );
+
+    // Alias moves: bad bodies, unknown versions, and two moves at once (both recorded).
+    let nb = notebook(FUNCTIONS);
+    let v = server.deploy(&t, &nb.notebook, &["double"]);
+    assert_eq!(
+        server
+            .put("/v1/aliases/prod", tk, b"{\"versio\": 1}")
+            .status,
+        400
+    );
+    assert_eq!(
+        server
+            .put(
+                "/v1/aliases/prod",
+                tk,
+                json!({"version": "f00"}).to_string().as_bytes()
+            )
+            .status,
+        404
+    );
+    let server = std::sync::Arc::new(server);
+    let movers: Vec<_> = (0..2)
+        .map(|_| {
+            let (server, t, v) = (server.clone(), t.clone(), v.clone());
+            std::thread::spawn(move || {
+                server
+                    .put(
+                        "/v1/aliases/prod",
+                        Some(&t),
+                        json!({"version": v}).to_string().as_bytes(),
+                    )
+                    .status
+            })
+        })
+        .collect();
+    for m in movers {
+        assert_eq!(m.join().unwrap(), 200);
+    }
+    let history = server.get("/v1/aliases/prod/history", tk).expect(200);
+    assert_eq!(history["moves"].as_array().unwrap().len(), 2, "{history}");
+    assert_eq!(
+        history["moves"][1]["from"],
+        json!(v),
+        "the second move saw the first"
+    );
+
+    // Unknown config keys and bad values stop the server at start, naming the key.
+    let bad = dir.path().join("bad.toml");
+    for (text, needle) in [
+        ("lissten = \"127.0.0.1:1\"", "unknown field `lissten`"),
+        (
+            &*format!(
+                "[[tenant]]\nname = \"x\"\ntokens_sha256 = [\"{digest}\"]\nmemory = \"lots\""
+            ),
+            "tenant `x`: memory:",
+        ),
+    ] {
+        std::fs::write(&bad, text).unwrap();
+        let run = host(&[
+            "serve",
+            "--config",
+            bad.to_str().unwrap(),
+            "--data",
+            dir.path().join("other").to_str().unwrap(),
+        ]);
+        run.fails(2, &[needle]);
+    }
+}
+
+#[test]
+fn health_readiness_and_token() {
+    let dir = workdir();
+    let server = Server::start(&dir.path().join("data"), None);
+    assert_eq!(server.get("/healthz", None).status, 200);
+    assert_eq!(server.get("/readyz", None).status, 200);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("data/default.token"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the token file is owner-only");
+    assert!(
+        server.log().contains(&server.default_token()),
+        "printed once at first start"
+    );
+    let made = host(&["token"]);
+    assert_eq!(made.code, 0);
+    let token = made.stdout.trim();
+    assert_eq!(token.len(), 64);
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+    assert!(
+        made.stderr
+            .contains(&format!("tokens_sha256 = [\"{digest}\"]")),
+        "{}",
+        made.stderr
+    );
+}
+
+#[test]
+fn a_client_sending_its_body_slowly_holds_no_worker_and_gets_408() {
+    use std::io::{Read, Write};
+    let dir = workdir();
+    let (t, digest) = token("slow");
+    let cfg = config(
+        dir.path(),
+        "workers = 1\nbody_timeout = \"3s\"",
+        &[format!(
+            "name = \"s\"\ntokens_sha256 = [\"{digest}\"]\nconcurrency = 1\nqueue = 0"
+        )],
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&cfg));
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&t, &nb.notebook, &["double"]);
+    let addr = server.url.strip_prefix("http://").unwrap();
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        slow,
+        "POST /v1/call/{version}/double HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {t}\r\n\
+         Content-Length: 40\r\n\r\n{{\"args\""
+    )
+    .unwrap();
+    let sent = Instant::now();
+    // The only worker, and the tenant's only place, are free while the slow body trickles
+    // in: a place held by it would have made this a 429 (`queue = 0`), a worker a wait.
+    assert_eq!(
+        server.call(&t, &version, "double", json!([4])).expect(200)["result"],
+        json!(8)
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "answered only after the slow body timed out: {:?}",
+        sent.elapsed()
+    );
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert_eq!(
+        rows(&server).len(),
+        1,
+        "a body that never arrived leaves no row"
+    );
+}
+
+#[test]
+fn traces_are_pruned_oldest_first_for_storage_and_retention_then_507() {
+    let dir = workdir();
+    let (full, full_digest) = token("full");
+    let (old, old_digest) = token("old");
+    let cfg = config(
+        dir.path(),
+        "",
+        &[
+            format!("name = \"full\"\ntokens_sha256 = [\"{full_digest}\"]\nstorage = \"8K\""),
+            format!("name = \"old\"\ntokens_sha256 = [\"{old_digest}\"]\nretention = \"1s\""),
+        ],
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&cfg));
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&full, &nb.notebook, &["double"]);
+    let mut runs = Vec::new();
+    for i in 0..12 {
+        let call = server.call(&full, &version, "double", json!([i]));
+        runs.push(call.expect(200)["run"].as_str().unwrap().to_owned());
+    }
+    let db = server.db();
+    let pruned: Vec<bool> = runs
+        .iter()
+        .map(|id| {
+            db.query_row("SELECT trace_pruned FROM runs WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        })
+        .collect();
+    let (usage, traces): (u64, u64) = db
+        .query_row(
+            "SELECT (SELECT sum(size) FROM bundles WHERE tenant = 'full')
+                  + (SELECT coalesce(sum(trace_size), 0) FROM runs WHERE tenant = 'full' AND trace_pruned = 0),
+                    (SELECT max(trace_size) FROM runs)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    eprintln!("usage {usage} bytes, a trace {traces} bytes, pruned {pruned:?}");
+    assert!(pruned[0], "the oldest trace goes first: {pruned:?}");
+    assert!(!pruned[11], "the newest is kept: {pruned:?}");
+    assert!(
+        pruned.windows(2).all(|w| w[0] >= w[1]),
+        "oldest first: {pruned:?}"
+    );
+    assert!(usage <= 8 << 10, "usage {usage}");
+    let gone = server.get(&format!("/v1/runs/{}/trace", runs[0]), Some(&full));
+    assert!(
+        gone.expect(404)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("pruned")
+    );
+    assert_eq!(
+        server
+            .get(&format!("/v1/runs/{}", runs[0]), Some(&full))
+            .expect(200)["trace_pruned"],
+        json!(true)
+    );
+    assert_eq!(
+        server
+            .get(&format!("/v1/runs/{}/trace", runs[11]), Some(&full))
+            .status,
+        200
+    );
+    // A bundle bigger than what pruning can free is refused, not half-stored.
+    let big = notebook(&format!(
+        "def big():\n    '''{}'''\n    return 1\n",
+        "x".repeat(60 << 10)
+    ));
+    let refused = server.post(
+        "/v1/bundles?name=nb.ipynb",
+        Some(&full),
+        &std::fs::read(&big.notebook).unwrap(),
+    );
+    assert_eq!(refused.expect(507)["error"]["kind"], json!("storage"));
+
+    // Retention: a trace older than it is pruned at the next call.
+    let v = server.deploy(&old, &nb.notebook, &["double"]);
+    let first = server.call(&old, &v, "double", json!([1])).expect(200)["run"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::thread::sleep(Duration::from_millis(1500));
+    server.call(&old, &v, "double", json!([2])).expect(200);
+    assert_eq!(
+        server
+            .get(&format!("/v1/runs/{first}"), Some(&old))
+            .expect(200)["trace_pruned"],
+        json!(true)
+    );
+}
+
+#[test]
+fn a_store_that_cannot_write_answers_503_with_the_reason_and_recovers() {
+    let dir = workdir();
+    let server = Server::start(&dir.path().join("data"), None);
+    let tok = server.default_token();
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&tok, &nb.notebook, &["double"]);
+    // Another process holds the database's write lock longer than the server waits for it.
+    let blocker = rusqlite::Connection::open(server.data.join("host.db")).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let refused = server.call(&tok, &version, "double", json!([1]));
+    let error = refused.expect(503);
+    assert_eq!(error["error"]["kind"], json!("unavailable"));
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("locked"),
+        "{error}"
+    );
+    assert_eq!(server.get("/readyz", None).status, 200, "reads still work");
+    blocker.execute_batch("COMMIT").unwrap();
+    assert_eq!(
+        server
+            .call(&tok, &version, "double", json!([2]))
+            .expect(200)["result"],
+        json!(4)
+    );
+    assert_eq!(
+        rows(&server),
+        vec![("double".to_owned(), Some("returned".to_owned()), Some(200))],
+        "the refused call left no row and ran nothing"
+    );
+    let metrics = server.get("/metrics", None).text();
+    assert!(metrics.contains("host_store_errors_total 1"), "{metrics}");
+}
+
+#[test]
+fn a_client_that_hangs_up_mid_call_still_leaves_the_complete_row() {
+    use std::io::Write;
+    let dir = workdir();
+    let server = Server::start(&dir.path().join("data"), None);
+    let tok = server.default_token();
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&tok, &nb.notebook, &["spin"]);
+    let addr = server.url.strip_prefix("http://").unwrap();
+    let mut client = std::net::TcpStream::connect(addr).unwrap();
+    let body = r#"{"args": [1]}"#;
+    write!(
+        client,
+        "POST /v1/call/{version}/spin HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {tok}\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let started = Instant::now();
+    while rows(&server).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the call never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(client);
+    while rows(&server)[0].1.is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the row was never completed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        rows(&server),
+        vec![("spin".to_owned(), Some("returned".to_owned()), Some(200))]
+    );
+}
