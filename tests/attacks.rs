@@ -412,6 +412,7 @@ const TRACES: &[(&str, Craft, bool, Expect)] = &[
     ("a runtime range of 4 GiB", |t, _| { let (_, data) = t.events.iter_mut().flat_map(|e| e.writes.iter_mut()).find(|(_, d)| matches!(d, Data::Runtime { .. })).unwrap(); if let Data::Runtime { len, .. } = data { *len = u32::MAX } }, false, (2, "past its end")),
     ("a missing blob", |t, _| event(t, "fd_read", None).writes[0].1 = Data::Blob("0".repeat(64)), true, (2, "has no blob")),
     ("malformed base64", |t, _| event(t, "fd_read", None).writes[0].1 = Data::Inline("***".into()), true, (2, "malformed base64")),
+    ("an answer written outside the guest's memory", |t, _| event(t, "clock_time_get", None).writes[0].0 = u32::MAX - 2, false, (5, "writing 8 bytes at 4294967293")),
     ("a bundle edited inside the trace", |t, _| t.header.bundle.manifest.label = Some("forged".into()), false, (2, "was changed after it was made")),
 ];
 
