@@ -642,6 +642,8 @@ fn the_command_line_refuses_hostile_files_flags_and_settings() {
     let s = |p: &Path| p.to_str().unwrap().to_owned();
     let key = |p: &Path| vec![("HOST_SIGNING_KEY", p.to_owned())];
     let cache = |p: &Path| vec![("HOST_CACHE_DIR", p.to_owned())];
+    let evil = fx.path("\x1b[31mevil\x1b]0;title\x07.ipynb");
+    std::fs::copy(&fx.notebook, &evil).unwrap();
     let big_input = format!("{{\"args\": [\"{}\"]}}", "x".repeat(2000));
     #[rustfmt::skip]
     let cases: Vec<CliCase> = vec![
@@ -672,6 +674,7 @@ fn the_command_line_refuses_hostile_files_flags_and_settings() {
         ("a trace signed with another key", vec!["replay".into(), s(&trace)], None, key(&key_b), (2, "signature does not match")),
         ("a signed bundle under its key", vec!["run".into(), s(&signed), "f".into()], None, key(&key_a), (0, "")),
         ("a signed trace under its key", vec!["replay".into(), s(&trace)], None, key(&key_a), (0, "replay identical")),
+        ("a notebook named with escapes", vec!["run".into(), s(&evil), "nosuch".into()], None, vec![], (2, "host: \\x1b[31mevil\\x1b]0;title\\x07.ipynb defines no function `nosuch`")),
         // Redirected, the guest's output is written as printed; host's lines stay its own.
         ("guest escapes into a pipe", vec!["run".into(), nb.clone(), "f".into()], None, vec![], (0, "\x1b]52;c;cHduZWQ=\x07\x1b[2Jhost: internal error: fake\r")),
     ];
@@ -689,6 +692,13 @@ fn the_command_line_refuses_hostile_files_flags_and_settings() {
             failures
                 .0
                 .push(format!("{case}: host panicked:\n{}", run.stderr));
+        }
+        // Whatever they quote, host's own lines cannot drive the terminal.
+        let mut host_lines = run.stderr.lines().filter(|l| l.starts_with("host:"));
+        if let Some(line) = host_lines.find(|l| l.contains(char::is_control)) {
+            failures.0.push(format!(
+                "{case}: a control character in host's line {line:?}"
+            ));
         }
         failures.check(case, *expect, (run.code, &run.stderr));
         failures.unchanged(case, &world, &before);

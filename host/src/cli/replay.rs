@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 
 use super::run::report;
-use super::{GlobalOptions, print_guest};
+use super::{GlobalOptions, print_guest, say};
 use crate::bundle::short;
 use crate::error::Exit;
 use crate::files::SigningKey;
@@ -33,16 +33,16 @@ pub fn replay(global: &GlobalOptions, args: &ReplayArgs) -> Result<Exit> {
         None => {
             let replayed = replay::replay(&sandbox, &trace)?;
             if let Some(divergence) = &replayed.divergence {
-                eprintln!("host: {divergence}");
+                say(divergence);
                 return Ok(Exit::Diverged);
             }
-            eprintln!(
-                "host: replay identical to the recording: {} events, bundle {}, {}() recorded {}",
+            say(format_args!(
+                "replay identical to the recording: {} events, bundle {}, {}() recorded {}",
                 trace.events.len(),
                 short(&h.bundle.version),
                 h.function,
                 h.recorded_at
-            );
+            ));
             let result = replayed.result;
             report(result.outcome, [&result.stdout, &result.stderr], None)
         }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::{Map, Value};
 
-use super::{GlobalOptions, check_output, print_guest};
+use super::{GlobalOptions, check_output, print_guest, say};
 use crate::bundle::{Bundle, Select};
 use crate::call::{self, Outcome, Request};
 use crate::door::Arguments;
@@ -188,7 +188,7 @@ pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
     let select = Select::Only(&[&args.function]);
     let bundle = Bundle::open(sandbox, &args.notebook, select, key.as_ref())?;
     for warning in &bundle.manifest.warnings {
-        eprintln!("host: warning: {warning}");
+        say(format_args!("warning: {warning}"));
     }
     let prepared = if args.no_image {
         Prepared::without_image(bundle)
@@ -205,11 +205,11 @@ pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
     if let (Some(path), Some(trace)) = (&args.record, &finished.trace) {
         write_private(path, &sealed(key.as_ref(), trace.bytes.clone()))
             .with_context(|| format!("failed to write trace `{}`", path.display()))?;
-        eprintln!(
-            "host: recorded {} events to {}",
+        say(format_args!(
+            "recorded {} events to {}",
             trace.events,
             path.display()
-        );
+        ));
     }
     let envelope = args
         .envelope
@@ -252,19 +252,21 @@ pub fn report(
             Ok(Exit::FunctionRaised)
         }
         Outcome::Limit(limit) => {
-            eprintln!("host: {limit}");
+            say(limit);
             Ok(Exit::Limit)
         }
         Outcome::Exited(status) => {
-            eprintln!("host: the function ended the interpreter with exit status {status}");
+            say(format_args!(
+                "the function ended the interpreter with exit status {status}"
+            ));
             Ok(Exit::FunctionRaised)
         }
         Outcome::Crashed(why) => {
-            eprintln!("host: the function ended the interpreter: {why}");
+            say(format_args!("the function ended the interpreter: {why}"));
             Ok(Exit::FunctionRaised)
         }
         Outcome::Diverged(divergence) => {
-            eprintln!("host: {divergence}");
+            say(divergence);
             Ok(Exit::Diverged)
         }
     }
