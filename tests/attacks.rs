@@ -644,6 +644,8 @@ fn the_command_line_refuses_hostile_files_flags_and_settings() {
     let cache = |p: &Path| vec![("HOST_CACHE_DIR", p.to_owned())];
     let evil = fx.path("\x1b[31mevil\x1b]0;title\x07.ipynb");
     std::fs::copy(&fx.notebook, &evil).unwrap();
+    let escapes =
+        Fixture::code(&["TITLE = '\x1b]0;pwned\x07\x1b[2J'\ndef g():\n    return {TITLE: 1}"]);
     let big_input = format!("{{\"args\": [\"{}\"]}}", "x".repeat(2000));
     #[rustfmt::skip]
     let cases: Vec<CliCase> = vec![
@@ -674,6 +676,8 @@ fn the_command_line_refuses_hostile_files_flags_and_settings() {
         ("a trace signed with another key", vec!["replay".into(), s(&trace)], None, key(&key_b), (2, "signature does not match")),
         ("a signed bundle under its key", vec!["run".into(), s(&signed), "f".into()], None, key(&key_a), (0, "")),
         ("a signed trace under its key", vec!["replay".into(), s(&trace)], None, key(&key_a), (0, "replay identical")),
+        ("a notebook whose cells hold escapes, inspected", vec!["inspect".into(), s(&escapes.notebook)], None, vec![], (0, "")),
+        ("a result whose keys hold escapes", vec!["run".into(), s(&escapes.notebook), "g".into()], None, vec![], (0, "")),
         ("a notebook named with escapes", vec!["run".into(), s(&evil), "nosuch".into()], None, vec![], (2, "host: \\x1b[31mevil\\x1b]0;title\\x07.ipynb defines no function `nosuch`")),
         // Redirected, the guest's output is written as printed; host's lines stay its own.
         ("guest escapes into a pipe", vec!["run".into(), nb.clone(), "f".into()], None, vec![], (0, "\x1b]52;c;cHduZWQ=\x07\x1b[2Jhost: internal error: fake\r")),
@@ -693,7 +697,12 @@ fn the_command_line_refuses_hostile_files_flags_and_settings() {
                 .0
                 .push(format!("{case}: host panicked:\n{}", run.stderr));
         }
-        // Whatever they quote, host's own lines cannot drive the terminal.
+        // Whatever they quote, host's own lines cannot drive the terminal, nor can stdout.
+        if run.stdout.contains('\x1b') {
+            failures
+                .0
+                .push(format!("{case}: an escape on stdout {:?}", run.stdout));
+        }
         let mut host_lines = run.stderr.lines().filter(|l| l.starts_with("host:"));
         if let Some(line) = host_lines.find(|l| l.contains(char::is_control)) {
             failures.0.push(format!(
