@@ -156,6 +156,10 @@ enum Grants {
     All,
     /// `/ro` and `/rw` only: `/other` is another caller's.
     Mine,
+    /// As `All`, and `rw` granted again at `/ro`, writable: a library caller's mistake.
+    Twice,
+    /// As `All`, and `rw` at `//usr/local/lib`, over the standard library.
+    OverStdlib,
 }
 
 const OUTPUT_LIMIT: u64 = 4 << 20;
@@ -167,8 +171,17 @@ fn policy(world: &World, grants: Grants) -> Policy {
         writable,
     };
     let mut all = vec![grant("ro", false), grant("rw", true)];
-    if let Grants::All = grants {
+    if !matches!(grants, Grants::Mine) {
         all.push(grant("other", false));
+    }
+    let again = |guest: &str| Grant {
+        guest: guest.into(),
+        ..grant("rw", true)
+    };
+    match grants {
+        Grants::Twice => all.push(again("/ro")),
+        Grants::OverStdlib => all.push(again("//usr/local/lib")),
+        Grants::All | Grants::Mine => {}
     }
     Policy {
         grants: all,
@@ -197,6 +210,8 @@ const GUEST: &[(&str, Grants, &str, Expect)] = &[
     ("listing above a grant", Grants::All, "import os\nreturn os.listdir('/rw/..')", (1, "Error")),
     ("/proc", Grants::All, "return open('/proc/self/environ').read()", (1, "FileNotFoundError")),
     ("another caller's grant", Grants::Mine, "return open('/other/secret.txt').read()", (1, "FileNotFoundError")),
+    ("a grant doubled, through the library", Grants::Twice, "open('/ro/data.txt', 'w').write('pwned')", (2, "two grants name the guest path `/ro`")),
+    ("a grant over the stdlib, through the library", Grants::OverStdlib, "open('/usr/local/lib/os.py', 'w').write('pwned')", (2, "is reserved")),
     // Writes where none may go.
     ("writing into a read-only grant", Grants::All, "open('/ro/new.txt', 'w').write('x')", (1, "Error")),
     ("appending to a read-only file", Grants::All, "open('/ro/data.txt', 'a').write('x')", (1, "Error")),

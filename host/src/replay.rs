@@ -10,7 +10,7 @@ use crate::bundle::{Bundle, Select, short};
 use crate::call::{self, CallResult, Outcome};
 use crate::error::bad_input;
 use crate::notebook::Notebook;
-use crate::policy::{Grant, Policy, check_distinct, guest_dir};
+use crate::policy::{Grant, Policy, check_guest_paths};
 use crate::preinit::Prepared;
 use crate::record::{Blobs, Data, Divergence, Mode, Replaying, Served};
 use crate::sandbox::Sandbox;
@@ -181,19 +181,7 @@ pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<
     let blobs = trace.blobs(&sandbox.runtime().stdlib_dir());
     trace.check_data(&blobs)?;
     // The grants come from the trace: held to what `--grant` accepts before a folder is made.
-    for g in &h.grants {
-        match guest_dir(&g.guest) {
-            Ok(normal) if normal == g.guest => {}
-            Ok(_) => {
-                return Err(bad_input(format!(
-                    "the trace's grant `{}` is not a normal guest path",
-                    g.guest
-                )));
-            }
-            Err(why) => return Err(bad_input(format!("the trace's grant is refused: {why}"))),
-        }
-    }
-    check_distinct(h.grants.iter().map(|g| g.guest.as_str())).context("the trace's grants")?;
+    check_guest_paths(h.grants.iter().map(|g| g.guest.as_str())).context("the trace's grants")?;
     let files = RecordedFiles::from_trace(trace, &blobs)?;
     let mut dirs = Vec::new();
     let mut grants = Vec::new();

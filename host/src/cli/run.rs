@@ -14,7 +14,7 @@ use crate::call::{self, Outcome, Request};
 use crate::door::Arguments;
 use crate::error::{Exit, bad_input};
 use crate::files::{SigningKey, read_capped, read_regular, sealed, write_private};
-use crate::policy::{EnvVar, Grant, Limits, Policy, Size, Timeout, check_distinct};
+use crate::policy::{EnvVar, Grant, Limits, Policy, Size, Timeout, check_guest_paths};
 use crate::preinit::Prepared;
 
 #[derive(Debug, Args)]
@@ -156,7 +156,7 @@ pub struct SandboxArgs {
 impl SandboxArgs {
     /// The policy the flags describe, refusing two grants at one guest path.
     pub fn policy(&self) -> Result<Policy> {
-        check_distinct(self.grant.iter().map(|g| g.guest.as_str()))?;
+        check_guest_paths(self.grant.iter().map(|g| g.guest.as_str()))?;
         Ok(Policy {
             grants: self.grant.clone(),
             env: self
