@@ -428,6 +428,8 @@ const TRACES: &[(&str, Craft, bool, Expect)] = &[
     ("a missing blob", |t, _| event(t, "fd_read", None).writes[0].1 = Data::Blob("0".repeat(64)), true, (2, "has no blob")),
     ("malformed base64", |t, _| event(t, "fd_read", None).writes[0].1 = Data::Inline("***".into()), true, (2, "malformed base64")),
     ("an answer written outside the guest's memory", |t, _| event(t, "clock_time_get", None).writes[0].0 = u32::MAX - 2, false, (5, "writing 8 bytes at 4294967293")),
+    ("a time limit of 300 years", |t, _| t.header.limits.timeout_ms = 1 << 53, false, (2, "time limit of 9007199254740992 ms")),
+    ("a time limit of zero", |t, _| t.header.limits.timeout_ms = 0, true, (2, "time limit of 0 ms")),
     ("a bundle edited inside the trace", |t, _| t.header.bundle.manifest.label = Some("forged".into()), false, (2, "was changed after it was made")),
 ];
 

@@ -36,7 +36,7 @@ pub fn replay(sandbox: &Sandbox, trace: &Trace) -> Result<Replayed> {
     let policy = Policy {
         grants: Vec::new(),
         env: h.env.clone(),
-        limits: h.limits.into(),
+        limits: h.limits.limits()?,
     };
     let mode = Mode::replay(trace.events.clone(), blobs);
     let (result, mode) =
@@ -199,7 +199,7 @@ pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<
     let policy = Policy {
         grants,
         env: h.env.clone(),
-        limits: h.limits.into(),
+        limits: h.limits.limits()?,
     };
     let mode = Mode::WhatIf(served(trace, &blobs)?);
     let (result, _) = call::execute(sandbox, &policy, &prepared, function, &h.arguments, mode)?;
