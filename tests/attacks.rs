@@ -315,9 +315,11 @@ fn guest_code_stays_inside_and_its_faults_are_its_own() {
         })
         .collect();
     cells.extend(UNPARSEABLE.iter().map(|c| c.to_string()));
-    // Deeper than the parser's own limit on parentheses: its recursion runs out first.
-    cells.push(format!("x = {}1", "-".repeat(100_000)));
-    cells.push(format!("y = {}", "not ".repeat(100_000)) + "1");
+    // Nesting past what the parser takes: a syntax error, or its recursion running out.
+    for (open, close) in [("-", ""), ("not ", ""), ("(", ")"), ("[", "]"), ("f(", ")")] {
+        let (open, close) = (open.repeat(100_000), close.repeat(100_000));
+        cells.push(format!("x = {open}1{close}"));
+    }
     cells.push("def fine():\n    return 'fine'\n".into());
     cells.extend(DEFINITIONS.iter().map(|(_, code, _)| code.to_string()));
     let fx = Fixture::cells(cells.iter().map(|c| code_cell(c)).collect());
