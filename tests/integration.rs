@@ -15,6 +15,8 @@ mod calling;
 mod examples;
 /// Which statements are kept, the dependency closure, and the refusals.
 mod extraction;
+/// Notebooks written the ways real ones are behave as in Jupyter (issue 11).
+mod fidelity;
 /// The library without the CLI: one engine, many concurrent calls.
 mod library;
 /// Memory, time and output limits.

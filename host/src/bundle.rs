@@ -12,12 +12,13 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::door::{Arguments, BundleSource, Chunk, Door, WarmUp};
+use crate::door::{Arguments, BundleSource, Chunk, Door, Module, WarmUp};
 use crate::error::bad_input;
 use crate::extract::{self, Closure, Extraction, StatementSummary};
 use crate::files::{
     MAX_NOTEBOOK, SigningKey, is_signed, read_regular, sealed, unsealed, write_private,
 };
+use crate::neighbours::{self, Wheel};
 use crate::notebook::Notebook;
 use crate::sandbox::Sandbox;
 
@@ -34,6 +35,11 @@ pub struct Bundle {
     pub manifest: Manifest,
     /// The kept source, cell by cell, each line at its notebook line number.
     pub chunks: Vec<Chunk>,
+    /// Modules the source imports that the runtime does not have: the notebook's neighbours
+    /// (a `.py` file, a package folder, a sibling notebook's kept cells) and the modules of
+    /// the wheels given with `--wheel`. Part of the version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<Module>,
     /// sha256 of everything above (the bundle as compact JSON with this field empty): the
     /// version covers what runs, so a label or a date can differ between bundles of one
     /// version, and this covers the rest, so no field of a bundle can be edited unnoticed.
@@ -94,12 +100,24 @@ pub enum Select<'a> {
 }
 
 impl Bundle {
-    /// Extracts functions (and what they need) from `notebook`.
+    /// Extracts functions (and what they need) from `notebook`, with the modules next to it
+    /// that they import.
     pub fn from_notebook(
         sandbox: &Sandbox,
         notebook: &Notebook,
         select: Select<'_>,
         label: Option<&str>,
+    ) -> Result<Bundle> {
+        Self::from_notebook_with(sandbox, notebook, select, label, &[])
+    }
+
+    /// [`Bundle::from_notebook`], with the modules of pure-Python `wheels` carried too.
+    pub fn from_notebook_with(
+        sandbox: &Sandbox,
+        notebook: &Notebook,
+        select: Select<'_>,
+        label: Option<&str>,
+        wheels: &[Wheel],
     ) -> Result<Bundle> {
         let analysis = extract::analyse(sandbox, notebook)?;
         let extraction = Extraction::new(notebook, analysis);
@@ -115,7 +133,20 @@ impl Bundle {
             }
             Select::All => {
                 for f in extraction.functions() {
-                    match extraction.closure(f) {
+                    // A function whose imports cannot be found is left out like one whose
+                    // globals cannot be.
+                    let closure = extraction.closure(f).and_then(|closure| {
+                        let folder = notebook.folder();
+                        neighbours::gather(
+                            sandbox,
+                            folder,
+                            &extraction,
+                            &closure.statements,
+                            wheels,
+                        )?;
+                        Ok(closure)
+                    });
+                    match closure {
                         Ok(closure) => per_function.push((f, closure)),
                         Err(why) => {
                             warnings.push(format!("`{f}` is left out of the bundle: {why:#}"))
@@ -152,6 +183,13 @@ impl Bundle {
             .collect();
         let functions: Vec<String> = per_function.iter().map(|(f, _)| f.to_string()).collect();
         let chunks = extraction.source(&closure);
+        let modules = neighbours::gather(
+            sandbox,
+            notebook.folder(),
+            &extraction,
+            &closure.statements,
+            wheels,
+        )?;
         let runtime_sha256 = sandbox.runtime().sha256().to_owned();
         let mut bundle = Bundle {
             format: FORMAT.to_owned(),
@@ -169,6 +207,7 @@ impl Bundle {
                 warm_up: Vec::new(),
             },
             chunks,
+            modules,
             sha256: String::new(),
         };
         bundle.seal();
@@ -196,8 +235,14 @@ impl Bundle {
         path: &Path,
         select: Select<'_>,
         key: Option<&SigningKey>,
+        wheels: &[Wheel],
     ) -> Result<Bundle> {
         match Self::read(path, key)? {
+            Opened::Bundle(_) if !wheels.is_empty() => Err(bad_input(format!(
+                "--wheel: `{}` is a bundle, which carries the wheels it was made with; \
+                 --wheel goes with a notebook",
+                path.display()
+            ))),
             Opened::Bundle(bundle) => {
                 if let Select::Only(functions) = select {
                     for f in functions {
@@ -206,7 +251,9 @@ impl Bundle {
                 }
                 Ok(*bundle)
             }
-            Opened::Notebook(notebook) => Self::from_notebook(sandbox, &notebook, select, None),
+            Opened::Notebook(notebook) => {
+                Self::from_notebook_with(sandbox, &notebook, select, None, wheels)
+            }
         }
     }
 
@@ -247,6 +294,7 @@ impl Bundle {
             &m.functions,
             &m.runtime_sha256,
             &m.warm_up,
+            &self.modules,
         )
     }
 
@@ -321,6 +369,7 @@ impl Bundle {
         let source = BundleSource {
             notebook: &self.manifest.notebook,
             chunks: &self.chunks,
+            modules: &self.modules,
         };
         door.bundle(&source, &self.manifest.warm_up)
     }
@@ -355,6 +404,7 @@ fn version(
     functions: &[String],
     runtime_sha256: &str,
     warm_up: &[WarmUp],
+    modules: &[Module],
 ) -> String {
     #[derive(Serialize)]
     struct Versioned<'a> {
@@ -365,6 +415,9 @@ fn version(
         // Absent when empty, so bundles without warm-up keep the versions they had.
         #[serde(skip_serializing_if = "<[WarmUp]>::is_empty")]
         warm_up: &'a [WarmUp],
+        // Absent when empty too, for the same reason.
+        #[serde(skip_serializing_if = "<[Module]>::is_empty")]
+        modules: &'a [Module],
     }
     let canonical = serde_json::to_vec(&Versioned {
         notebook,
@@ -372,6 +425,7 @@ fn version(
         functions,
         runtime_sha256,
         warm_up,
+        modules,
     })
     .unwrap();
     hex::encode(Sha256::digest(canonical))
@@ -417,24 +471,67 @@ mod tests {
             cell: 2,
             text: "def f():\n    return 1\n".into(),
         }];
-        let v = version("nb.ipynb", &chunks, &["f".into()], "abc", &[]);
-        assert_eq!(v, version("nb.ipynb", &chunks, &["f".into()], "abc", &[]));
-        assert_ne!(v, version("nb.ipynb", &chunks, &["f".into()], "abd", &[]));
+        let v = version("nb.ipynb", &chunks, &["f".into()], "abc", &[], &[]);
+        assert_eq!(
+            v,
+            version("nb.ipynb", &chunks, &["f".into()], "abc", &[], &[])
+        );
         assert_ne!(
             v,
-            version("nb.ipynb", &chunks, &["f".into(), "g".into()], "abc", &[])
+            version("nb.ipynb", &chunks, &["f".into()], "abd", &[], &[])
+        );
+        assert_ne!(
+            v,
+            version(
+                "nb.ipynb",
+                &chunks,
+                &["f".into(), "g".into()],
+                "abc",
+                &[],
+                &[]
+            )
         );
         let changed = vec![Chunk {
             cell: 2,
             text: "def f():\n    return 2\n".into(),
         }];
-        assert_ne!(v, version("nb.ipynb", &changed, &["f".into()], "abc", &[]));
+        assert_ne!(
+            v,
+            version("nb.ipynb", &changed, &["f".into()], "abc", &[], &[])
+        );
         let warm = [WarmUp {
             function: "f".into(),
             args: vec![serde_json::json!(1)],
             kwargs: Default::default(),
         }];
-        assert_ne!(v, version("nb.ipynb", &chunks, &["f".into()], "abc", &warm));
+        assert_ne!(
+            v,
+            version("nb.ipynb", &chunks, &["f".into()], "abc", &warm, &[])
+        );
+        let module = crate::door::Module {
+            name: "helpers".into(),
+            file: "helpers.py".into(),
+            package: false,
+            chunks: Vec::new(),
+            sha256: "00".into(),
+        };
+        let with = version(
+            "nb.ipynb",
+            &chunks,
+            &["f".into()],
+            "abc",
+            &[],
+            std::slice::from_ref(&module),
+        );
+        assert_ne!(v, with);
+        let changed = crate::door::Module {
+            sha256: "01".into(),
+            ..module
+        };
+        assert_ne!(
+            with,
+            version("nb.ipynb", &chunks, &["f".into()], "abc", &[], &[changed])
+        );
     }
 
     #[test]

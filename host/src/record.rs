@@ -637,19 +637,28 @@ fn wasi_call<T: Traced>(
 }
 
 /// Zeroes what differs between two copies of the same files: device, inode, link count and
-/// times in a filestat, and inodes in a directory listing.
+/// times in a filestat, a directory's size, and inodes in a directory listing, which is put in
+/// name order.
 fn normalize_metadata(name: &str, args: &[Val], data: &mut [u8]) {
-    let mut zero = |at: usize, len: usize| {
+    fn zero(data: &mut [u8], at: usize, len: usize) {
         if let Some(field) = data.get_mut(at..at + len) {
             field.fill(0);
         }
-    };
+    }
     match name {
         "fd_filestat_get" | "path_filestat_get" => {
             // dev u64, ino u64, filetype u8 (+7), nlink u64, size u64, atim, mtim, ctim.
             let at = arg(args, if name == "fd_filestat_get" { 1 } else { 4 }) as u32 as usize;
-            for (offset, len) in [(0, 16), (24, 8), (40, 24)] {
-                zero(at + offset, len);
+            // A directory's size is the file system's bookkeeping (4096 on ext4, a count of
+            // entries on tmpfs), not its content.
+            let directory = data.get(at + 16) == Some(&3);
+            for (offset, len) in [
+                (0, 16),
+                (24, 8),
+                (40, 24),
+                (32, if directory { 8 } else { 0 }),
+            ] {
+                zero(data, at + offset, len);
             }
         }
         "fd_readdir" => {
@@ -668,8 +677,42 @@ fn normalize_metadata(name: &str, args: &[Val], data: &mut [u8]) {
                 }
                 at += 24 + len as usize;
             }
+            // A whole listing in one answer (it did not fill the buffer) is put in name order:
+            // the host's file system orders entries its own way (ext4 by hash, tmpfs by
+            // creation), and code that lists a folder while the image is made (matplotlib's
+            // font scan) would otherwise leave a different heap on each machine.
+            let (buf_len, cookie) = (arg(args, 2) as u32 as usize, arg(args, 3) as u64);
+            if (used as usize) < buf_len
+                && at == used as usize
+                && let Some(listing) = data.get_mut(start..start + at)
+            {
+                sort_dirents(listing, cookie);
+            }
         }
         _ => {}
+    }
+}
+
+/// Sorts complete `fd_readdir` entries by name, each entry's `d_next` renumbered by its new
+/// place (Wasmtime's cookies count entries from the listing's start), so the guest reads on
+/// exactly as it would have.
+fn sort_dirents(listing: &mut [u8], cookie: u64) {
+    let mut entries: Vec<Vec<u8>> = Vec::new();
+    let mut at = 0;
+    while at + 24 <= listing.len() {
+        let len = u32::from_le_bytes(listing[at + 16..at + 20].try_into().unwrap()) as usize;
+        let Some(entry) = listing.get(at..at + 24 + len) else {
+            return;
+        };
+        entries.push(entry.to_vec());
+        at += 24 + len;
+    }
+    entries.sort_by(|a, b| a[24..].cmp(&b[24..]));
+    let mut at = 0;
+    for (i, entry) in entries.iter_mut().enumerate() {
+        entry[..8].copy_from_slice(&(cookie + i as u64 + 1).to_le_bytes());
+        listing[at..at + entry.len()].copy_from_slice(entry);
+        at += entry.len();
     }
 }
 
@@ -1013,6 +1056,24 @@ fn wasi_imports(module: &wasmtime::Module) -> Vec<(&'static str, wasmtime::FuncT
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_listing_is_put_in_name_order_with_cookies_by_place() {
+        let entry = |next: u64, name: &str| {
+            let mut e = next.to_le_bytes().to_vec();
+            e.extend_from_slice(&[0; 8]);
+            e.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            e.extend_from_slice(&[4, 0, 0, 0]);
+            e.extend_from_slice(name.as_bytes());
+            e
+        };
+        let mut listing = [entry(3, "b.ttf"), entry(4, "a.ttf"), entry(5, "c")].concat();
+        sort_dirents(&mut listing, 2);
+        assert_eq!(
+            listing,
+            [entry(3, "a.ttf"), entry(4, "b.ttf"), entry(5, "c")].concat()
+        );
+    }
 
     #[test]
     fn blobs_store_large_contents_once() {

@@ -11,6 +11,7 @@ use super::{GlobalOptions, check_output, say};
 use crate::bundle::{Bundle, Select, short};
 use crate::error::{Exit, bad_input};
 use crate::files::SigningKey;
+use crate::neighbours::Wheel;
 use crate::notebook::Notebook;
 use crate::preinit::Prepared;
 
@@ -39,6 +40,10 @@ pub struct BundleArgs {
         conflicts_with = "no_image"
     )]
     pub warm_up: Vec<WarmUpSpec>,
+    /// A pure-Python wheel whose modules the bundle carries, for a library the runtime does
+    /// not have (repeatable).
+    #[arg(long = "wheel", value_name = "FILE.whl")]
+    pub wheels: Vec<PathBuf>,
 }
 
 /// `--warm-up FUNCTION=INPUT`.
@@ -74,7 +79,13 @@ pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
     } else {
         Select::Only(&functions)
     };
-    let mut bundle = Bundle::from_notebook(&sandbox, &notebook, select, args.label.as_deref())?;
+    let wheels = args
+        .wheels
+        .iter()
+        .map(|w| Wheel::read(w))
+        .collect::<Result<Vec<_>>>()?;
+    let mut bundle =
+        Bundle::from_notebook_with(&sandbox, &notebook, select, args.label.as_deref(), &wheels)?;
     for spec in &args.warm_up {
         let arguments = read_arguments(&spec.input, DEFAULT_MAX_INPUT)
             .with_context(|| format!("--warm-up `{}={}`", spec.function, spec.input.display()))?;

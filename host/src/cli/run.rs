@@ -14,6 +14,7 @@ use crate::call::{self, Outcome, Request};
 use crate::door::Arguments;
 use crate::error::{Exit, bad_input};
 use crate::files::{SigningKey, read_capped, read_regular, sealed, write_private};
+use crate::neighbours::Wheel;
 use crate::policy::{EnvVar, Grant, Limits, Policy, Size, Timeout, check_guest_paths};
 use crate::preinit::Prepared;
 
@@ -32,6 +33,10 @@ pub struct RunArgs {
     /// Record every nondeterministic input of the call to this trace file (for `host replay`).
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+    /// A pure-Python wheel whose modules the notebook may import, as `host bundle --wheel`
+    /// adds them (repeatable; a bundle already carries its wheels).
+    #[arg(long = "wheel", value_name = "FILE.whl")]
+    pub wheels: Vec<PathBuf>,
     #[command(flatten)]
     pub input: InputArgs,
     #[command(flatten)]
@@ -186,14 +191,19 @@ pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
     let (engine, sandbox) = global.sandbox()?;
     let sandbox = &Box::leak(Box::new((engine, sandbox))).1;
     let select = Select::Only(&[&args.function]);
-    let bundle = Bundle::open(sandbox, &args.notebook, select, key.as_ref())?;
+    let wheels = args
+        .wheels
+        .iter()
+        .map(|w| Wheel::read(w))
+        .collect::<Result<Vec<_>>>()?;
+    let bundle = Bundle::open(sandbox, &args.notebook, select, key.as_ref(), &wheels)?;
     for warning in &bundle.manifest.warnings {
         say(format_args!("warning: {warning}"));
     }
     let prepared = if args.no_image {
         Prepared::without_image(bundle)
     } else {
-        Prepared::new(sandbox, bundle)?
+        Prepared::with_limits(sandbox, bundle, &policy.limits)?
     };
     let request = Request {
         function: &args.function,
