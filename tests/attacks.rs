@@ -156,6 +156,10 @@ enum Grants {
     All,
     /// `/ro` and `/rw` only: `/other` is another caller's.
     Mine,
+    /// As `All`, and `rw` granted again at `/ro`, writable: a library caller's mistake.
+    Twice,
+    /// As `All`, and `rw` at `//usr/local/lib`, over the standard library.
+    OverStdlib,
 }
 
 const OUTPUT_LIMIT: u64 = 4 << 20;
@@ -167,8 +171,17 @@ fn policy(world: &World, grants: Grants) -> Policy {
         writable,
     };
     let mut all = vec![grant("ro", false), grant("rw", true)];
-    if let Grants::All = grants {
+    if !matches!(grants, Grants::Mine) {
         all.push(grant("other", false));
+    }
+    let again = |guest: &str| Grant {
+        guest: guest.into(),
+        ..grant("rw", true)
+    };
+    match grants {
+        Grants::Twice => all.push(again("/ro")),
+        Grants::OverStdlib => all.push(again("//usr/local/lib")),
+        Grants::All | Grants::Mine => {}
     }
     Policy {
         grants: all,
@@ -197,6 +210,8 @@ const GUEST: &[(&str, Grants, &str, Expect)] = &[
     ("listing above a grant", Grants::All, "import os\nreturn os.listdir('/rw/..')", (1, "Error")),
     ("/proc", Grants::All, "return open('/proc/self/environ').read()", (1, "FileNotFoundError")),
     ("another caller's grant", Grants::Mine, "return open('/other/secret.txt').read()", (1, "FileNotFoundError")),
+    ("a grant doubled, through the library", Grants::Twice, "open('/ro/data.txt', 'w').write('pwned')", (2, "two grants name the guest path `/ro`")),
+    ("a grant over the stdlib, through the library", Grants::OverStdlib, "open('/usr/local/lib/os.py', 'w').write('pwned')", (2, "is reserved")),
     // Writes where none may go.
     ("writing into a read-only grant", Grants::All, "open('/ro/new.txt', 'w').write('x')", (1, "Error")),
     ("appending to a read-only file", Grants::All, "open('/ro/data.txt', 'a').write('x')", (1, "Error")),
@@ -300,9 +315,11 @@ fn guest_code_stays_inside_and_its_faults_are_its_own() {
         })
         .collect();
     cells.extend(UNPARSEABLE.iter().map(|c| c.to_string()));
-    // Deeper than the parser's own limit on parentheses: its recursion runs out first.
-    cells.push(format!("x = {}1", "-".repeat(100_000)));
-    cells.push(format!("y = {}", "not ".repeat(100_000)) + "1");
+    // Nesting past what the parser takes: a syntax error, or its recursion running out.
+    for (open, close) in [("-", ""), ("not ", ""), ("(", ")"), ("[", "]"), ("f(", ")")] {
+        let (open, close) = (open.repeat(100_000), close.repeat(100_000));
+        cells.push(format!("x = {open}1{close}"));
+    }
     cells.push("def fine():\n    return 'fine'\n".into());
     cells.extend(DEFINITIONS.iter().map(|(_, code, _)| code.to_string()));
     let fx = Fixture::cells(cells.iter().map(|c| code_cell(c)).collect());
@@ -412,6 +429,9 @@ const TRACES: &[(&str, Craft, bool, Expect)] = &[
     ("a runtime range of 4 GiB", |t, _| { let (_, data) = t.events.iter_mut().flat_map(|e| e.writes.iter_mut()).find(|(_, d)| matches!(d, Data::Runtime { .. })).unwrap(); if let Data::Runtime { len, .. } = data { *len = u32::MAX } }, false, (2, "past its end")),
     ("a missing blob", |t, _| event(t, "fd_read", None).writes[0].1 = Data::Blob("0".repeat(64)), true, (2, "has no blob")),
     ("malformed base64", |t, _| event(t, "fd_read", None).writes[0].1 = Data::Inline("***".into()), true, (2, "malformed base64")),
+    ("an answer written outside the guest's memory", |t, _| event(t, "clock_time_get", None).writes[0].0 = u32::MAX - 2, false, (5, "writing 8 bytes at 4294967293")),
+    ("a time limit of 300 years", |t, _| t.header.limits.timeout_ms = 1 << 53, false, (2, "time limit of 9007199254740992 ms")),
+    ("a time limit of zero", |t, _| t.header.limits.timeout_ms = 0, true, (2, "time limit of 0 ms")),
     ("a bundle edited inside the trace", |t, _| t.header.bundle.manifest.label = Some("forged".into()), false, (2, "was changed after it was made")),
 ];
 
@@ -641,6 +661,10 @@ fn the_command_line_refuses_hostile_files_flags_and_settings() {
     let s = |p: &Path| p.to_str().unwrap().to_owned();
     let key = |p: &Path| vec![("HOST_SIGNING_KEY", p.to_owned())];
     let cache = |p: &Path| vec![("HOST_CACHE_DIR", p.to_owned())];
+    let evil = fx.path("\x1b[31mevil\x1b]0;title\x07.ipynb");
+    std::fs::copy(&fx.notebook, &evil).unwrap();
+    let escapes =
+        Fixture::code(&["TITLE = '\x1b]0;pwned\x07\x1b[2J'\ndef g():\n    return {TITLE: 1}"]);
     let big_input = format!("{{\"args\": [\"{}\"]}}", "x".repeat(2000));
     #[rustfmt::skip]
     let cases: Vec<CliCase> = vec![
@@ -671,6 +695,9 @@ fn the_command_line_refuses_hostile_files_flags_and_settings() {
         ("a trace signed with another key", vec!["replay".into(), s(&trace)], None, key(&key_b), (2, "signature does not match")),
         ("a signed bundle under its key", vec!["run".into(), s(&signed), "f".into()], None, key(&key_a), (0, "")),
         ("a signed trace under its key", vec!["replay".into(), s(&trace)], None, key(&key_a), (0, "replay identical")),
+        ("a notebook whose cells hold escapes, inspected", vec!["inspect".into(), s(&escapes.notebook)], None, vec![], (0, "")),
+        ("a result whose keys hold escapes", vec!["run".into(), s(&escapes.notebook), "g".into()], None, vec![], (0, "")),
+        ("a notebook named with escapes", vec!["run".into(), s(&evil), "nosuch".into()], None, vec![], (2, "host: \\x1b[31mevil\\x1b]0;title\\x07.ipynb defines no function `nosuch`")),
         // Redirected, the guest's output is written as printed; host's lines stay its own.
         ("guest escapes into a pipe", vec!["run".into(), nb.clone(), "f".into()], None, vec![], (0, "\x1b]52;c;cHduZWQ=\x07\x1b[2Jhost: internal error: fake\r")),
     ];
@@ -688,6 +715,18 @@ fn the_command_line_refuses_hostile_files_flags_and_settings() {
             failures
                 .0
                 .push(format!("{case}: host panicked:\n{}", run.stderr));
+        }
+        // Whatever they quote, host's own lines cannot drive the terminal, nor can stdout.
+        if run.stdout.contains('\x1b') {
+            failures
+                .0
+                .push(format!("{case}: an escape on stdout {:?}", run.stdout));
+        }
+        let mut host_lines = run.stderr.lines().filter(|l| l.starts_with("host:"));
+        if let Some(line) = host_lines.find(|l| l.contains(char::is_control)) {
+            failures.0.push(format!(
+                "{case}: a control character in host's line {line:?}"
+            ));
         }
         failures.check(case, *expect, (run.code, &run.stderr));
         failures.unchanged(case, &world, &before);

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::door::{Arguments, CallInput, Door, GuestException, GuestMessage, Script};
-use crate::policy::{LimitExceeded, Policy};
+use crate::policy::{LimitExceeded, Policy, check_guest_paths};
 use crate::preinit::Prepared;
 use crate::record::{Divergence, Mode};
 use crate::sandbox::{Ended, Sandbox, Setup, Start};
@@ -164,6 +164,7 @@ pub(crate) fn execute(
 ) -> Result<(CallResult, Mode)> {
     let bundle = &prepared.bundle;
     bundle.check_function(function)?;
+    check_guest_paths(policy.grants.iter().map(|g| g.guest.as_str()))?;
     let env: BTreeMap<&str, &str> = policy
         .env
         .iter()

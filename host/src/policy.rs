@@ -77,10 +77,21 @@ pub fn guest_dir(guest: &str) -> Result<String, String> {
     Ok(normal)
 }
 
-/// Refuses two grants at the same guest path: the sandbox would silently keep one of them.
-pub fn check_distinct<'a>(guests: impl IntoIterator<Item = &'a str>) -> Result<()> {
+/// Refuses grants' guest paths that `--grant` would refuse (see [`guest_dir`]) or would spell
+/// otherwise (`//data/`), and two grants at the same guest path: the sandbox would silently
+/// keep one of them. Grants reach a call from flags, the library and traces alike.
+pub fn check_guest_paths<'a>(guests: impl IntoIterator<Item = &'a str>) -> Result<()> {
     let mut seen = std::collections::BTreeSet::new();
     for guest in guests {
+        match guest_dir(guest) {
+            Ok(normal) if normal == guest => {}
+            Ok(normal) => {
+                return Err(bad_input(format!(
+                    "the grant's guest path `{guest}` must be written `{normal}`"
+                )));
+            }
+            Err(why) => return Err(bad_input(format!("a grant is refused: {why}"))),
+        }
         if !seen.insert(guest) {
             return Err(bad_input(format!(
                 "two grants name the guest path `{guest}`: give each directory its own guest path"
@@ -283,9 +294,19 @@ mod tests {
         assert_eq!((g.guest.as_str(), g.writable), ("/out", true));
         let g: Grant = "a://data//in/".parse().unwrap();
         assert_eq!(g.guest, "/data/in");
-        assert!(check_distinct(["/a", "/b", "/a/b"]).is_ok());
-        let e = check_distinct(["/a", "/b", "/a"]).unwrap_err();
-        assert!(format!("{e:#}").contains("two grants name the guest path `/a`"));
+        assert!(check_guest_paths(["/a", "/b", "/a/b"]).is_ok());
+        for (guests, needle) in [
+            (
+                &["/a", "/b", "/a"][..],
+                "two grants name the guest path `/a`",
+            ),
+            (&["/a//b"], "must be written `/a/b`"),
+            (&["//usr/local/lib"], "is reserved"),
+            (&["a"], "must be absolute"),
+        ] {
+            let e = check_guest_paths(guests.iter().copied()).unwrap_err();
+            assert!(format!("{e:#}").contains(needle), "{guests:?}: {e:#}");
+        }
         for bad in [
             "nocolon",
             "a:relative",

@@ -563,7 +563,14 @@ fn wasi_call<T: Traced>(
             caller.data_mut().echo(*fd, bytes)?;
         }
         for (at, bytes) in &answer.writes {
-            memory.write(&mut *caller, *at as usize, bytes)?;
+            if memory.write(&mut *caller, *at as usize, bytes).is_err() {
+                // The guest handed the same pointers as the recording, so only a trace made
+                // by hand writes outside its memory: that trace is not this call's.
+                let size = memory.data_size(&*caller);
+                let what = format!("{name} writing {} bytes at {at}", bytes.len());
+                let actual = format!("a guest memory of {size} bytes");
+                return Err(caller.data_mut().tracing().diverged_here(what, actual));
+            }
         }
         if let Some(code) = answer.exit {
             return Err(wasmtime::Error::new(wasmtime_wasi::I32Exit(code)));
@@ -806,6 +813,16 @@ impl Tracing {
                 sent,
                 exit,
             });
+        }
+    }
+
+    /// A divergence at the event just replayed, whose answer does not fit the guest.
+    fn diverged_here(&mut self, expected: String, actual: String) -> wasmtime::Error {
+        match &mut self.mode {
+            Mode::Replay(Replaying {
+                next, divergence, ..
+            }) => diverge(divergence, next.saturating_sub(1), Some(expected), actual),
+            _ => wasmtime::format_err!("{expected}, in {actual}"),
         }
     }
 

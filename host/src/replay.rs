@@ -10,7 +10,7 @@ use crate::bundle::{Bundle, Select, short};
 use crate::call::{self, CallResult, Outcome};
 use crate::error::bad_input;
 use crate::notebook::Notebook;
-use crate::policy::{Grant, Policy, check_distinct, guest_dir};
+use crate::policy::{Grant, Limits, Policy, check_guest_paths};
 use crate::preinit::Prepared;
 use crate::record::{Blobs, Data, Divergence, Mode, Replaying, Served};
 use crate::sandbox::Sandbox;
@@ -30,13 +30,14 @@ pub struct Replayed {
 pub fn replay(sandbox: &Sandbox, trace: &Trace) -> Result<Replayed> {
     let h = &trace.header;
     check_setup(sandbox, trace)?;
+    let limits = h.limits.limits()?;
     let blobs = trace.blobs(&sandbox.runtime().stdlib_dir());
     trace.check_data(&blobs)?;
-    let prepared = prepare(sandbox, h)?;
+    let prepared = prepare(sandbox, h, &limits)?;
     let policy = Policy {
         grants: Vec::new(),
         env: h.env.clone(),
-        limits: h.limits.into(),
+        limits,
     };
     let mode = Mode::replay(trace.events.clone(), blobs);
     let (result, mode) =
@@ -137,11 +138,11 @@ fn check_setup(sandbox: &Sandbox, trace: &Trace) -> Result<()> {
 }
 
 /// The trace's bundle ready to call, from the same pre-initialised memory as the recording.
-fn prepare(sandbox: &Sandbox, h: &Header) -> Result<Prepared> {
+fn prepare(sandbox: &Sandbox, h: &Header, limits: &Limits) -> Result<Prepared> {
     let Some(want) = h.image_sha256.as_deref() else {
         return Ok(Prepared::without_image(h.bundle.clone()));
     };
-    let prepared = Prepared::with_limits(sandbox, h.bundle.clone(), &h.limits.into())?;
+    let prepared = Prepared::with_limits(sandbox, h.bundle.clone(), limits)?;
     match &prepared.image {
         Some(image) if image.sha256 == want => Ok(prepared),
         // Not a bug here: a trace from another build of host, whose guest code makes another
@@ -175,25 +176,14 @@ pub struct WhatIf {
 pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<WhatIf> {
     let h = &trace.header;
     let function = h.function.as_str();
+    let limits = h.limits.limits()?;
     let bundle = Bundle::from_notebook(sandbox, notebook, Select::Only(&[function]), None)?;
     let version = bundle.version.clone();
-    let prepared = Prepared::with_limits(sandbox, bundle, &h.limits.into())?;
+    let prepared = Prepared::with_limits(sandbox, bundle, &limits)?;
     let blobs = trace.blobs(&sandbox.runtime().stdlib_dir());
     trace.check_data(&blobs)?;
     // The grants come from the trace: held to what `--grant` accepts before a folder is made.
-    for g in &h.grants {
-        match guest_dir(&g.guest) {
-            Ok(normal) if normal == g.guest => {}
-            Ok(_) => {
-                return Err(bad_input(format!(
-                    "the trace's grant `{}` is not a normal guest path",
-                    g.guest
-                )));
-            }
-            Err(why) => return Err(bad_input(format!("the trace's grant is refused: {why}"))),
-        }
-    }
-    check_distinct(h.grants.iter().map(|g| g.guest.as_str())).context("the trace's grants")?;
+    check_guest_paths(h.grants.iter().map(|g| g.guest.as_str())).context("the trace's grants")?;
     let files = RecordedFiles::from_trace(trace, &blobs)?;
     let mut dirs = Vec::new();
     let mut grants = Vec::new();
@@ -211,7 +201,7 @@ pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<
     let policy = Policy {
         grants,
         env: h.env.clone(),
-        limits: h.limits.into(),
+        limits,
     };
     let mode = Mode::WhatIf(served(trace, &blobs)?);
     let (result, _) = call::execute(sandbox, &policy, &prepared, function, &h.arguments, mode)?;

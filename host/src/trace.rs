@@ -19,7 +19,7 @@ use crate::door::Arguments;
 use crate::engine::EngineSettings;
 use crate::error::bad_input;
 use crate::files::{SigningKey, read_regular, sealed, unsealed};
-use crate::policy::{Limits, Policy, Size};
+use crate::policy::{Limits, MAX_TIMEOUT, Policy, Size};
 use crate::preinit::Prepared;
 use crate::record::{Blobs, Data, Event, Recording};
 use crate::sandbox::Sandbox;
@@ -81,13 +81,23 @@ impl From<Limits> for LimitsRecord {
     }
 }
 
-impl From<LimitsRecord> for Limits {
-    fn from(l: LimitsRecord) -> Self {
-        Limits {
-            memory: l.memory,
-            timeout: std::time::Duration::from_millis(l.timeout_ms),
-            output: l.output,
+impl LimitsRecord {
+    /// The limits to replay under, refused when `--timeout` could not have given them: a
+    /// trace's word is no reason to run longer than host ever would.
+    pub fn limits(&self) -> Result<Limits> {
+        let timeout = std::time::Duration::from_millis(self.timeout_ms);
+        if timeout.is_zero() || timeout > MAX_TIMEOUT {
+            return Err(bad_input(format!(
+                "the trace's time limit of {} ms is not one host runs under (at most {} s)",
+                self.timeout_ms,
+                MAX_TIMEOUT.as_secs()
+            )));
         }
+        Ok(Limits {
+            memory: self.memory,
+            timeout,
+            output: self.output,
+        })
     }
 }
 

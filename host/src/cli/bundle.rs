@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::run::{DEFAULT_MAX_INPUT, read_arguments};
-use super::{GlobalOptions, check_output};
+use super::{GlobalOptions, check_output, say};
 use crate::bundle::{Bundle, Select, short};
 use crate::error::{Exit, bad_input};
 use crate::files::SigningKey;
@@ -92,7 +92,7 @@ pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
         bundle = bundle.warm_up(&spec.function, &arguments)?;
     }
     for warning in &bundle.manifest.warnings {
-        eprintln!("host: warning: {warning}");
+        say(format_args!("warning: {warning}"));
     }
     let output = args.output.clone().unwrap_or_else(|| {
         let stem = args
@@ -114,20 +114,20 @@ pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
                     "--warm-up: no bundle written, as there is no pre-initialised image: {reason}"
                 )));
             }
-            eprintln!(
-                "host: note: no pre-initialised image; each call loads the source itself ({reason})"
-            );
+            say(format_args!(
+                "note: no pre-initialised image; each call loads the source itself ({reason})"
+            ));
         }
         prepared.bundle
     };
     bundle.write(&output, SigningKey::from_env()?.as_ref())?;
     let version = &bundle.version;
     let functions = bundle.manifest.functions.join(", ");
-    eprintln!(
-        "host: bundle {} ({functions}) written to {}",
+    say(format_args!(
+        "bundle {} ({functions}) written to {}",
         short(version),
         output.display()
-    );
+    ));
     println!("{}", output.display());
     Ok(Exit::Success)
 }

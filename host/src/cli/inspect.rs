@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::{Value, json};
 
-use super::GlobalOptions;
+use super::{GlobalOptions, escape_controls};
 use crate::bundle::{Bundle, Opened, short};
 use crate::door::Module;
 use crate::error::Exit;
@@ -41,7 +41,8 @@ pub fn inspect(global: &GlobalOptions, args: &InspectArgs) -> Result<Exit> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", render(&report));
+        // Cells are quoted as written, and a notebook's text can hold any character.
+        print!("{}", escape_controls(render(&report).as_bytes()));
     }
     Ok(Exit::Success)
 }

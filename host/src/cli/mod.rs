@@ -88,13 +88,11 @@ pub fn main(cli: Cli) -> Exit {
         Ok(exit) => exit,
         Err(e) => {
             let exit = exit_code(&e);
-            let mut stderr = std::io::stderr().lock();
-            // A closed stderr is no reason to panic.
-            let _ = if exit == Exit::Internal {
-                writeln!(stderr, "host: internal error: {e:#}")
+            if exit == Exit::Internal {
+                say(format_args!("internal error: {e:#}"));
             } else {
-                writeln!(stderr, "host: {e:#}")
-            };
+                say(format_args!("{e:#}"));
+            }
             exit
         }
     }
@@ -140,11 +138,26 @@ pub fn print_guest(bytes: &[u8]) {
     }
 }
 
-/// The guest's output as a terminal may show it: control characters (escape sequences, `\r`,
-/// backspace; C1 controls; bidirectional overrides) and bytes that are not UTF-8 written as
-/// `\x1b`-style escapes, newlines and tabs kept; and a line that starts like host's own
-/// messages (`host:`) marked as the guest's.
+/// The guest's output as a terminal may show it: its control characters escaped (see
+/// [`escape_controls`]), and a line that starts like host's own messages (`host:`) marked as
+/// the guest's.
 pub fn for_terminal(bytes: &[u8]) -> String {
+    escape_controls(bytes)
+        .split_inclusive('\n')
+        .map(|line| {
+            if line.starts_with("host:") {
+                format!("(guest) {line}")
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect()
+}
+
+/// Text with its control characters (escape sequences, `\r`, backspace; C1 controls;
+/// bidirectional overrides) and bytes that are not UTF-8 written as `\x1b`-style escapes,
+/// newlines and tabs kept: what it says can be read, and cannot drive a terminal.
+pub fn escape_controls(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
@@ -167,15 +180,16 @@ pub fn for_terminal(bytes: &[u8]) -> String {
             out.push_str(&format!("\\x{b:02x}"));
         }
     }
-    out.split_inclusive('\n')
-        .map(|line| {
-            if line.starts_with("host:") {
-                format!("(guest) {line}")
-            } else {
-                line.to_owned()
-            }
-        })
-        .collect()
+    out
+}
+
+/// Prints one of host's own lines on stderr, `host: ` then the message with its control
+/// characters escaped: a message can quote what a notebook, a bundle, a trace or the guest
+/// said, and none of that may drive the terminal or start a line of its own.
+pub fn say(message: impl std::fmt::Display) {
+    let text = escape_controls(message.to_string().as_bytes());
+    // A closed stderr is no reason to fail.
+    let _ = writeln!(std::io::stderr().lock(), "host: {text}");
 }
 
 /// The exit code an error stands for.
@@ -220,5 +234,10 @@ mod tests {
         ] {
             assert_eq!(super::for_terminal(printed), shown, "{printed:?}");
         }
+        // host's own lines quote names from files: escaped, never marked.
+        assert_eq!(
+            super::escape_controls("bundle of \x1b]0;title\x07nb.ipynb\nhost: x".as_bytes()),
+            "bundle of \\x1b]0;title\\x07nb.ipynb\nhost: x"
+        );
     }
 }

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 
-use super::GlobalOptions;
+use super::{GlobalOptions, say};
 use crate::engine::Engine;
 use crate::error::Exit;
 use crate::runtime::Runtime;
@@ -11,9 +11,9 @@ pub fn prepare(global: &GlobalOptions) -> Result<Exit> {
     let runtime = Runtime::locate(global.runtime.as_deref())?;
     let engine = Engine::new(global.cache_dir.clone())?;
     engine.interpreter(&runtime)?;
-    eprintln!(
-        "host: runtime compiled and cached in {}",
+    say(format_args!(
+        "runtime compiled and cached in {}",
         engine.cache().path().display()
-    );
+    ));
     Ok(Exit::Success)
 }

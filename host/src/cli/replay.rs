@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 
 use super::run::report;
-use super::{GlobalOptions, print_guest};
+use super::{GlobalOptions, escape_controls, print_guest, say};
 use crate::bundle::short;
 use crate::error::Exit;
 use crate::files::SigningKey;
@@ -33,16 +33,16 @@ pub fn replay(global: &GlobalOptions, args: &ReplayArgs) -> Result<Exit> {
         None => {
             let replayed = replay::replay(&sandbox, &trace)?;
             if let Some(divergence) = &replayed.divergence {
-                eprintln!("host: {divergence}");
+                say(divergence);
                 return Ok(Exit::Diverged);
             }
-            eprintln!(
-                "host: replay identical to the recording: {} events, bundle {}, {}() recorded {}",
+            say(format_args!(
+                "replay identical to the recording: {} events, bundle {}, {}() recorded {}",
                 trace.events.len(),
                 short(&h.bundle.version),
                 h.function,
                 h.recorded_at
-            );
+            ));
             let result = replayed.result;
             report(result.outcome, [&result.stdout, &result.stderr], None)
         }
@@ -51,26 +51,26 @@ pub fn replay(global: &GlobalOptions, args: &ReplayArgs) -> Result<Exit> {
             let result = &what_if.result;
             print_guest(&result.stdout);
             print_guest(&result.stderr);
-            println!(
-                "recorded ({} of bundle {}): {}",
+            let mut text = format!(
+                "recorded ({} of bundle {}): {}\nupdated  ({} of bundle {}): {}\n",
                 h.function,
                 short(&h.bundle.version),
-                what_if.recorded
-            );
-            println!(
-                "updated  ({} of bundle {}): {}",
+                what_if.recorded,
                 h.function,
                 short(&what_if.version),
                 result.outcome.to_json()
             );
             if what_if.differences.is_empty() {
-                println!("no difference");
+                text.push_str("no difference\n");
             } else {
-                println!("differences:");
+                text.push_str("differences:\n");
                 for d in &what_if.differences {
-                    println!("  {d}");
+                    text.push_str(&format!("  {d}\n"));
                 }
             }
+            // The function's name comes from the trace, the differences' paths from the
+            // guest's result: neither may drive the terminal.
+            print!("{}", escape_controls(text.as_bytes()));
             Ok(Exit::Success)
         }
     }

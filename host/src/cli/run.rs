@@ -8,14 +8,14 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::{Map, Value};
 
-use super::{GlobalOptions, check_output, print_guest};
+use super::{GlobalOptions, check_output, print_guest, say};
 use crate::bundle::{Bundle, Select};
 use crate::call::{self, Outcome, Request};
 use crate::door::Arguments;
 use crate::error::{Exit, bad_input};
 use crate::files::{SigningKey, read_capped, read_regular, sealed, write_private};
 use crate::neighbours::Wheel;
-use crate::policy::{EnvVar, Grant, Limits, Policy, Size, Timeout, check_distinct};
+use crate::policy::{EnvVar, Grant, Limits, Policy, Size, Timeout, check_guest_paths};
 use crate::preinit::Prepared;
 
 #[derive(Debug, Args)]
@@ -161,7 +161,7 @@ pub struct SandboxArgs {
 impl SandboxArgs {
     /// The policy the flags describe, refusing two grants at one guest path.
     pub fn policy(&self) -> Result<Policy> {
-        check_distinct(self.grant.iter().map(|g| g.guest.as_str()))?;
+        check_guest_paths(self.grant.iter().map(|g| g.guest.as_str()))?;
         Ok(Policy {
             grants: self.grant.clone(),
             env: self
@@ -198,7 +198,7 @@ pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
         .collect::<Result<Vec<_>>>()?;
     let bundle = Bundle::open(sandbox, &args.notebook, select, key.as_ref(), &wheels)?;
     for warning in &bundle.manifest.warnings {
-        eprintln!("host: warning: {warning}");
+        say(format_args!("warning: {warning}"));
     }
     let prepared = if args.no_image {
         Prepared::without_image(bundle)
@@ -215,11 +215,11 @@ pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
     if let (Some(path), Some(trace)) = (&args.record, &finished.trace) {
         write_private(path, &sealed(key.as_ref(), trace.bytes.clone()))
             .with_context(|| format!("failed to write trace `{}`", path.display()))?;
-        eprintln!(
-            "host: recorded {} events to {}",
+        say(format_args!(
+            "recorded {} events to {}",
             trace.events,
             path.display()
-        );
+        ));
     }
     let envelope = args
         .envelope
@@ -262,19 +262,21 @@ pub fn report(
             Ok(Exit::FunctionRaised)
         }
         Outcome::Limit(limit) => {
-            eprintln!("host: {limit}");
+            say(limit);
             Ok(Exit::Limit)
         }
         Outcome::Exited(status) => {
-            eprintln!("host: the function ended the interpreter with exit status {status}");
+            say(format_args!(
+                "the function ended the interpreter with exit status {status}"
+            ));
             Ok(Exit::FunctionRaised)
         }
         Outcome::Crashed(why) => {
-            eprintln!("host: the function ended the interpreter: {why}");
+            say(format_args!("the function ended the interpreter: {why}"));
             Ok(Exit::FunctionRaised)
         }
         Outcome::Diverged(divergence) => {
-            eprintln!("host: {divergence}");
+            say(divergence);
             Ok(Exit::Diverged)
         }
     }
