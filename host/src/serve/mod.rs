@@ -28,13 +28,13 @@ pub mod auth;
 mod body;
 mod bundles;
 mod calls;
-pub mod config;
+mod config;
 mod error;
 mod health;
 mod runner;
 mod runs;
 mod storage;
-pub mod store;
+mod store;
 mod workers;
 
 use auth::TenantState;
