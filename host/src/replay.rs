@@ -219,7 +219,7 @@ pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<
 
 /// The tracer of a what-if run: the recording's clock readings (per clock) and random bytes,
 /// served in order to the guest's own `clock_time_get` and `random_get` calls, then live.
-fn served(trace: &Trace, blobs: &Blobs) -> Result<Served> {
+pub fn served(trace: &Trace, blobs: &Blobs) -> Result<Served> {
     let mut clocks: HashMap<i64, VecDeque<Vec<u8>>> = HashMap::new();
     let mut random = VecDeque::new();
     for e in trace.events.iter().filter(|e| e.result == 0) {
@@ -240,13 +240,14 @@ fn served(trace: &Trace, blobs: &Blobs) -> Result<Served> {
 
 /// The files and directories a recorded call saw in its grants, rebuilt from its reads.
 #[derive(Debug, Default)]
-struct RecordedFiles {
+pub struct RecordedFiles {
     files: BTreeMap<String, Vec<u8>>,
     dirs: BTreeSet<String>,
 }
 
 impl RecordedFiles {
-    fn from_trace(trace: &Trace, blobs: &Blobs) -> Result<RecordedFiles> {
+    /// Rebuilds them from the trace's events, in memory: nothing is written.
+    pub fn from_trace(trace: &Trace, blobs: &Blobs) -> Result<RecordedFiles> {
         let mut out = RecordedFiles::default();
         let mut paths: HashMap<i64, String> = HashMap::new();
         let mut positions: HashMap<i64, u64> = HashMap::new();

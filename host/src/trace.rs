@@ -175,29 +175,35 @@ impl Trace {
         Ok(out)
     }
 
-    /// Reads a trace, refusing one that is truncated or was changed.
+    /// Reads a trace file, refusing one that is truncated or was changed.
     pub fn read(path: &Path) -> Result<Trace> {
         let bytes = std::fs::read(path)
             .map_err(|e| bad_input(format!("cannot read trace `{}`: {e}", path.display())))?;
-        let refuse = |why: &str| bad_input(format!("trace `{}` is refused: {why}", path.display()));
+        Self::decode(&bytes).with_context(|| format!("trace `{}` is refused", path.display()))
+    }
+
+    /// Decodes the bytes of a trace file ([`Trace::encode`]'s layout), refusing a trace that
+    /// is truncated or was changed.
+    pub fn decode(bytes: &[u8]) -> Result<Trace> {
         let mut lines = bytes.splitn(3, |&b| b == b'\n');
         if lines.next() != Some(FORMAT.as_bytes()) {
-            return Err(refuse(&format!(
+            return Err(bad_input(format!(
                 "it does not start with `{FORMAT}` (not a trace, or another version)"
             )));
         }
         let (Some(sum), Some(body)) = (lines.next(), lines.next()) else {
-            return Err(refuse("it is truncated"));
+            return Err(bad_input("it is truncated"));
         };
         if hex::encode(Sha256::digest(body)).as_bytes() != sum {
-            return Err(refuse(
+            return Err(bad_input(
                 "its checksum does not match its content (truncated or corrupted)",
             ));
         }
         let mut json = Vec::new();
         flate2::read::DeflateDecoder::new(body)
             .read_to_end(&mut json)
-            .map_err(|e| refuse(&format!("{e}")))?;
-        serde_json::from_slice(&json).map_err(|e| refuse(&format!("its content is malformed: {e}")))
+            .map_err(|e| bad_input(format!("{e}")))?;
+        serde_json::from_slice(&json)
+            .map_err(|e| bad_input(format!("its content is malformed: {e}")))
     }
 }
