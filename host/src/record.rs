@@ -200,12 +200,22 @@ impl Blobs {
                 if file.split('/').any(|c| c == ".." || c.is_empty()) {
                     anyhow::bail!("the trace names a runtime file outside the runtime: {file:?}");
                 }
+                let failed =
+                    || format!("failed to read {len} bytes of the runtime's {file} at {offset}");
+                let f = std::fs::File::open(dir.join(file)).with_context(failed)?;
+                // The range is the trace's to claim: checked against the file before the
+                // buffer for it is allocated.
+                let size = f.metadata().with_context(failed)?.len();
+                if offset
+                    .checked_add(u64::from(*len))
+                    .is_none_or(|end| end > size)
+                {
+                    anyhow::bail!(
+                        "the trace names {len} bytes of the runtime's {file} at {offset}, past its end ({size} bytes)"
+                    );
+                }
                 let mut bytes = vec![0; *len as usize];
-                std::fs::File::open(dir.join(file))
-                    .and_then(|f| f.read_exact_at(&mut bytes, *offset))
-                    .with_context(|| {
-                        format!("failed to read {len} bytes of the runtime's {file} at {offset}")
-                    })?;
+                f.read_exact_at(&mut bytes, *offset).with_context(failed)?;
                 return Ok(bytes);
             }
         };
@@ -952,6 +962,25 @@ fn wasi_imports(module: &wasmtime::Module) -> Vec<(&'static str, wasmtime::FuncT
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_ranges_past_the_file_are_refused_before_allocating() {
+        // A trace's range of a runtime file was allocated in full (up to 4 GiB) before the
+        // file was opened (seen writing the fuzz target for traces).
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("lib.zip"), b"0123456789").unwrap();
+        let blobs = Blobs::with_runtime(BTreeMap::new(), dir.path());
+        let range = |offset, len| Data::Runtime {
+            file: "lib.zip".into(),
+            offset,
+            len,
+        };
+        assert_eq!(blobs.get(&range(2, 3)).unwrap(), b"234");
+        for (offset, len) in [(0, u32::MAX), (8, 3), (u64::MAX, 1)] {
+            let why = format!("{:#}", blobs.get(&range(offset, len)).unwrap_err());
+            assert!(why.contains("past its end (10 bytes)"), "{why}");
+        }
+    }
 
     #[test]
     fn blobs_store_large_contents_once() {

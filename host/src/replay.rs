@@ -10,9 +10,9 @@ use crate::bundle::{Bundle, Select, short};
 use crate::call::{self, CallResult, Outcome};
 use crate::error::bad_input;
 use crate::notebook::Notebook;
-use crate::policy::{Grant, Policy};
+use crate::policy::{Grant, Policy, Size};
 use crate::preinit::Prepared;
-use crate::record::{Blobs, Data, Divergence, Mode, Replaying, Served};
+use crate::record::{Blobs, Data, Divergence, Event, Mode, Replaying, Served};
 use crate::sandbox::Sandbox;
 use crate::trace::{Header, Trace};
 
@@ -222,13 +222,18 @@ pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<
 pub fn served(trace: &Trace, blobs: &Blobs) -> Result<Served> {
     let mut clocks: HashMap<i64, VecDeque<Vec<u8>>> = HashMap::new();
     let mut random = VecDeque::new();
-    for e in trace.events.iter().filter(|e| e.result == 0) {
+    for (i, e) in trace
+        .events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.result == 0)
+    {
         let Some((_, data)) = e.writes.first() else {
             continue;
         };
         match e.call.as_str() {
             "clock_time_get" => clocks
-                .entry(e.args[0])
+                .entry(argument(i, e, 0)?)
                 .or_default()
                 .push_back(blobs.get(data)?),
             "random_get" => random.extend(blobs.get(data)?),
@@ -237,6 +242,21 @@ pub fn served(trace: &Trace, blobs: &Blobs) -> Result<Served> {
     }
     Ok(Served { clocks, random })
 }
+
+/// An integer argument of a recorded event, refusing a trace whose event has too few.
+fn argument(i: usize, e: &Event, index: usize) -> Result<i64> {
+    e.args.get(index).copied().ok_or_else(|| {
+        bad_input(format!(
+            "the trace's event {i} ({}) has {} arguments, and that call takes more",
+            e.call,
+            e.args.len()
+        ))
+    })
+}
+
+/// How many bytes of recorded files a what-if run rebuilds at most, all files together: a
+/// read at a far offset would otherwise make host allocate up to it.
+pub const MAX_RECORDED_FILES: u64 = 1 << 30;
 
 /// The files and directories a recorded call saw in its grants, rebuilt from its reads.
 #[derive(Debug, Default)]
@@ -251,7 +271,13 @@ impl RecordedFiles {
         let mut out = RecordedFiles::default();
         let mut paths: HashMap<i64, String> = HashMap::new();
         let mut positions: HashMap<i64, u64> = HashMap::new();
-        for e in trace.events.iter().filter(|e| e.result == 0) {
+        let mut total = 0;
+        for (i, e) in trace
+            .events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.result == 0)
+        {
             let fd = e.args.first().copied().unwrap_or(-1);
             let bytes = |i: usize| -> Result<Vec<u8>> {
                 e.writes
@@ -262,7 +288,12 @@ impl RecordedFiles {
             };
             match e.call.as_str() {
                 "fd_prestat_dir_name" => {
-                    paths.insert(fd, String::from_utf8_lossy(&bytes(0)?).into_owned());
+                    // Only the grants' files are rebuilt: the runtime's own standard library,
+                    // preopened too, is tens of megabytes read at far offsets.
+                    let dir = String::from_utf8_lossy(&bytes(0)?).into_owned();
+                    if trace.header.grants.iter().any(|g| g.guest == dir) {
+                        paths.insert(fd, dir);
+                    }
                 }
                 "path_open" => {
                     let (Some(dir), Some(path)) = (paths.get(&fd), &e.path) else {
@@ -287,18 +318,28 @@ impl RecordedFiles {
                         .collect::<Result<Vec<_>>>()?
                         .concat();
                     let at = if e.call == "fd_pread" {
-                        e.args[3] as u64
+                        argument(i, e, 3)? as u64
                     } else {
                         positions.get(&fd).copied().unwrap_or(0)
                     };
                     let file = out.files.entry(path.clone()).or_default();
-                    let end = at as usize + data.len();
+                    let end = at.saturating_add(data.len() as u64);
+                    let grown = end.saturating_sub(file.len() as u64);
+                    if total + grown > MAX_RECORDED_FILES {
+                        return Err(bad_input(format!(
+                            "the trace's event {i} ({}) reads `{path}` up to byte {end}: more than the {} of recorded files host rebuilds",
+                            e.call,
+                            Size(MAX_RECORDED_FILES)
+                        )));
+                    }
+                    total += grown;
+                    let (at, end) = (at as usize, end as usize);
                     if file.len() < end {
                         file.resize(end, 0);
                     }
-                    file[at as usize..end].copy_from_slice(&data);
+                    file[at..end].copy_from_slice(&data);
                     if e.call == "fd_read" {
-                        positions.insert(fd, at + data.len() as u64);
+                        positions.insert(fd, end as u64);
                     }
                 }
                 "fd_seek" => {
@@ -434,6 +475,135 @@ mod tests {
                 "x: 1 -> (absent)",
                 "y: (absent) -> 2",
             ]
+        );
+    }
+
+    /// A trace with `grants` and `events` (JSON, as a trace file holds them), and an empty
+    /// bundle: all that rebuilding recorded files and served values reads.
+    fn trace(grants: &[&str], events: Value) -> Trace {
+        let grants: Vec<Value> = grants
+            .iter()
+            .map(|g| json!({"guest": g, "writable": false}))
+            .collect();
+        serde_json::from_value(json!({
+            "header": {
+                "format": "host-trace/1", "host_version": "0", "runtime_sha256": "",
+                "bundle": {"format": "host-bundle/1", "version": "", "chunks": [], "manifest": {
+                    "notebook": "n.ipynb", "notebook_sha256": "", "functions": [],
+                    "runtime_sha256": "", "host_version": "0", "created": "", "label": null,
+                    "closures": [], "warnings": []}},
+                "function": "f", "arguments": {}, "env": [], "grants": grants,
+                "limits": {"memory": 1, "timeout_ms": 1, "output": 1},
+                "engine": {"nan_canonicalization": true, "relaxed_simd_deterministic": true,
+                           "threads": false},
+                "image_sha256": null, "recorded_at": ""},
+            "events": events,
+            "blobs": {},
+            "outputs": {"outcome": null},
+        }))
+        .unwrap()
+    }
+
+    /// `/data` preopened as fd 4, `a.csv` in it opened as fd 5, then `read`.
+    fn reads(read: Value) -> Trace {
+        trace(
+            &["/data"],
+            json!([
+                {"call": "fd_prestat_dir_name", "args": [4, 0, 5], "result": 0,
+                 "writes": [[0, {"inline": "L2RhdGE="}]]},
+                {"call": "path_open", "args": [4, 1, 0, 5, 0, 0, 0, 0, 0], "result": 0,
+                 "path": "a.csv", "writes": [[0, {"inline": "BQAAAA=="}]]},
+                read,
+            ]),
+        )
+    }
+
+    fn message(result: Result<impl std::fmt::Debug>) -> String {
+        format!("{:#}", result.unwrap_err())
+    }
+
+    #[test]
+    fn recorded_files_are_rebuilt_from_reads_at_their_offsets() {
+        let t = reads(
+            json!({"call": "fd_pread", "args": [5, 0, 1, 2, 0], "result": 0,
+                             "writes": [[0, {"inline": "eHk="}], [0, {"inline": "AgAAAA=="}]]}),
+        );
+        let files = RecordedFiles::from_trace(&t, &Blobs::default()).unwrap();
+        assert_eq!(files.files["/data/a.csv"], b"\0\0xy");
+    }
+
+    #[test]
+    fn recorded_pread_without_its_offset_is_refused_not_a_panic() {
+        // Found by `make fuzz` (trace): replay.rs indexed args[3] unchecked.
+        let t = reads(json!({"call": "fd_pread", "args": [5, 0, 1], "result": 0,
+                             "writes": [[0, {"inline": "eA=="}], [0, {"inline": "AQAAAA=="}]]}));
+        let why = message(RecordedFiles::from_trace(&t, &Blobs::default()));
+        assert!(why.contains("event 2 (fd_pread) has 3 arguments"), "{why}");
+    }
+
+    #[test]
+    fn recorded_reads_at_far_offsets_are_refused_before_allocating() {
+        // Found by `make fuzz` (trace): an offset of -1 overflowed `at + len`; one of 1 TiB
+        // made host allocate 1 TiB.
+        for offset in [-1, 1 << 40, MAX_RECORDED_FILES as i64] {
+            let t = reads(
+                json!({"call": "fd_pread", "args": [5, 0, 1, offset, 0], "result": 0,
+                                 "writes": [[0, {"inline": "eA=="}], [0, {"inline": "AQAAAA=="}]]}),
+            );
+            let why = message(RecordedFiles::from_trace(&t, &Blobs::default()));
+            assert!(
+                why.contains("more than the 1 GiB of recorded files"),
+                "{why}"
+            );
+        }
+        // A seek far out, then a read there.
+        let t = trace(
+            &["/data"],
+            json!([
+                {"call": "fd_prestat_dir_name", "args": [4, 0, 5], "result": 0,
+                 "writes": [[0, {"inline": "L2RhdGE="}]]},
+                {"call": "path_open", "args": [4, 1, 0, 5, 0, 0, 0, 0, 0], "result": 0,
+                 "path": "a.csv", "writes": [[0, {"inline": "BQAAAA=="}]]},
+                {"call": "fd_seek", "args": [5, 0, 0, 0], "result": 0,
+                 "writes": [[0, {"inline": "/////////38="}]]},
+                {"call": "fd_read", "args": [5, 0, 1, 0], "result": 0,
+                 "writes": [[0, {"inline": "eA=="}], [0, {"inline": "AQAAAA=="}]]},
+            ]),
+        );
+        let why = message(RecordedFiles::from_trace(&t, &Blobs::default()));
+        assert!(why.contains("event 3 (fd_read)"), "{why}");
+    }
+
+    #[test]
+    fn recorded_files_outside_the_grants_are_not_rebuilt() {
+        // The runtime's standard library is preopened too, and read at offsets of tens of MB.
+        let t = trace(
+            &["/data"],
+            json!([
+                {"call": "fd_prestat_dir_name", "args": [3, 0, 14], "result": 0,
+                 "writes": [[0, {"inline": "L3Vzci9sb2NhbC9saWI="}]]},
+                {"call": "path_open", "args": [3, 1, 0, 13, 0, 0, 0, 0, 0], "result": 0,
+                 "path": "python315.zip", "writes": [[0, {"inline": "BQAAAA=="}]]},
+                {"call": "fd_pread", "args": [5, 0, 1, 50000000, 0], "result": 0,
+                 "writes": [[0, {"inline": "eA=="}], [0, {"inline": "AQAAAA=="}]]},
+            ]),
+        );
+        let files = RecordedFiles::from_trace(&t, &Blobs::default()).unwrap();
+        assert!(files.files.is_empty(), "{:?}", files.files.keys());
+    }
+
+    #[test]
+    fn served_clock_reading_without_its_clock_is_refused_not_a_panic() {
+        // Found by `make fuzz` (trace): replay.rs indexed args[0] unchecked.
+        let t = trace(
+            &[],
+            json!([{"call": "clock_time_get", "args": [], "result": 0,
+                    "writes": [[0, {"inline": "AQAAAAAAAAA="}]]}]),
+        );
+        let why = message(served(&t, &Blobs::default()).map(|_| ()));
+        assert!(
+            why.contains("event 0 (clock_time_get) has 0 arguments"),
+            "{why}"
         );
     }
 
