@@ -534,7 +534,8 @@ mod tests {
 
     #[test]
     fn recorded_pread_without_its_offset_is_refused_not_a_panic() {
-        // Found by `make fuzz` (trace): replay.rs indexed args[3] unchecked.
+        // Crashed the trace fuzz target (a seed with the offset cut): args[3] was indexed
+        // unchecked.
         let t = reads(json!({"call": "fd_pread", "args": [5, 0, 1], "result": 0,
                              "writes": [[0, {"inline": "eA=="}], [0, {"inline": "AQAAAA=="}]]}));
         let why = message(RecordedFiles::from_trace(&t, &Blobs::default()));
@@ -543,8 +544,8 @@ mod tests {
 
     #[test]
     fn recorded_reads_at_far_offsets_are_refused_before_allocating() {
-        // Found by `make fuzz` (trace): an offset of -1 overflowed `at + len`; one of 1 TiB
-        // made host allocate 1 TiB.
+        // Crashed the trace fuzz target (a seed's offset changed): -1 overflowed `at + len`,
+        // 1 TiB made host allocate 1 TiB.
         for offset in [-1, 1 << 40, MAX_RECORDED_FILES as i64] {
             let t = reads(
                 json!({"call": "fd_pread", "args": [5, 0, 1, offset, 0], "result": 0,
@@ -594,7 +595,7 @@ mod tests {
 
     #[test]
     fn served_clock_reading_without_its_clock_is_refused_not_a_panic() {
-        // Found by `make fuzz` (trace): replay.rs indexed args[0] unchecked.
+        // Crashed the trace fuzz target (a seed's clock id cut): args[0] was indexed unchecked.
         let t = trace(
             &[],
             json!([{"call": "clock_time_get", "args": [], "result": 0,
