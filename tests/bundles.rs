@@ -331,3 +331,57 @@ fn a_warm_up_that_cannot_run_writes_no_bundle() {
     host(&["bundle", nb, "-o", o, "--warm-up", &bad, "--no-image"]).fails(2, &["--no-image"]);
     assert!(!out.exists());
 }
+
+#[test]
+fn an_image_changed_in_the_cache_is_rebuilt_not_run() {
+    let fx = Fixture::code(&["SECRET = 41\ndef answer():\n    return SECRET + 1"]);
+    assert_eq!(fx.run("answer", &[]).value(), 42);
+    let images = crate::common::cache_dir().join("images");
+    let image = std::fs::read_dir(&images)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "mem"))
+        .expect("the first run left an image");
+    // Change it in place as an attacker would, keeping its size and modification time:
+    // every byte of one page in the middle flipped.
+    let meta = std::fs::metadata(&image).unwrap();
+    let (modified, at) = (meta.modified().unwrap(), (meta.len() / 2) & !0xffff);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    let mut page = vec![0u8; 64 << 10];
+    file.read_exact_at(&mut page, at).unwrap();
+    for b in &mut page {
+        *b = !*b;
+    }
+    file.write_all_at(&page, at).unwrap();
+    file.set_modified(modified).unwrap();
+    drop(file);
+    // The seal no longer matches: the image is built again, and the call is right.
+    assert_eq!(fx.run("answer", &[]).value(), 42);
+    let mut rebuilt = vec![0u8; 64 << 10];
+    std::fs::File::open(&image)
+        .unwrap()
+        .read_exact_at(&mut rebuilt, at)
+        .unwrap();
+    assert_ne!(rebuilt, page, "the forged page is gone");
+}
+
+#[test]
+fn a_cache_folder_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = Fixture::code(&["def f():\n    return 1"]);
+    let shared = fx.path("shared-cache");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let nb = fx.notebook.to_str().unwrap();
+    crate::common::host_in(&["run", nb, "f"], None, &[("HOST_CACHE_DIR", &shared)])
+        .fails(2, &["can be written by other users", "HOST_CACHE_DIR"]);
+    let file = fx.path("a-file");
+    std::fs::write(&file, "").unwrap();
+    crate::common::host_in(&["run", nb, "f"], None, &[("HOST_CACHE_DIR", &file)])
+        .fails(2, &["cannot use", "as host's cache folder"]);
+}

@@ -114,7 +114,7 @@ fn malformed_arguments_are_usage_errors() {
 
 #[test]
 fn numpy_values_convert() {
-    let v = conversions().run("numpy_values", &[]).value();
+    let v = conversions().in_process().value("numpy_values", json!([]));
     assert_eq!(
         v,
         json!({"int": 7, "float": 0.5, "bool": true, "array": [[0, 1, 2], [3, 4, 5]], "nan": [1.0, null, null]})
@@ -123,7 +123,7 @@ fn numpy_values_convert() {
 
 #[test]
 fn pandas_values_convert() {
-    let v = conversions().run("pandas_values", &[]).value();
+    let v = conversions().in_process().value("pandas_values", json!([]));
     assert_eq!(
         v,
         json!({
@@ -139,8 +139,8 @@ fn pandas_values_convert() {
 
 #[test]
 fn a_frame_converts_as_pandas_makes_its_records() {
-    let fx = conversions();
-    let v = fx.run("wide_frame", &[]).value();
+    let fx = conversions().in_process();
+    let v = fx.value("wide_frame", json!([]));
     assert_eq!(
         v,
         json!([
@@ -152,16 +152,16 @@ fn a_frame_converts_as_pandas_makes_its_records() {
              "text": "c", "cat": "x", "nullable": 3, "7": 9},
         ])
     );
-    assert_eq!(v, fx.run("wide_frame_by_pandas", &[]).value());
+    assert_eq!(v, fx.value("wide_frame_by_pandas", json!([])));
     assert_eq!(
-        fx.run("odd_frames", &[]).value(),
+        fx.value("odd_frames", json!([])),
         json!({"repeated": [{"a": 2}], "no_columns": [{}, {}]})
     );
 }
 
 #[test]
 fn python_values_convert() {
-    let v = conversions().run("python_values", &[]).value();
+    let v = conversions().in_process().value("python_values", json!([]));
     assert_eq!(
         v,
         json!({"tuple": [1, 2], "set": [1, 2, 3], "decimal": "1.10", "date": "2026-11-25",

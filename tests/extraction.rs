@@ -26,8 +26,16 @@ fn only_the_closure_runs_not_every_kept_statement() {
         "def process(x):\n    return math.sqrt(x)",
     ]);
     assert_eq!(fx.run("process", &["--args", "[16]"]).value(), json!(4.0));
-    fx.run("other", &[])
-        .fails(1, &["ModuleNotFoundError", "nb.ipynb, cell 1, line 1"]);
+    // A module the runtime lacks and nothing next to the notebook provides is refused
+    // before running, naming where host looked.
+    fx.run("other", &[]).fails(
+        2,
+        &[
+            "nb.ipynb, cell 1, line 1 imports `no_such_module_anywhere`",
+            "no_such_module_anywhere.py",
+            "--wheel",
+        ],
+    );
 }
 
 #[test]

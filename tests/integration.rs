@@ -5,6 +5,8 @@
 
 mod common;
 
+/// Hostile input of every kind, one line per case: refused or contained, nothing outside changed.
+mod attacks;
 /// `host bundle`, `host inspect`, versions and pre-initialised images.
 mod bundles;
 /// Arguments in, JSON out, exceptions and exit codes.
@@ -13,6 +15,8 @@ mod calling;
 mod examples;
 /// Which statements are kept, the dependency closure, and the refusals.
 mod extraction;
+/// Notebooks written the ways real ones are behave as in Jupyter (issue 11).
+mod fidelity;
 /// The library without the CLI: one engine, many concurrent calls.
 mod library;
 /// Memory, time and output limits.

@@ -86,3 +86,66 @@ fn limit_flags_are_validated() {
     fx.run("spin", &["--max-output", "1T"])
         .fails(2, &["unknown size unit"]);
 }
+
+const SLEEPERS: &str = r#"
+import select, sys, time
+
+def nap(seconds):
+    time.sleep(seconds)
+    return "woke"
+
+def wait_on_nothing(seconds):
+    select.select([], [], [], seconds)
+    return "waited"
+
+def recurse_deeper(limit):
+    sys.setrecursionlimit(limit)
+    def down(k):
+        return down(k + 1) + 1
+    return down(0)
+"#;
+
+#[test]
+fn a_sleep_or_a_poll_ends_at_the_time_limit() {
+    let fx = Fixture::code(&[SLEEPERS]);
+    for function in ["nap", "wait_on_nothing"] {
+        let started = std::time::Instant::now();
+        fx.run(function, &["--timeout", "1s", "--args", "[1000000]"])
+            .fails(3, &["time limit", "1.0s"]);
+        // Not a timing assertion on host's speed: without the limit this call sleeps for
+        // eleven days.
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    }
+    // A sleep within the limit still sleeps, and returns.
+    assert_eq!(fx.run("nap", &["--args", "[0.1]"]).value(), "woke");
+}
+
+#[test]
+fn a_runaway_recursion_is_a_stack_limit_and_its_report_stays_small() {
+    let fx = Fixture::code(&[SLEEPERS]);
+    fx.run("recurse_deeper", &["--args", "[1000000]"])
+        .fails(3, &["stack limit"]);
+    // Under the interpreter's own recursion limit: an exception, its repeats collapsed.
+    let run = fx.run("recurse_deeper", &["--args", "[5000]"]);
+    run.fails(1, &["RecursionError", "[Previous line repeated"]);
+    assert!(run.stderr.len() < 16 << 10, "{}", run.stderr.len());
+}
+
+#[test]
+fn pre_initialisation_runs_under_the_calls_limits() {
+    // What a bundle's definitions run when it loads is the notebook's code too.
+    let fx = Fixture::code(&[
+        "def spin_at_definition(x=[i for i in iter(int, 1)]):\n    return 1",
+        "def hoard(size):\n    def wrap(f):\n        return f\n    _ = [bytearray(256 << 20) for _ in range(size >> 28)]\n    return wrap",
+        "@hoard(10 << 30)\ndef allocating_decorator():\n    return 1",
+    ]);
+    let started = std::time::Instant::now();
+    fx.run("spin_at_definition", &["--timeout", "1s"])
+        .fails(3, &["time limit", "1.0s"]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    fx.run("allocating_decorator", &["--memory", "256M"])
+        .fails(3, &["memory limit", "256 MiB"]);
+    // Nothing was left in the cache for either: a second run is refused the same way.
+    fx.run("allocating_decorator", &["--memory", "256M"])
+        .fails(3, &["memory limit"]);
+}

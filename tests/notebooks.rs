@@ -41,8 +41,15 @@ fn missing_file_invalid_json_and_wrong_schema_are_usage_errors() {
     fx.run("f", &[])
         .fails(2, &["nb.ipynb", "not an nbformat 4 notebook"]);
 
-    let fx = Fixture::raw(r#"{"nbformat": 3, "metadata": {}, "worksheets": [], "cells": []}"#);
-    fx.run("f", &[]).fails(2, &["nb.ipynb", "nbformat 3"]);
+    let fx = Fixture::raw(r#"{"nbformat": 2, "metadata": {}, "worksheets": []}"#);
+    fx.run("f", &[]).fails(
+        2,
+        &[
+            "nb.ipynb",
+            "is nbformat 2",
+            "jupyter nbconvert --to notebook --nbformat 4",
+        ],
+    );
 
     host(&["run", "/nonexistent/churn.ipynb", "process"])
         .fails(2, &["/nonexistent/churn.ipynb", "No such file"]);

@@ -169,7 +169,7 @@ fn the_trace_is_self_contained_private_and_small() {
     let r = record("nondeterministic", r#"["/data/input.txt"]"#, &[]);
     let mode = std::fs::metadata(&r.trace).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "traces carry production data");
-    let trace = Trace::read(&r.trace).unwrap();
+    let trace = Trace::read(&r.trace, None).unwrap();
     let h = &trace.header;
     assert_eq!(h.format, "host-trace/1");
     assert_eq!(h.function, "nondeterministic");
@@ -260,9 +260,9 @@ fn a_trace_whose_image_this_host_does_not_build_is_refused_as_such() {
     // What a trace recorded by another build of host looks like here: its guest code made
     // another image of the same bundle.
     let r = record("nondeterministic", r#"["/data/input.txt"]"#, &[]);
-    let mut trace = Trace::read(&r.trace).unwrap();
+    let mut trace = Trace::read(&r.trace, None).unwrap();
     trace.header.image_sha256 = Some("0".repeat(64));
-    trace.write(&r.trace).unwrap();
+    trace.write(&r.trace, None).unwrap();
     let recorded_by = format!(
         "replay it with the build of host {}",
         env!("CARGO_PKG_VERSION")
@@ -276,7 +276,7 @@ fn a_trace_whose_image_this_host_does_not_build_is_refused_as_such() {
 #[test]
 fn the_first_differing_call_is_reported_as_a_divergence() {
     let r = record("nondeterministic", r#"["/data/input.txt"]"#, &[]);
-    let mut trace = Trace::read(&r.trace).unwrap();
+    let mut trace = Trace::read(&r.trace, None).unwrap();
     // As if production's guest had asked for a different file: the replayed guest's call
     // no longer matches the recording.
     let index = trace
@@ -285,7 +285,7 @@ fn the_first_differing_call_is_reported_as_a_divergence() {
         .position(|e| e.call == "path_open" && e.path.as_deref() == Some("input.txt"))
         .unwrap();
     trace.events[index].path = Some("elsewhere.txt".into());
-    trace.write(&r.trace).unwrap();
+    trace.write(&r.trace, None).unwrap();
     host(&["replay", r.trace.to_str().unwrap()]).fails(
         5,
         &[
@@ -297,11 +297,11 @@ fn the_first_differing_call_is_reported_as_a_divergence() {
         ],
     );
     // A recording with more calls than the replay makes diverges at its end.
-    let mut trace = Trace::read(&r.trace).unwrap();
+    let mut trace = Trace::read(&r.trace, None).unwrap();
     trace.events[index].path = Some("input.txt".into());
     let extra = trace.events.last().unwrap().clone();
     trace.events.push(extra);
-    trace.write(&r.trace).unwrap();
+    trace.write(&r.trace, None).unwrap();
     host(&["replay", r.trace.to_str().unwrap()])
         .fails(5, &["diverged at event", "actual:   the call ended"]);
 }

@@ -55,6 +55,7 @@ fn door() -> Door {
             &BundleSource {
                 notebook: "fuzz.ipynb",
                 chunks: &chunks,
+                modules: &[],
             },
             &warm_up,
         )

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use host::bundle::Select;
-use host::cli::read_arguments;
+use host::cli::{DEFAULT_MAX_INPUT, read_arguments};
 use host::{
     Arguments, Bundle, Engine, Finished, Notebook, Outcome, Policy, Prepared, Request, Runtime,
     Sandbox,
@@ -52,13 +52,14 @@ fn main() -> Result<()> {
     let sandbox = Sandbox::new(&engine, &Runtime::locate(None)?)?;
     let notebook = Notebook::read(&repo.join("notebooks/churn.ipynb"))?;
     let input_path = repo.join("notebooks/churn-input.json");
-    let pandas_input = read_arguments(&input_path)?;
+    let pandas_input = read_arguments(&input_path, DEFAULT_MAX_INPUT)?;
     let trivial_input = Arguments {
         args: vec![serde_json::json!(12345)],
         ..Arguments::default()
     };
     // Other records than the measured call's, for `host bundle --warm-up`.
-    let sample_input = read_arguments(&repo.join("notebooks/churn-sample.json"))?;
+    let sample_input =
+        read_arguments(&repo.join("notebooks/churn-sample.json"), DEFAULT_MAX_INPUT)?;
     let trivial_input_path = work.path().join("trivial.json");
     std::fs::write(&trivial_input_path, r#"{"args": [12345]}"#)?;
 
@@ -90,7 +91,7 @@ fn main() -> Result<()> {
         let bundle =
             Bundle::from_notebook(&sandbox, &notebook, Select::Only(&[case.function]), None)?;
         let bundle_path = work.path().join(format!("{}.bundle.json", case.function));
-        bundle.write(&bundle_path)?;
+        bundle.write(&bundle_path, None)?;
         let started = Instant::now();
         let prepared = Prepared::new(&sandbox, bundle.clone())?;
         let prepare_time = started.elapsed();
@@ -172,11 +173,11 @@ fn main() -> Result<()> {
         let record_file = || -> Result<()> {
             let n = recorded_calls.fetch_add(1, Ordering::Relaxed);
             let bytes = recorded()?;
-            host::engine::write_private(&traces.join(format!("{n}.trace")), &bytes)
+            host::files::write_private(&traces.join(format!("{n}.trace")), &bytes)
         };
         record_file()?;
         let trace_path = traces.join("0.trace");
-        let trace = host::trace::Trace::read(&trace_path)?;
+        let trace = host::trace::Trace::read(&trace_path, None)?;
         let trace_size = std::fs::metadata(&trace_path)?.len();
         let replay = || -> Result<()> {
             let r = host::replay::replay(&sandbox, &trace)?;
@@ -398,7 +399,7 @@ fn floor(sandbox: &Sandbox, repo: &Path, work: &Path, input: &Arguments) -> Resu
         None,
     )?;
     let bundle_path = work.join("timed.bundle.json");
-    bundle.write(&bundle_path)?;
+    bundle.write(&bundle_path, None)?;
     let prepared = Prepared::new(sandbox, bundle)?;
     let mut guest: Vec<Vec<f64>> = Vec::new();
     for _ in 0..21 {

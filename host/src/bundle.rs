@@ -12,9 +12,13 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::door::{Arguments, BundleSource, Chunk, Door, WarmUp};
+use crate::door::{Arguments, BundleSource, Chunk, Door, Module, WarmUp};
 use crate::error::bad_input;
 use crate::extract::{self, Closure, Extraction, StatementSummary};
+use crate::files::{
+    MAX_NOTEBOOK, SigningKey, is_signed, read_regular, sealed, unsealed, write_private,
+};
+use crate::neighbours::{self, Wheel};
 use crate::notebook::Notebook;
 use crate::sandbox::Sandbox;
 
@@ -31,6 +35,16 @@ pub struct Bundle {
     pub manifest: Manifest,
     /// The kept source, cell by cell, each line at its notebook line number.
     pub chunks: Vec<Chunk>,
+    /// Modules the source imports that the runtime does not have: the notebook's neighbours
+    /// (a `.py` file, a package folder, a sibling notebook's kept cells) and the modules of
+    /// the wheels given with `--wheel`. Part of the version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub modules: Vec<Module>,
+    /// sha256 of everything above (the bundle as compact JSON with this field empty): the
+    /// version covers what runs, so a label or a date can differ between bundles of one
+    /// version, and this covers the rest, so no field of a bundle can be edited unnoticed.
+    #[serde(default)]
+    pub sha256: String,
 }
 
 /// What a bundle records about where it came from and what it holds.
@@ -69,6 +83,12 @@ pub struct FunctionClosure {
     pub statements: Vec<StatementSummary>,
 }
 
+/// What a path given as a notebook or a bundle holds.
+pub enum Opened {
+    Bundle(Box<Bundle>),
+    Notebook(Notebook),
+}
+
 /// How to pick the functions of a new bundle.
 #[derive(Debug, Clone, Copy)]
 pub enum Select<'a> {
@@ -80,12 +100,24 @@ pub enum Select<'a> {
 }
 
 impl Bundle {
-    /// Extracts functions (and what they need) from `notebook`.
+    /// Extracts functions (and what they need) from `notebook`, with the modules next to it
+    /// that they import.
     pub fn from_notebook(
         sandbox: &Sandbox,
         notebook: &Notebook,
         select: Select<'_>,
         label: Option<&str>,
+    ) -> Result<Bundle> {
+        Self::from_notebook_with(sandbox, notebook, select, label, &[])
+    }
+
+    /// [`Bundle::from_notebook`], with the modules of pure-Python `wheels` carried too.
+    pub fn from_notebook_with(
+        sandbox: &Sandbox,
+        notebook: &Notebook,
+        select: Select<'_>,
+        label: Option<&str>,
+        wheels: &[Wheel],
     ) -> Result<Bundle> {
         let analysis = extract::analyse(sandbox, notebook)?;
         let extraction = Extraction::new(notebook, analysis);
@@ -101,7 +133,20 @@ impl Bundle {
             }
             Select::All => {
                 for f in extraction.functions() {
-                    match extraction.closure(f) {
+                    // A function whose imports cannot be found is left out like one whose
+                    // globals cannot be.
+                    let closure = extraction.closure(f).and_then(|closure| {
+                        let folder = notebook.folder();
+                        neighbours::gather(
+                            sandbox,
+                            folder,
+                            &extraction,
+                            &closure.statements,
+                            wheels,
+                        )?;
+                        Ok(closure)
+                    });
+                    match closure {
                         Ok(closure) => per_function.push((f, closure)),
                         Err(why) => {
                             warnings.push(format!("`{f}` is left out of the bundle: {why:#}"))
@@ -138,6 +183,13 @@ impl Bundle {
             .collect();
         let functions: Vec<String> = per_function.iter().map(|(f, _)| f.to_string()).collect();
         let chunks = extraction.source(&closure);
+        let modules = neighbours::gather(
+            sandbox,
+            notebook.folder(),
+            &extraction,
+            &closure.statements,
+            wheels,
+        )?;
         let runtime_sha256 = sandbox.runtime().sha256().to_owned();
         let mut bundle = Bundle {
             format: FORMAT.to_owned(),
@@ -155,8 +207,10 @@ impl Bundle {
                 warm_up: Vec::new(),
             },
             chunks,
+            modules,
+            sha256: String::new(),
         };
-        bundle.version = bundle.content_version();
+        bundle.seal();
         Ok(bundle)
     }
 
@@ -170,30 +224,48 @@ impl Bundle {
             args: arguments.args.clone(),
             kwargs: arguments.kwargs.clone(),
         });
-        self.version = self.content_version();
+        self.seal();
         Ok(self)
     }
 
     /// A bundle from a path that holds either a bundle or a notebook (which is extracted now,
-    /// its analysis cached by content).
-    pub fn open(sandbox: &Sandbox, path: &Path, select: Select<'_>) -> Result<Bundle> {
-        let bytes = std::fs::read(path).map_err(|e| {
-            bad_input(format!(
-                "cannot read notebook or bundle `{}`: {e}",
+    /// its analysis cached by content). With `key`, a bundle must be signed with it.
+    pub fn open(
+        sandbox: &Sandbox,
+        path: &Path,
+        select: Select<'_>,
+        key: Option<&SigningKey>,
+        wheels: &[Wheel],
+    ) -> Result<Bundle> {
+        match Self::read(path, key)? {
+            Opened::Bundle(_) if !wheels.is_empty() => Err(bad_input(format!(
+                "--wheel: `{}` is a bundle, which carries the wheels it was made with; \
+                 --wheel goes with a notebook",
                 path.display()
-            ))
-        })?;
-        if Self::sniff(&bytes) {
-            let bundle = Self::parse(path, &bytes)?;
-            if let Select::Only(functions) = select {
-                for f in functions {
-                    bundle.check_function(f)?;
+            ))),
+            Opened::Bundle(bundle) => {
+                if let Select::Only(functions) = select {
+                    for f in functions {
+                        bundle.check_function(f)?;
+                    }
                 }
+                Ok(*bundle)
             }
-            return Ok(bundle);
+            Opened::Notebook(notebook) => {
+                Self::from_notebook_with(sandbox, &notebook, select, None, wheels)
+            }
         }
-        let notebook = Notebook::parse(path, &bytes)?;
-        Self::from_notebook(sandbox, &notebook, select, None)
+    }
+
+    /// Reads a path that holds a bundle (checked, and with `key` its signature too) or a
+    /// notebook.
+    pub fn read(path: &Path, key: Option<&SigningKey>) -> Result<Opened> {
+        let bytes = read_regular(path, "notebook or bundle", MAX_NOTEBOOK)?;
+        if is_signed(&bytes) || Self::sniff(&bytes) {
+            let body = unsealed(key, &bytes, &format!("bundle `{}`", path.display()))?;
+            return Ok(Opened::Bundle(Box::new(Self::parse(path, body)?)));
+        }
+        Ok(Opened::Notebook(Notebook::parse(path, &bytes)?))
     }
 
     /// Parses bundle bytes; `path` names the bundle in messages.
@@ -222,11 +294,29 @@ impl Bundle {
             &m.functions,
             &m.runtime_sha256,
             &m.warm_up,
+            &self.modules,
         )
     }
 
-    /// Refuses a bundle whose content does not hash to its version: it was changed after it
-    /// was made.
+    /// sha256 of the whole bundle but this field: [`Bundle::sha256`].
+    fn content_sha256(&self) -> String {
+        let unsealed = Bundle {
+            sha256: String::new(),
+            ..self.clone()
+        };
+        hex::encode(Sha256::digest(
+            serde_json::to_vec(&unsealed).expect("a bundle is JSON"),
+        ))
+    }
+
+    /// Sets the version and the sha256 from the content, after it was made or changed.
+    fn seal(&mut self) {
+        self.version = self.content_version();
+        self.sha256 = self.content_sha256();
+    }
+
+    /// Refuses a bundle whose content does not hash to its version and its sha256: it was
+    /// changed after it was made, in what runs or in its manifest.
     pub fn check_version(&self) -> Result<()> {
         let expected = self.content_version();
         if expected != self.version {
@@ -235,14 +325,27 @@ impl Bundle {
                 self.version
             )));
         }
+        if self.sha256.is_empty() {
+            return Err(bad_input(
+                "has no sha256 of its content (it was made by an older host): make it again with `host bundle`",
+            ));
+        }
+        let sha256 = self.content_sha256();
+        if sha256 != self.sha256 {
+            return Err(bad_input(format!(
+                "was changed after it was made: its manifest and source hash to {}, not to its sha256 {}",
+                short(&sha256),
+                short(&self.sha256)
+            )));
+        }
         Ok(())
     }
 
-    /// Writes the bundle as JSON.
-    pub fn write(&self, path: &Path) -> Result<()> {
+    /// Writes the bundle as JSON, owner-only and atomically, signed with `key` when given.
+    pub fn write(&self, path: &Path, key: Option<&SigningKey>) -> Result<()> {
         let mut text = serde_json::to_string_pretty(self)?;
         text.push('\n');
-        std::fs::write(path, text)
+        write_private(path, &sealed(key, text.into_bytes()))
             .with_context(|| format!("failed to write bundle `{}`", path.display()))
     }
 
@@ -266,6 +369,7 @@ impl Bundle {
         let source = BundleSource {
             notebook: &self.manifest.notebook,
             chunks: &self.chunks,
+            modules: &self.modules,
         };
         door.bundle(&source, &self.manifest.warm_up)
     }
@@ -300,6 +404,7 @@ fn version(
     functions: &[String],
     runtime_sha256: &str,
     warm_up: &[WarmUp],
+    modules: &[Module],
 ) -> String {
     #[derive(Serialize)]
     struct Versioned<'a> {
@@ -310,6 +415,9 @@ fn version(
         // Absent when empty, so bundles without warm-up keep the versions they had.
         #[serde(skip_serializing_if = "<[WarmUp]>::is_empty")]
         warm_up: &'a [WarmUp],
+        // Absent when empty too, for the same reason.
+        #[serde(skip_serializing_if = "<[Module]>::is_empty")]
+        modules: &'a [Module],
     }
     let canonical = serde_json::to_vec(&Versioned {
         notebook,
@@ -317,6 +425,7 @@ fn version(
         functions,
         runtime_sha256,
         warm_up,
+        modules,
     })
     .unwrap();
     hex::encode(Sha256::digest(canonical))
@@ -362,24 +471,67 @@ mod tests {
             cell: 2,
             text: "def f():\n    return 1\n".into(),
         }];
-        let v = version("nb.ipynb", &chunks, &["f".into()], "abc", &[]);
-        assert_eq!(v, version("nb.ipynb", &chunks, &["f".into()], "abc", &[]));
-        assert_ne!(v, version("nb.ipynb", &chunks, &["f".into()], "abd", &[]));
+        let v = version("nb.ipynb", &chunks, &["f".into()], "abc", &[], &[]);
+        assert_eq!(
+            v,
+            version("nb.ipynb", &chunks, &["f".into()], "abc", &[], &[])
+        );
         assert_ne!(
             v,
-            version("nb.ipynb", &chunks, &["f".into(), "g".into()], "abc", &[])
+            version("nb.ipynb", &chunks, &["f".into()], "abd", &[], &[])
+        );
+        assert_ne!(
+            v,
+            version(
+                "nb.ipynb",
+                &chunks,
+                &["f".into(), "g".into()],
+                "abc",
+                &[],
+                &[]
+            )
         );
         let changed = vec![Chunk {
             cell: 2,
             text: "def f():\n    return 2\n".into(),
         }];
-        assert_ne!(v, version("nb.ipynb", &changed, &["f".into()], "abc", &[]));
+        assert_ne!(
+            v,
+            version("nb.ipynb", &changed, &["f".into()], "abc", &[], &[])
+        );
         let warm = [WarmUp {
             function: "f".into(),
             args: vec![serde_json::json!(1)],
             kwargs: Default::default(),
         }];
-        assert_ne!(v, version("nb.ipynb", &chunks, &["f".into()], "abc", &warm));
+        assert_ne!(
+            v,
+            version("nb.ipynb", &chunks, &["f".into()], "abc", &warm, &[])
+        );
+        let module = crate::door::Module {
+            name: "helpers".into(),
+            file: "helpers.py".into(),
+            package: false,
+            chunks: Vec::new(),
+            sha256: "00".into(),
+        };
+        let with = version(
+            "nb.ipynb",
+            &chunks,
+            &["f".into()],
+            "abc",
+            &[],
+            std::slice::from_ref(&module),
+        );
+        assert_ne!(v, with);
+        let changed = crate::door::Module {
+            sha256: "01".into(),
+            ..module
+        };
+        assert_ne!(
+            with,
+            version("nb.ipynb", &chunks, &["f".into()], "abc", &[], &[changed])
+        );
     }
 
     #[test]

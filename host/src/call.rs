@@ -26,6 +26,9 @@ pub enum Outcome {
     Limit(LimitExceeded),
     /// The function ended the interpreter (`os._exit(status)`).
     Exited(i32),
+    /// The function, or a definition it needs, made the interpreter trap (`os.abort()`, a
+    /// fatal signal): why, as Wasmtime says it.
+    Crashed(String),
     /// A replay went another way than its recording (never the outcome of a live call).
     Diverged(Divergence),
 }
@@ -38,6 +41,7 @@ impl Outcome {
             Outcome::Raised(e) => json!({"raised": e}),
             Outcome::Limit(l) => json!({"limit": l.to_string()}),
             Outcome::Exited(code) => json!({"exited": code}),
+            Outcome::Crashed(why) => json!({"crashed": why}),
             Outcome::Diverged(d) => json!({"diverged": d.to_string()}),
         }
     }
@@ -187,6 +191,7 @@ pub(crate) fn execute(
         Ended::Finished => outcome(run.door.received)?,
         Ended::Limit(limit) => Outcome::Limit(limit),
         Ended::Exit(status) => Outcome::Exited(status),
+        Ended::Crashed(why) => Outcome::Crashed(why),
         Ended::Diverged(divergence) => Outcome::Diverged(divergence),
     };
     Ok((

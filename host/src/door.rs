@@ -22,7 +22,7 @@
 //! |-----------|---------------|-----------------------------------------------------------|
 //! | `input`   | guest asks    | [`AnalysisInput`]: the notebook's code cells              |
 //! | `output`  | guest hands   | [`Analysis`]: each cell statement by statement            |
-//! | `bundle`  | guest asks    | [`BundleSource`]: the kept source, cell by cell           |
+//! | `bundle`  | guest asks    | [`BundleSource`]: the kept source, and bundled modules    |
 //! | `warm_up` | guest asks    | a list of [`WarmUp`] samples                              |
 //! | `call`    | guest asks    | [`CallInput`]: function, arguments, environment           |
 //! | `result`  | guest hands   | `{"value": JSON}`: the converted return value             |
@@ -284,9 +284,20 @@ pub struct Statement {
     pub eager: Vec<String>,
     /// Globals read only when a function the statement defines is called.
     pub lazy: Vec<String>,
-    /// Magic or shell lines inside the statement's body, replaced by `pass`.
+    /// Magic or shell lines inside the statement's body, replaced by a call that raises if
+    /// it is reached.
     #[serde(default)]
     pub magic_lines: Vec<usize>,
+    /// For a star import, the names it may bind when the guest can tell without importing
+    /// the module (its `__all__`); `None`: it may bind anything.
+    #[serde(default)]
+    pub star_names: Option<Vec<String>>,
+    /// The top-level modules it imports by absolute name (in its body too).
+    #[serde(default)]
+    pub imports: Vec<String>,
+    /// Those of `imports` the runtime does not have.
+    #[serde(default)]
+    pub missing: Vec<String>,
 }
 
 /// Why a statement is kept or dropped.
@@ -324,6 +335,33 @@ pub struct BundleSource<'a> {
     /// The notebook's file name, which tracebacks show.
     pub notebook: &'a str,
     pub chunks: &'a [Chunk],
+    /// Modules the source may import that the runtime does not have.
+    pub modules: &'a [Module],
+}
+
+/// A module carried in a bundle, importable by its name inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Module {
+    /// The name it is imported by (`helpers`, `utils.text`).
+    pub name: String,
+    /// Where it came from: a path relative to the notebook's folder, or `WHEEL:PATH`. What
+    /// tracebacks and `host inspect` show.
+    pub file: String,
+    /// Whether it is a package (its submodules are carried too).
+    #[serde(default)]
+    pub package: bool,
+    /// Its source: one chunk for a `.py` file; a sibling notebook's kept cells.
+    pub chunks: Vec<ModuleChunk>,
+    /// sha256 of the source that runs.
+    pub sha256: String,
+}
+
+/// Source run as one unit: a module's whole file (`cell` absent) or one cell of a notebook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModuleChunk {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell: Option<usize>,
+    pub text: String,
 }
 
 /// A call made before a bundle's image is saved, so that the one-time work of a function's
@@ -387,6 +425,13 @@ pub struct GuestException {
     pub kind: String,
     pub message: String,
     pub frames: Vec<Frame>,
+    /// Frames left out between the outermost and the innermost ones shown, in a deep stack.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub omitted: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// One traceback frame: in the notebook (`cell` set) or in a library file.
@@ -398,6 +443,10 @@ pub struct Frame {
     pub line: usize,
     pub function: String,
     pub text: String,
+    /// How many more times this frame repeats right below it (a recursion), as Python's
+    /// "[Previous line repeated N more times]" says.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repeated: usize,
 }
 
 impl fmt::Display for GuestException {
@@ -406,7 +455,10 @@ impl fmt::Display for GuestException {
         if !self.frames.is_empty() {
             writeln!(f, "Traceback (most recent call last):")?;
         }
-        for frame in &self.frames {
+        for (i, frame) in self.frames.iter().enumerate() {
+            if self.omitted > 0 && i == self.frames.len() / 2 {
+                writeln!(f, "  [{} frames omitted]", self.omitted)?;
+            }
             let place = match frame.cell {
                 Some(cell) => format!("{}, cell {cell}, line {}", frame.file, frame.line),
                 None => format!("{}, line {}", frame.file, frame.line),
@@ -419,6 +471,13 @@ impl fmt::Display for GuestException {
             writeln!(f, "  {place}{function}")?;
             if !frame.text.is_empty() {
                 writeln!(f, "    {}", frame.text)?;
+            }
+            if frame.repeated > 0 {
+                writeln!(
+                    f,
+                    "  [Previous line repeated {} more times]",
+                    frame.repeated
+                )?;
             }
         }
         if self.message.is_empty() {

@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 use wasmtime::{Config, Module};
 
+use crate::cache::{self, CacheDir, Seal, Verified};
 use crate::memory::Pool;
 use crate::progress::Progress;
 use crate::runtime::Runtime;
@@ -48,16 +50,16 @@ const SETTINGS: EngineSettings = EngineSettings {
 pub struct Engine {
     engine: wasmtime::Engine,
     settings: EngineSettings,
-    cache_dir: PathBuf,
+    cache: CacheDir,
     modules: Mutex<HashMap<PathBuf, Module>>,
     ticking: Arc<AtomicBool>,
 }
 
 impl Engine {
     /// An engine with host's settings, caching compiled modules under `cache_dir` (default:
-    /// [`default_cache_dir`]).
+    /// [`cache::default_cache_dir`]), which must be this user's alone.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Engine> {
-        let cache_dir = cache_dir.unwrap_or_else(default_cache_dir);
+        let cache = CacheDir::open(&cache_dir.unwrap_or_else(cache::default_cache_dir))?;
         let mut config = Config::new();
         config
             .wasm_exceptions(true)
@@ -90,7 +92,7 @@ impl Engine {
         Ok(Engine {
             engine,
             settings: SETTINGS,
-            cache_dir,
+            cache,
             modules: Mutex::new(HashMap::new()),
             ticking,
         })
@@ -105,9 +107,9 @@ impl Engine {
         &self.settings
     }
 
-    /// The folder for compiled modules and other per-machine caches.
-    pub fn cache_dir(&self) -> &Path {
-        &self.cache_dir
+    /// The folder for compiled modules and other per-machine caches, checked.
+    pub fn cache(&self) -> &CacheDir {
+        &self.cache
     }
 
     /// The size of native stack a thread running a call needs.
@@ -115,32 +117,40 @@ impl Engine {
         NATIVE_STACK + (4 << 20)
     }
 
-    /// The runtime's interpreter, compiled: from this process, else from the disk cache, else
-    /// compiled now (about a minute) and cached.
+    /// The runtime's interpreter, compiled: from this process, else from the disk cache (when
+    /// it is still the file host sealed), else compiled now (about a minute) and cached. While
+    /// one process compiles it, others that need it wait for it rather than compile it too.
     pub fn interpreter(&self, runtime: &Runtime) -> Result<Module> {
         let wasm = runtime.interpreter();
         if let Some(m) = self.modules.lock().unwrap().get(&wasm) {
             return Ok(m.clone());
         }
-        let cached = self.cache_dir.join("modules").join(format!(
+        let dir = self.cache.folder("modules")?;
+        let cached = dir.join(format!(
             "{}-{}-host2-{:016x}.cwasm",
             &runtime.sha256()[..16],
             wasm.file_stem().unwrap_or_default().to_string_lossy(),
             self.compatibility()
         ));
-        let module = match self.load_cached(&cached) {
+        let module = match self.load_cached(&cached)? {
             Some(m) => m,
             None => {
-                let progress = Progress::start(
-                    "compiling the Python runtime (once per machine, about a minute)",
-                );
-                let bytes = runtime.interpreter_module()?;
-                let module = Module::new(&self.engine, &bytes)
-                    .map_err(anyhow::Error::from)
-                    .with_context(|| format!("failed to compile `{}`", wasm.display()))?;
-                progress.finish();
-                self.store_cached(&cached, &module)?;
-                module
+                let _lock = lock(&dir.join(".compile.lock"))?;
+                match self.load_cached(&cached)? {
+                    Some(m) => m,
+                    None => {
+                        let progress = Progress::start(
+                            "compiling the Python runtime (once per machine, about a minute)",
+                        );
+                        let bytes = runtime.interpreter_module()?;
+                        let module = Module::new(&self.engine, &bytes)
+                            .map_err(anyhow::Error::from)
+                            .with_context(|| format!("failed to compile `{}`", wasm.display()))?;
+                        progress.finish();
+                        self.store_cached(&cached, &module)?;
+                        module
+                    }
+                }
             }
         };
         self.modules.lock().unwrap().insert(wasm, module.clone());
@@ -153,30 +163,83 @@ impl Engine {
         h.finish()
     }
 
-    fn load_cached(&self, path: &Path) -> Option<Module> {
-        if !path.exists() {
-            return None;
+    /// The compiled module at `path`, if it is there and is the file host sealed.
+    fn load_cached(&self, path: &Path) -> Result<Option<Module>> {
+        let seal_path = seal_path(path);
+        let (Some(file), Some(seal_file)) =
+            (cache::open_file(path)?, cache::open_file(&seal_path)?)
+        else {
+            return Ok(None);
+        };
+        let Ok(seal) = serde_json::from_reader::<_, Seal>(seal_file) else {
+            return Ok(None);
+        };
+        match Seal::verify(&file, Some(&seal), &seal.sha256)? {
+            Verified::Same => {}
+            Verified::Resealed(seal) => write_cache_file(&seal_path, &serde_json::to_vec(&seal)?)?,
+            Verified::Changed => return Ok(None),
         }
-        // SAFETY: the file is native code Wasmtime runs as found. host only loads files it
-        // wrote itself into its owner-only cache folder, named by the engine's compatibility
-        // hash; Wasmtime checks the header's version and settings again and refuses a mismatch.
-        unsafe { Module::deserialize_file(&self.engine, path) }.ok()
+        // SAFETY: the file is native code Wasmtime runs as found. It is the file host wrote
+        // and sealed in its owner-only cache folder (checked just now on this open file),
+        // named by the engine's compatibility hash; Wasmtime checks the header's version and
+        // settings again and refuses a mismatch.
+        Ok(unsafe { Module::deserialize_open_file(&self.engine, file) }.ok())
     }
 
-    /// Writes a compiled module, and removes what this one replaces: the same runtime compiled
-    /// for other engine settings or host versions (300 MB each).
+    /// Writes and seals a compiled module, and removes what this one replaces: the same
+    /// runtime compiled for other engine settings or host versions (300 MB each).
     fn store_cached(&self, path: &Path, module: &Module) -> Result<()> {
-        write_cache_file(path, &module.serialize()?)?;
+        let bytes = module.serialize()?;
+        write_cache_file(path, &bytes)?;
+        let seal = Seal::of(
+            &std::fs::File::open(path)?,
+            hex::encode(sha2::Sha256::digest(&bytes)),
+        )?;
+        write_cache_file(&seal_path(path), &serde_json::to_vec(&seal)?)?;
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         let runtime = name.split('-').next().unwrap_or_default();
         for entry in std::fs::read_dir(path.parent().unwrap())?.flatten() {
             let other = entry.file_name().to_string_lossy().into_owned();
-            if other != name && other.starts_with(runtime) && other.ends_with(".cwasm") {
+            let replaced = other.ends_with(".cwasm") || other.ends_with(".cwasm.seal");
+            if !other.starts_with(&*name) && other.starts_with(runtime) && replaced {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
         Ok(())
     }
+}
+
+/// Where the seal of a cache file is kept: beside it.
+fn seal_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".seal");
+    PathBuf::from(name)
+}
+
+/// An exclusive lock on `path` (created owner-only), held until the file is dropped.
+fn lock(path: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("failed to open the lock `{}`", path.display()))?;
+    // SAFETY: flock on a valid descriptor; the lock goes with the descriptor.
+    let busy = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0;
+    if busy {
+        let progress =
+            Progress::start("waiting for another host process that is compiling the runtime");
+        // SAFETY: as above.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("failed to lock `{}`", path.display()));
+        }
+        progress.finish();
+    }
+    Ok(file)
 }
 
 impl Drop for Engine {
@@ -185,56 +248,10 @@ impl Drop for Engine {
     }
 }
 
-/// `$HOST_CACHE_DIR`, else `$XDG_CACHE_HOME/host`, else `~/.cache/host`.
-pub fn default_cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("HOST_CACHE_DIR") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("host");
-    }
-    match std::env::var_os("HOME") {
-        Some(home) => PathBuf::from(home).join(".cache").join("host"),
-        None => std::env::temp_dir().join("host-cache"),
-    }
-}
-
-/// Writes a cache file readable by its owner only, in a private folder, atomically: it is
-/// written aside and renamed into place, so a concurrent process never reads half a file.
+/// Writes a cache file readable by its owner only, in a private folder, atomically (see
+/// [`crate::files::write_private`]): a concurrent process never reads half a file.
 pub fn write_cache_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().context("a cache file needs a folder")?;
-    create_private_dir(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.{:?}.tmp",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    write_private(&tmp, bytes)?;
-    std::fs::rename(&tmp, path).with_context(|| format!("failed to write `{}`", path.display()))
-}
-
-/// Writes a file only its owner can read.
-pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("failed to create `{}`", path.display()))?;
-    file.write_all(bytes)
-        .with_context(|| format!("failed to write `{}`", path.display()))
-}
-
-/// Creates `dir` (and its parents) readable by its owner only: it holds native code and,
-/// later, traces of production data.
-pub fn create_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("failed to create `{}`", dir.display()))
+    cache::create_private_dir(dir)?;
+    crate::files::write_private(path, bytes)
 }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+use crate::cache;
 use crate::door::{
     Analysis, AnalysisInput, CellSource, Chunk, Door, GUEST_SOURCE, GuestMessage, Kind, Script,
     Statement,
@@ -67,11 +68,11 @@ pub fn analyse(sandbox: &Sandbox, notebook: &Notebook) -> Result<Analysis> {
     h.update(GUEST_SOURCE);
     h.update(&request_json);
     let cached = sandbox
-        .cache_dir()
-        .join("analysis")
+        .cache()
+        .folder("analysis")?
         .join(format!("{}.json", hex::encode(h.finalize())));
-    if let Ok(bytes) = std::fs::read(&cached)
-        && let Ok(analysis) = serde_json::from_slice(&bytes)
+    if let Some(file) = cache::open_file(&cached)?
+        && let Ok(analysis) = serde_json::from_reader(std::io::BufReader::new(file))
     {
         return Ok(analysis);
     }
@@ -251,14 +252,67 @@ impl Extraction {
     /// The statements `function` needs, transitively: the definitions it references (their
     /// decorators, defaults and base classes count), and the imports and constants those use.
     ///
-    /// Refuses, naming the global, the cell that binds it and the fix, when something needed
-    /// is bound only by dropped code.
+    /// Refuses, naming every global needed that only dropped code binds, each with every
+    /// statement that binds it and the fix.
     pub fn closure(&self, function: &str) -> anyhow::Result<Closure> {
+        self.closure_from(vec![self.function_statement(function)?])
+    }
+
+    /// What a notebook imported as a module needs: the closure of every kept statement whose
+    /// own closure can be extracted (the others are left out, with a warning), never its
+    /// top-level code.
+    pub fn closure_of_everything_kept(&self) -> Closure {
+        let mut all = Closure {
+            statements: BTreeSet::new(),
+            warnings: Vec::new(),
+        };
+        for id in self.all_statements() {
+            if !self.statement(id).kind.is_kept() || all.statements.contains(&id) {
+                continue;
+            }
+            match self.closure_from(vec![id]) {
+                Ok(closure) => {
+                    all.statements.extend(closure.statements);
+                    all.warnings.extend(closure.warnings);
+                }
+                Err(why) => all.warnings.push(format!(
+                    "{} is left out of the module {}: {why:#}",
+                    self.place(id),
+                    self.notebook
+                )),
+            }
+        }
+        all
+    }
+
+    /// Every statement of every analysed cell.
+    pub fn all_statements(&self) -> BTreeSet<StatementId> {
+        self.analysis
+            .cells
+            .iter()
+            .enumerate()
+            .flat_map(|(c, cell)| (0..cell.statements.len()).map(move |s| (c, s)))
+            .collect()
+    }
+
+    /// Where a statement is, as messages name it: `nb.ipynb, cell 3, line 1`.
+    pub fn place(&self, id: StatementId) -> String {
+        format!(
+            "{}, cell {}, line {}",
+            self.notebook,
+            self.cell_number(id),
+            self.statement(id).span[0]
+        )
+    }
+
+    /// The closure of the statements `work`, see [`Extraction::closure`].
+    fn closure_from(&self, mut work: Vec<StatementId>) -> anyhow::Result<Closure> {
         let mut selected = BTreeSet::new();
         let mut warnings = Vec::new();
         // Who pulled a statement in, to explain a refusal as a chain (process -> helper).
         let mut parent: HashMap<StatementId, StatementId> = HashMap::new();
-        let mut work = vec![self.function_statement(function)?];
+        // Globals only dropped code binds, each with the first statement found using it.
+        let mut dropped: BTreeMap<&str, StatementId> = BTreeMap::new();
         let builtins: HashSet<&str> = self.analysis.builtins.iter().map(String::as_str).collect();
         while let Some(id) = work.pop() {
             if !selected.insert(id) {
@@ -266,13 +320,18 @@ impl Extraction {
             }
             let stmt = self.statement(id);
             if stmt.kind == Kind::Export {
-                // A cell tagged `export` runs whole or not at all.
+                // A cell tagged `export` runs whole or not at all: every statement of it that
+                // Python can run (not its magics, nor what IPython awaits at the top level).
                 let cell = &self.analysis.cells[id.0];
-                work.extend((0..cell.statements.len()).map(|s| (id.0, s)));
+                work.extend(
+                    (0..cell.statements.len())
+                        .map(|s| (id.0, s))
+                        .filter(|&s| self.statement(s).kind.is_kept()),
+                );
             }
             if !stmt.magic_lines.is_empty() {
                 warnings.push(format!(
-                    "{}, cell {}: magic or shell lines inside `{}` (lines {}) are not run: IPython is not in the sandbox",
+                    "{}, cell {}: magic or shell lines inside `{}` (lines {}) raise an error if reached: IPython is not in the sandbox",
                     self.notebook,
                     self.cell_number(id),
                     stmt.name.as_deref().unwrap_or("a statement"),
@@ -294,16 +353,12 @@ impl Extraction {
                 if let Some(binder) = found {
                     parent.entry(binder).or_insert(id);
                     work.push(binder);
-                } else if let Some(dropped) = self.dropped_binders.get(name) {
-                    return Err(self.dropped_dependency(
-                        name,
-                        id,
-                        *dropped.last().unwrap(),
-                        &parent,
-                    ));
+                } else if self.dropped_binders.contains_key(name) {
+                    // Every such global is collected, so one refusal names them all.
+                    dropped.entry(name.as_str()).or_insert(id);
                 } else if builtins.contains(name.as_str()) {
-                } else if !self.star_imports.is_empty() {
-                    work.extend(self.star_imports.iter().copied());
+                } else if let Some(stars) = self.star_imports_binding(name) {
+                    work.extend(stars);
                 } else {
                     warnings.push(format!(
                         "{}, cell {}: `{name}` is not defined anywhere in the notebook; calling code that reads it raises NameError",
@@ -313,10 +368,30 @@ impl Extraction {
                 }
             }
         }
+        if !dropped.is_empty() {
+            return Err(self.dropped_dependencies(&dropped, &parent));
+        }
         Ok(Closure {
             statements: selected,
             warnings,
         })
+    }
+
+    /// The kept star imports that may bind `name` (their module's names list it, or they are
+    /// not known), or `None` when no star import can.
+    fn star_imports_binding(&self, name: &str) -> Option<Vec<StatementId>> {
+        let stars: Vec<StatementId> = self
+            .star_imports
+            .iter()
+            .copied()
+            .filter(|&id| {
+                self.statement(id)
+                    .star_names
+                    .as_ref()
+                    .is_none_or(|names| names.iter().any(|n| n == name))
+            })
+            .collect();
+        (!stars.is_empty()).then_some(stars)
     }
 
     fn function_statement(&self, function: &str) -> anyhow::Result<StatementId> {
@@ -375,42 +450,74 @@ impl Extraction {
         Err(bad_input(message))
     }
 
-    fn dropped_dependency(
+    /// The refusal for globals only dropped code binds: each global, who uses it (as a chain
+    /// from the function), every statement that binds it, and the fix.
+    fn dropped_dependencies(
         &self,
-        name: &str,
-        user: StatementId,
-        binder: StatementId,
+        dropped: &BTreeMap<&str, StatementId>,
         parent: &HashMap<StatementId, StatementId>,
     ) -> anyhow::Error {
-        let mut chain = vec![user];
-        while let Some(&p) = parent.get(chain.last().unwrap()) {
-            if chain.contains(&p) {
-                break;
+        let mut message = String::new();
+        for (&name, &user) in dropped {
+            let mut chain = vec![user];
+            while let Some(&p) = parent.get(chain.last().unwrap()) {
+                if chain.contains(&p) {
+                    break;
+                }
+                chain.push(p);
             }
-            chain.push(p);
+            let names: Vec<String> = chain
+                .iter()
+                .rev()
+                .map(|&id| match &self.statement(id).name {
+                    Some(n) => format!("`{n}`"),
+                    None => format!("cell {}", self.cell_number(id)),
+                })
+                .collect();
+            if !message.is_empty() {
+                message.push('\n');
+            }
+            let _ = writeln!(
+                message,
+                "{} uses the global `{name}`, which only dropped code binds:",
+                names.join(" -> ")
+            );
+            let binders = &self.dropped_binders[name];
+            let mut cells: Vec<usize> = Vec::new();
+            for &binder in binders {
+                let stmt = self.statement(binder);
+                let cell = self.cell_number(binder);
+                if !cells.contains(&cell) {
+                    cells.push(cell);
+                }
+                let _ = writeln!(
+                    message,
+                    "  {}, cell {cell}, line {}: `{}` ({})",
+                    self.notebook,
+                    stmt.span[0],
+                    self.first_line(binder),
+                    stmt.kind.reason(),
+                );
+            }
+            let cells = match cells.as_slice() {
+                [one] => format!("cell {one}"),
+                [init @ .., last] => format!("cells {} and {last}", join(init.iter())),
+                [] => unreachable!("a dropped global has a binder"),
+            };
+            let constant = if is_all_caps(name) {
+                String::new()
+            } else {
+                format!(" (or make `{name}` an ALL_CAPS constant if it is one)")
+            };
+            let _ = write!(
+                message,
+                "  Tag {cells} `export` to keep it, or move that code into a function{constant}."
+            );
         }
-        let names: Vec<String> = chain
-            .iter()
-            .rev()
-            .map(|&id| match &self.statement(id).name {
-                Some(n) => format!("`{n}`"),
-                None => format!("cell {}", self.cell_number(id)),
-            })
-            .collect();
-        let stmt = self.statement(binder);
-        let cell = &self.analysis.cells[binder.0];
-        let line = stmt.span[0];
-        let text = self.first_line(binder);
-        bad_input(format!(
-            "{} uses the global `{name}`, which only dropped {} binds: {}, cell {}, line {line}: `{text}`\n  \
-             host never runs top-level code. Tag cell {} `export` to keep it, or move that code into a function \
-             (or make `{name}` an ALL_CAPS constant if it is one).",
-            names.join(" -> "),
-            stmt.kind.reason(),
-            self.notebook,
-            cell.index,
-            cell.index,
-        ))
+        message.push_str(
+            "\nhost never runs top-level code, IPython magics or shell lines; definitions, imports and ALL_CAPS constants are kept.",
+        );
+        bad_input(message)
     }
 
     /// The kept source: for each cell with a selected statement, its text with everything
@@ -473,6 +580,12 @@ fn keep_spans(text: &str, spans: &[[usize; 4]]) -> String {
     out
 }
 
+/// Whether Python's `str.isupper()` holds: every cased character upper case, and at least
+/// one, so `ÄNDERUNG` and `MAX_2` are constants.
+fn is_all_caps(name: &str) -> bool {
+    name.chars().any(char::is_uppercase) && !name.chars().any(char::is_lowercase)
+}
+
 fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
     items.map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
 }
@@ -508,9 +621,179 @@ mod tests {
     }
 
     #[test]
+    fn all_caps_is_pythons_isupper() {
+        for name in ["LIMIT", "MAX_2", "_PRIVATE", "ÄNDERUNG", "ΣUM"] {
+            assert!(is_all_caps(name), "{name}");
+        }
+        for name in ["Limit", "max", "_", "__2", "Änderung"] {
+            assert!(!is_all_caps(name), "{name}");
+        }
+    }
+
+    #[test]
     fn keep_spans_blanks_the_rest_and_keeps_line_numbers() {
         let text = "import os; df = load()\n\ndef f():\n    return os.sep\nprint(f())";
         let out = keep_spans(text, &[[1, 0, 1, 9], [3, 0, 4, 17]]);
         assert_eq!(out, "import os\n\ndef f():\n    return os.sep\n");
+    }
+
+    /// A statement as the guest would report it: `kind`, what it binds, the globals it reads
+    /// when it runs and those it reads when a function it defines is called. A `def` binds
+    /// its own name.
+    fn stmt(kind: Kind, binds: &[&str], eager: &[&str], lazy: &[&str]) -> Statement {
+        let strings = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+        let function = kind == Kind::Definition && binds.len() == 1;
+        Statement {
+            span: [1, 0, 1, 1],
+            kind,
+            name: function.then(|| binds[0].to_owned()),
+            function,
+            binds: strings(binds),
+            star_import: false,
+            eager: strings(eager),
+            lazy: strings(lazy),
+            magic_lines: Vec::new(),
+            star_names: None,
+            imports: Vec::new(),
+            missing: Vec::new(),
+        }
+    }
+
+    /// An extraction of hand-written cells (numbered from 1), each a list of statements.
+    fn extraction(cells: Vec<Vec<Statement>>) -> Extraction {
+        let notebook = Notebook {
+            name: "nb.ipynb".into(),
+            path: "nb.ipynb".into(),
+            sha256: String::new(),
+            cells: (1..=cells.len())
+                .map(|number| crate::notebook::Cell {
+                    number,
+                    kind: crate::notebook::CellKind::Code,
+                    source: format!("# cell {number}"),
+                    tags: Vec::new(),
+                })
+                .collect(),
+        };
+        let analysis = Analysis {
+            cells: cells
+                .into_iter()
+                .enumerate()
+                .map(|(i, statements)| CellAnalysis {
+                    index: i + 1,
+                    text: Some(format!("# cell {}", i + 1)),
+                    cell_magic: None,
+                    syntax_error: None,
+                    statements,
+                })
+                .collect(),
+            builtins: vec!["len".into(), "print".into()],
+        };
+        Extraction::new(&notebook, analysis)
+    }
+
+    fn kept(extraction: &Extraction, function: &str) -> Vec<StatementId> {
+        let closure = extraction.closure(function).unwrap();
+        closure.statements.into_iter().collect()
+    }
+
+    use crate::door::{CellAnalysis, Statement};
+
+    #[test]
+    fn a_closure_takes_what_its_function_reads_transitively_and_nothing_else() {
+        let x = extraction(vec![
+            vec![
+                stmt(Kind::Import, &["pd"], &[], &[]),
+                stmt(Kind::Import, &["np"], &[], &[]),
+            ],
+            vec![stmt(Kind::Code, &["df"], &["pd"], &[])],
+            vec![stmt(Kind::Definition, &["helper"], &[], &["np", "len"])],
+            vec![stmt(
+                Kind::Definition,
+                &["process"],
+                &[],
+                &["helper", "RATE"],
+            )],
+            vec![stmt(Kind::Constant, &["RATE"], &[], &[])],
+        ]);
+        // `RATE` is bound after `process` is defined: a lazy read sees the whole module.
+        assert_eq!(kept(&x, "process"), [(0, 1), (2, 0), (3, 0), (4, 0)]);
+        assert!(x.closure("process").unwrap().warnings.is_empty());
+        assert_eq!(kept(&x, "helper"), [(0, 1), (2, 0)]);
+    }
+
+    #[test]
+    fn an_eager_read_resolves_to_the_binding_before_it() {
+        let x = extraction(vec![
+            vec![stmt(Kind::Constant, &["SCALE"], &[], &[])],
+            vec![stmt(Kind::Definition, &["f"], &["SCALE"], &[])],
+            vec![stmt(Kind::Constant, &["SCALE"], &[], &[])],
+        ]);
+        // A default argument (eager) reads the SCALE of cell 1; the later one is not needed.
+        assert_eq!(kept(&x, "f"), [(0, 0), (1, 0)]);
+    }
+
+    #[test]
+    fn a_global_only_dropped_code_binds_is_refused_with_the_chain_and_the_fix() {
+        let x = extraction(vec![
+            vec![stmt(Kind::Code, &["seen"], &[], &[])],
+            vec![stmt(Kind::Definition, &["helper"], &[], &["seen"])],
+            vec![stmt(Kind::Definition, &["process"], &[], &["helper"])],
+        ]);
+        let message = format!("{:#}", x.closure("process").unwrap_err());
+        for needle in [
+            "`process` -> `helper` uses the global `seen`",
+            "top-level code",
+            "nb.ipynb, cell 1, line 1",
+            "Tag cell 1 `export`",
+        ] {
+            assert!(message.contains(needle), "{needle:?} not in {message}");
+        }
+    }
+
+    #[test]
+    fn an_unresolved_name_pulls_in_star_imports_or_is_a_warning() {
+        let mut star = stmt(Kind::Import, &[], &[], &[]);
+        star.star_import = true;
+        let x = extraction(vec![
+            vec![star],
+            vec![stmt(Kind::Definition, &["f"], &[], &["mystery", "print"])],
+        ]);
+        assert_eq!(kept(&x, "f"), [(0, 0), (1, 0)]);
+
+        let x = extraction(vec![vec![stmt(
+            Kind::Definition,
+            &["f"],
+            &[],
+            &["mystery", "print"],
+        )]]);
+        let closure = x.closure("f").unwrap();
+        assert_eq!(closure.warnings.len(), 1, "{:?}", closure.warnings);
+        assert!(closure.warnings[0].contains("`mystery` is not defined anywhere"));
+    }
+
+    #[test]
+    fn an_exported_cell_is_kept_whole() {
+        let x = extraction(vec![
+            vec![
+                stmt(Kind::Export, &["model"], &[], &[]),
+                stmt(Kind::Export, &["unused"], &[], &[]),
+            ],
+            vec![stmt(Kind::Definition, &["predict"], &[], &["model"])],
+        ]);
+        assert_eq!(kept(&x, "predict"), [(0, 0), (0, 1), (1, 0)]);
+    }
+
+    #[test]
+    fn only_defs_are_callable() {
+        let x = extraction(vec![vec![
+            stmt(Kind::Definition, &["f"], &[], &[]),
+            stmt(Kind::Constant, &["LIMIT"], &[], &[]),
+        ]]);
+        assert_eq!(x.functions(), ["f"]);
+        let message = format!("{:#}", x.closure("LIMIT").unwrap_err());
+        assert!(message.contains("is not a function"), "{message}");
+        let message = format!("{:#}", x.closure("g").unwrap_err());
+        assert!(message.contains("defines no function `g`"), "{message}");
+        assert!(message.contains("functions it defines: f"), "{message}");
     }
 }

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use wasmtime::{AsContextMut, Memory};
 
+use crate::cache::{self, CacheDir, Seal, Verified};
 use crate::engine::write_cache_file;
 use crate::memory::Source;
 use crate::runtime::Runtime;
@@ -38,8 +39,103 @@ pub struct Image {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Record {
-    Image { pages: u64, sha256: String },
-    Unavailable { reason: String },
+    Image {
+        pages: u64,
+        sha256: String,
+        /// Absent in records of older hosts: the image is then hashed once and sealed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seal: Option<Seal>,
+    },
+    Unavailable {
+        reason: String,
+    },
+}
+
+/// One image of the cache: its memory file and the record beside it.
+pub(crate) struct Entry {
+    memory: PathBuf,
+    record: PathBuf,
+}
+
+impl Entry {
+    /// The entry named `key` in the cache folder `dir`.
+    pub(crate) fn new(dir: &Path, key: &str) -> Entry {
+        Entry {
+            memory: dir.join(format!("{key}.mem")),
+            record: dir.join(format!("{key}.json")),
+        }
+    }
+
+    /// What the record says; None when there is none (or one host cannot read).
+    pub(crate) fn record(&self) -> Result<Option<Record>> {
+        let Some(file) = cache::open_file(&self.record)? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_reader(file).ok())
+    }
+
+    /// The image a record describes, if its file is still the one host wrote (sealed again
+    /// when only its metadata moved); None when it must be built again.
+    pub(crate) fn open(
+        &self,
+        pages: u64,
+        sha256: String,
+        seal: Option<Seal>,
+    ) -> Result<Option<Image>> {
+        let Some(file) = cache::open_file(&self.memory)? else {
+            return Ok(None);
+        };
+        if file.metadata()?.len() != pages * WASM_PAGE {
+            return Ok(None);
+        }
+        match Seal::verify(&file, seal.as_ref(), &sha256)? {
+            Verified::Same => {}
+            Verified::Resealed(seal) => self.write_record(&Record::Image {
+                pages,
+                sha256: sha256.clone(),
+                seal: Some(seal),
+            })?,
+            Verified::Changed => return Ok(None),
+        }
+        Ok(Some(Image {
+            source: Arc::new(Source::new(
+                file,
+                (pages * WASM_PAGE) as usize,
+                sha256.clone(),
+            )),
+            pages,
+            sha256,
+        }))
+    }
+
+    /// Saves `memory` as this entry's image, sealed, with its record.
+    pub(crate) fn save(&self, memory: &[u8]) -> Result<Image> {
+        write_sparse(&self.memory, memory)?;
+        let pages = memory.len() as u64 / WASM_PAGE;
+        let sha256 = hex::encode(Sha256::digest(memory));
+        let file = File::open(&self.memory)
+            .with_context(|| format!("failed to open `{}`", self.memory.display()))?;
+        let seal = Seal::of(&file, sha256.clone())?;
+        self.write_record(&Record::Image {
+            pages,
+            sha256: sha256.clone(),
+            seal: Some(seal),
+        })?;
+        Ok(Image {
+            source: Arc::new(Source::new(file, memory.len(), sha256.clone())),
+            pages,
+            sha256,
+        })
+    }
+
+    /// Records why there is no image, so the next call does not try again.
+    pub(crate) fn save_unavailable(&self, reason: String) -> Result<()> {
+        self.write_record(&Record::Unavailable { reason })
+    }
+
+    fn write_record(&self, record: &Record) -> Result<()> {
+        write_cache_file(&self.record, &serde_json::to_vec(record)?)
+    }
 }
 
 /// Removes all but the `keep` most recently built images. A process that still maps a removed
@@ -63,25 +159,12 @@ pub(crate) fn evict(dir: &Path, keep: usize) {
     }
 }
 
-pub(crate) fn read_record(path: &Path) -> Option<Record> {
-    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
-}
-
-/// Saves a memory as an image file, and says what the record of it holds.
-pub(crate) fn save(memory_path: &Path, memory: &[u8]) -> Result<Record> {
-    write_sparse(memory_path, memory)?;
-    Ok(Record::Image {
-        pages: memory.len() as u64 / WASM_PAGE,
-        sha256: hex::encode(Sha256::digest(memory)),
-    })
-}
-
 /// Writes `bytes` leaving all-zero pages as holes: most of a fresh interpreter's memory is
 /// zero, and a hole costs neither disk nor page cache.
 fn write_sparse(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp: PathBuf = path.with_extension(format!("{}.tmp", std::process::id()));
     let dir = path.parent().context("an image needs a folder")?;
-    crate::engine::create_private_dir(dir)?;
+    cache::create_private_dir(dir)?;
     let file = {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
@@ -103,27 +186,6 @@ fn write_sparse(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 impl Image {
-    pub(crate) fn open(path: &Path, pages: u64, sha256: String) -> Result<Image> {
-        let file = File::open(path)
-            .with_context(|| format!("the image `{}` is missing", path.display()))?;
-        let len = file.metadata()?.len();
-        anyhow::ensure!(
-            len == pages * WASM_PAGE,
-            "the image `{}` has {len} bytes, not {} pages",
-            path.display(),
-            pages
-        );
-        Ok(Image {
-            source: Arc::new(Source::new(
-                file,
-                (pages * WASM_PAGE) as usize,
-                sha256.clone(),
-            )),
-            pages,
-            sha256,
-        })
-    }
-
     pub(crate) fn source(&self) -> &Arc<Source> {
         &self.source
     }
@@ -148,23 +210,22 @@ impl Image {
 
 /// The interpreter's initial memory as an image, which instances that load a bundle
 /// themselves start from: written once per runtime next to the compiled module.
-pub(crate) fn initial_image(cache_dir: &Path, runtime: &Runtime) -> Result<Image> {
+pub(crate) fn initial_image(cache: &CacheDir, runtime: &Runtime) -> Result<Image> {
     // Beside the compiled module it belongs with, out of reach of the bundle images' eviction.
-    let dir = cache_dir.join("modules");
-    let key = format!("{}-initial", &runtime.sha256()[..16]);
-    let record_path = dir.join(format!("{key}.json"));
-    let memory_path = dir.join(format!("{key}.mem"));
-    if let Some(Record::Image { pages, sha256 }) = read_record(&record_path)
-        && let Ok(image) = Image::open(&memory_path, pages, sha256)
+    let entry = Entry::new(
+        &cache.folder("modules")?,
+        &format!("{}-initial", &runtime.sha256()[..16]),
+    );
+    if let Some(Record::Image {
+        pages,
+        sha256,
+        seal,
+    }) = entry.record()?
+        && let Some(image) = entry.open(pages, sha256, seal)?
     {
         return Ok(image);
     }
-    let record = save(&memory_path, &runtime.initial_memory()?)?;
-    write_cache_file(&record_path, &serde_json::to_vec(&record)?)?;
-    let Record::Image { pages, sha256 } = record else {
-        unreachable!("`save` makes an image record")
-    };
-    Image::open(&memory_path, pages, sha256)
+    entry.save(&runtime.initial_memory()?)
 }
 
 #[cfg(test)]

@@ -7,15 +7,18 @@
 //! bundle, the bundle pre-initialised into an image, and the call run from that image in a
 //! fresh sandboxed instance, recorded when asked; a trace replays it.
 //!
-//! - Foundations: [`error`] (exit codes, user errors), [`progress`] (what a terminal sees of
-//!   slow one-time work), [`runtime`] (the Python runtime on disk), [`policy`] (grants,
-//!   environment and limits, as typed values).
+//! - Foundations: [`error`] (exit codes, user errors), [`files`] (bounded reads, atomic
+//!   owner-only writes, signatures), [`progress`] (what a terminal sees of slow one-time
+//!   work), [`runtime`] (the Python runtime on disk), [`policy`] (grants, environment and
+//!   limits, as typed values), [`cache`] (the owner-only cache folder, and the seals that
+//!   make what host reads back from it trusted).
 //! - The machine: [`memory`] (linear memories mapped from images and pooled), [`engine`]
 //!   (Wasmtime and the compiled-module cache), [`image`] (memory images on disk).
 //! - The guest boundary: [`door`] (the guest's source and the protocol, every message typed),
 //!   [`record`] (recording and replaying the guest's imports), [`sandbox`] (one fresh
 //!   instance per run, with grants, limits and the door).
 //! - The pipeline: [`notebook`] (`.ipynb` files) → [`extract`] (what a function needs) →
+//!   [`neighbours`] (the modules beside the notebook, and wheels, that it imports) →
 //!   [`bundle`] (the kept source and its manifest) → [`preinit`] (imports and definitions run
 //!   once, their memory kept as an image) → [`trace`] (the file a recorded call is kept in) →
 //!   [`call`] (arguments in, value out) → [`replay`] (a trace run again, exactly or against
@@ -83,7 +86,9 @@
 //! # }
 //! ```
 
+pub mod cache;
 pub mod error;
+pub mod files;
 pub mod policy;
 pub mod progress;
 pub mod runtime;
@@ -99,6 +104,7 @@ pub mod sandbox;
 pub mod bundle;
 pub mod call;
 pub mod extract;
+pub mod neighbours;
 pub mod notebook;
 pub mod preinit;
 pub mod replay;

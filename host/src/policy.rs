@@ -43,29 +43,51 @@ impl FromStr for Grant {
         if host.is_empty() || guest.is_empty() {
             return Err(usage());
         }
-        if !guest.starts_with('/') || guest.split('/').any(|c| c == ".." || c == ".") {
-            return Err(bad_input(format!(
-                "--grant `{s}`: the guest path `{guest}` must be absolute, without `.` or `..`"
-            )));
-        }
-        let guest = match guest.trim_end_matches('/') {
-            "" => "/",
-            g => g,
-        };
-        if guest == "/"
-            || guest == STDLIB_GUEST_DIR
-            || guest.starts_with(&format!("{STDLIB_GUEST_DIR}/"))
-        {
-            return Err(bad_input(format!(
-                "--grant `{s}`: `{guest}` is reserved (the standard library lives at {STDLIB_GUEST_DIR}); choose another guest path"
-            )));
-        }
+        let guest = guest_dir(guest).map_err(|why| bad_input(format!("--grant `{s}`: {why}")))?;
         Ok(Grant {
             host: PathBuf::from(host),
-            guest: guest.to_owned(),
+            guest,
             writable,
         })
     }
+}
+
+/// A grant's guest path, normalised (`//data/` is `/data`), or why it cannot be one: it must
+/// be absolute, without `.` or `..`, and not the standard library's, nor above it.
+pub fn guest_dir(guest: &str) -> Result<String, String> {
+    if !guest.starts_with('/')
+        || guest.contains('\0')
+        || guest.split('/').any(|c| c == ".." || c == ".")
+    {
+        return Err(format!(
+            "the guest path `{guest}` must be absolute, without `.` or `..`"
+        ));
+    }
+    // Repeated slashes name the same directory to the guest, so they must to this check too.
+    let parts: Vec<&str> = guest.split('/').filter(|c| !c.is_empty()).collect();
+    let normal = format!("/{}", parts.join("/"));
+    if normal == "/"
+        || normal == STDLIB_GUEST_DIR
+        || normal.starts_with(&format!("{STDLIB_GUEST_DIR}/"))
+    {
+        return Err(format!(
+            "`{guest}` is reserved (the standard library lives at {STDLIB_GUEST_DIR}); choose another guest path"
+        ));
+    }
+    Ok(normal)
+}
+
+/// Refuses two grants at the same guest path: the sandbox would silently keep one of them.
+pub fn check_distinct<'a>(guests: impl IntoIterator<Item = &'a str>) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for guest in guests {
+        if !seen.insert(guest) {
+            return Err(bad_input(format!(
+                "two grants name the guest path `{guest}`: give each directory its own guest path"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// An environment variable given to the guest: `KEY=VALUE`.
@@ -259,6 +281,11 @@ mod tests {
         assert_eq!((g.guest.as_str(), g.writable), ("/models", false));
         let g: Grant = "/tmp/out:/out/:rw".parse().unwrap();
         assert_eq!((g.guest.as_str(), g.writable), ("/out", true));
+        let g: Grant = "a://data//in/".parse().unwrap();
+        assert_eq!(g.guest, "/data/in");
+        assert!(check_distinct(["/a", "/b", "/a/b"]).is_ok());
+        let e = check_distinct(["/a", "/b", "/a"]).unwrap_err();
+        assert!(format!("{e:#}").contains("two grants name the guest path `/a`"));
         for bad in [
             "nocolon",
             "a:relative",
@@ -266,6 +293,10 @@ mod tests {
             "a:/../etc",
             "a:/",
             "a:/usr/local/lib",
+            "a://usr/local/lib",
+            "a:/usr//local/lib/",
+            "a:/usr/local/lib/x",
+            "a:/x\0y",
             ":/x",
             "a:/x:ro:rw",
         ] {

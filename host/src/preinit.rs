@@ -11,15 +11,12 @@
 //! copy-on-write: the call sees the loaded state at once, its writes stay its own, and no call
 //! sees another's.
 
-use std::path::Path;
-
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
 use crate::bundle::{Bundle, short};
 use crate::door::{Door, GUEST_SOURCE, GuestMessage, Script};
-use crate::engine::write_cache_file;
-use crate::image::{Image, Record, evict, read_record, save};
+use crate::image::{Entry, Image, Record, evict};
 use crate::policy::{Limits, Policy};
 use crate::progress::Progress;
 use crate::record::Mode;
@@ -29,7 +26,8 @@ use crate::sandbox::{Ended, Sandbox, Setup, Start};
 const KEEP_IMAGES: usize = 64;
 /// Part of every image's cache key: changed whenever how an image is built changes (its
 /// fixed world, the metadata it normalises), so no stale image outlives the change.
-const RECIPE: &str = "fixed-clock, fixed-random, no dev/ino/nlink/times; 2";
+const RECIPE: &str =
+    "fixed-clock, fixed-random, no dev/ino/nlink/times, no directory sizes, listings by name; 3";
 
 /// A bundle ready to call: its pre-initialised image when it has one.
 #[derive(Debug)]
@@ -42,45 +40,58 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// The bundle with its image, from the cache or built now (a second or two for pandas).
+    /// The bundle with its image, from the cache or built now (a second or two for pandas)
+    /// under the default limits of a call.
     pub fn new(sandbox: &Sandbox, bundle: Bundle) -> Result<Prepared> {
+        Self::with_limits(sandbox, bundle, &Limits::default())
+    }
+
+    /// The bundle with its image, from the cache or built now under `limits`, as a call would
+    /// run: the bundle's imports and definitions are the notebook's code, and may loop or
+    /// allocate as any call may. A limit hit is an error
+    /// ([`crate::policy::LimitExceeded`] in its chain).
+    pub fn with_limits(sandbox: &Sandbox, bundle: Bundle, limits: &Limits) -> Result<Prepared> {
         bundle.check_runtime(sandbox)?;
-        let key = image_key(sandbox, &bundle);
-        let dir = sandbox.cache_dir().join("images");
-        let record_path = dir.join(format!("{key}.json"));
-        let memory_path = dir.join(format!("{key}.mem"));
-        let record = match read_record(&record_path) {
-            Some(record) => record,
+        let dir = sandbox.cache().folder("images")?;
+        let entry = Entry::new(&dir, &image_key(sandbox, &bundle));
+        let cached = match entry.record()? {
+            Some(Record::Image {
+                pages,
+                sha256,
+                seal,
+            }) => entry.open(pages, sha256, seal)?.map(Ok),
+            Some(Record::Unavailable { reason }) => Some(Err(reason)),
+            None => None,
+        };
+        let image = match cached {
+            Some(image) => image,
             None => {
                 let progress = Progress::start(&format!(
                     "pre-initialising bundle {}",
                     short(&bundle.version)
                 ));
-                let record = build(sandbox, &bundle, &memory_path)?;
+                let built = build(sandbox, &bundle, limits).with_context(|| {
+                    format!("pre-initialising bundle {}", short(&bundle.version))
+                })?;
                 progress.finish();
-                write_cache_file(&record_path, &serde_json::to_vec(&record)?)?;
+                let image = match built {
+                    Ok(memory) => Ok(entry.save(&memory)?),
+                    Err(reason) => {
+                        entry.save_unavailable(reason.clone())?;
+                        Err(reason)
+                    }
+                };
                 evict(&dir, KEEP_IMAGES);
-                record
+                image
             }
         };
-        Ok(match record {
-            Record::Image { pages, sha256 } => match Image::open(&memory_path, pages, sha256) {
-                Ok(image) => Prepared {
-                    bundle,
-                    image: Some(image),
-                    unavailable: None,
-                },
-                // A cache entry that went missing is rebuilt by the next process.
-                Err(e) => {
-                    let _ = std::fs::remove_file(&record_path);
-                    Prepared {
-                        bundle,
-                        image: None,
-                        unavailable: Some(format!("{e:#}")),
-                    }
-                }
+        Ok(match image {
+            Ok(image) => Prepared {
+                bundle,
+                image: Some(image),
+                unavailable: None,
             },
-            Record::Unavailable { reason } => Prepared {
+            Err(reason) => Prepared {
                 bundle,
                 image: None,
                 unavailable: Some(reason),
@@ -109,19 +120,16 @@ fn image_key(sandbox: &Sandbox, bundle: &Bundle) -> String {
     hex::encode(h.finalize())
 }
 
-/// Loads the bundle in a fresh instance with no grants and no environment, and saves the
-/// memory it leaves. A load that fails there (it reads a granted file, say) makes the bundle
-/// one that loads per call.
+/// Loads the bundle in a fresh instance with no grants and no environment, under `limits`,
+/// and gives back the memory it leaves; or why the bundle cannot have an image, when its load
+/// fails there (it reads a granted file, say), which makes it a bundle that loads per call.
 ///
 /// The instance sees a fixed clock, a fixed random sequence and file metadata without
 /// device, inode or times, so the image is the same on every machine: a trace records its
 /// hash, and a replay elsewhere starts from the same bytes.
-fn build(sandbox: &Sandbox, bundle: &Bundle, memory_path: &Path) -> Result<Record> {
+fn build(sandbox: &Sandbox, bundle: &Bundle, limits: &Limits) -> Result<Result<Vec<u8>, String>> {
     let policy = Policy {
-        limits: Limits {
-            memory: 4 << 30,
-            ..Limits::default()
-        },
+        limits: *limits,
         ..Policy::default()
     };
     let door = bundle.load_answers(Door::default());
@@ -131,11 +139,20 @@ fn build(sandbox: &Sandbox, bundle: &Bundle, memory_path: &Path) -> Result<Recor
         capture: true,
     };
     let run = sandbox.execute(setup, &policy, door, Script::LoadAndFreeze)?;
-    let memory = run.memory;
-    if run.ended != Ended::Finished {
-        return Ok(Record::Unavailable {
-            reason: format!("loading the bundle did not finish: {:?}", run.ended),
-        });
+    match run.ended {
+        Ended::Finished => {}
+        Ended::Limit(limit) => return Err(limit.into()),
+        Ended::Exit(status) => {
+            return Ok(Err(format!(
+                "loading the bundle ended the interpreter with exit status {status}"
+            )));
+        }
+        Ended::Crashed(why) => {
+            return Ok(Err(format!(
+                "loading the bundle ended the interpreter: {why}"
+            )));
+        }
+        Ended::Diverged(_) => bail!("a divergence in a run that does not replay"),
     }
     let raised = run.door.received.iter().find_map(|m| match m {
         GuestMessage::Error(e) => Some(e),
@@ -146,10 +163,12 @@ fn build(sandbox: &Sandbox, bundle: &Bundle, memory_path: &Path) -> Result<Recor
             "warm-up" => "the warm-up call (run without grants or environment, on a fixed clock)",
             _ => "loading the bundle without the call's grants",
         };
-        return Ok(Record::Unavailable {
-            reason: format!("{what} raised {}: {}", error.kind, error.message),
-        });
+        return Ok(Err(format!(
+            "{what} raised {}: {}",
+            error.kind, error.message
+        )));
     }
-    let memory = memory.context("the load turn left no memory to save")?;
-    save(memory_path, &memory)
+    Ok(Ok(run
+        .memory
+        .context("the load turn left no memory to save")?))
 }

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use wasmtime::{Caller, Func, Instance, Linker, Memory, Module, Val};
 
+use crate::error::bad_input;
 use crate::runtime::STDLIB_GUEST_DIR;
 
 /// Writes up to this size are stored in the event itself; larger ones once, by content.
@@ -187,40 +188,73 @@ impl Blobs {
     pub fn get(&self, data: &Data) -> Result<Vec<u8>> {
         let text = match data {
             Data::Inline(text) => text,
-            Data::Blob(id) => self
-                .map
-                .get(id)
-                .with_context(|| format!("the trace has no blob {id}"))?,
+            Data::Blob(id) => self.blob(id)?,
             Data::Runtime { file, offset, len } => {
                 use std::os::unix::fs::FileExt;
-                let dir = self
-                    .runtime
-                    .as_ref()
-                    .context("no runtime to read recorded runtime files from")?;
-                if file.split('/').any(|c| c == ".." || c.is_empty()) {
-                    anyhow::bail!("the trace names a runtime file outside the runtime: {file:?}");
-                }
-                let failed =
-                    || format!("failed to read {len} bytes of the runtime's {file} at {offset}");
-                let f = std::fs::File::open(dir.join(file)).with_context(failed)?;
-                // The range is the trace's to claim: checked against the file before the
-                // buffer for it is allocated.
-                let size = f.metadata().with_context(failed)?.len();
-                if offset
-                    .checked_add(u64::from(*len))
-                    .is_none_or(|end| end > size)
-                {
-                    anyhow::bail!(
-                        "the trace names {len} bytes of the runtime's {file} at {offset}, past its end ({size} bytes)"
-                    );
-                }
+                let handle = self.runtime_range(file, *offset, *len)?;
                 let mut bytes = vec![0; *len as usize];
-                f.read_exact_at(&mut bytes, *offset).with_context(failed)?;
+                handle.read_exact_at(&mut bytes, *offset).with_context(|| {
+                    format!("failed to read {len} bytes of the runtime's {file} at {offset}")
+                })?;
                 return Ok(bytes);
             }
         };
-        B64.decode(text).context("the trace holds malformed base64")
+        decode(text)
     }
+
+    /// Refuses data that [`Blobs::get`] could not give, without reading it: a blob that is
+    /// missing, inline bytes that are not base64, a runtime range out of the runtime's files.
+    /// A trace's references are its author's word, checked before a replay relies on them.
+    pub fn check(&self, data: &Data) -> Result<()> {
+        match data {
+            Data::Inline(text) => decode(text).map(drop),
+            Data::Blob(id) => self.blob(id).map(drop),
+            Data::Runtime { file, offset, len } => {
+                self.runtime_range(file, *offset, *len).map(drop)
+            }
+        }
+    }
+
+    fn blob(&self, id: &str) -> Result<&String> {
+        self.map
+            .get(id)
+            .ok_or_else(|| bad_input(format!("the trace has no blob {id}")))
+    }
+
+    /// The runtime's `file`, opened beneath the runtime's folder only (the name comes from
+    /// the trace), once the range is known to lie inside it.
+    fn runtime_range(&self, file: &str, offset: u64, len: u32) -> Result<std::fs::File> {
+        let dir = self
+            .runtime
+            .as_ref()
+            .context("no runtime to read recorded runtime files from")?;
+        let outside = || {
+            bad_input(format!(
+                "the trace names a runtime file outside the runtime: {file:?}"
+            ))
+        };
+        if file.split('/').any(|c| c == ".." || c.is_empty()) {
+            return Err(outside());
+        }
+        let runtime = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
+            .with_context(|| format!("failed to open the runtime's `{}`", dir.display()))?;
+        let handle = runtime.open(file).map_err(|_| outside())?.into_std();
+        let size = handle.metadata()?.len();
+        if offset
+            .checked_add(u64::from(len))
+            .is_none_or(|end| end > size)
+        {
+            return Err(bad_input(format!(
+                "the trace reads {len} bytes of the runtime's {file} at {offset}, past its end ({size} bytes)"
+            )));
+        }
+        Ok(handle)
+    }
+}
+
+fn decode(text: &str) -> Result<Vec<u8>> {
+    B64.decode(text)
+        .map_err(|e| bad_input(format!("the trace holds malformed base64: {e}")))
 }
 
 /// Which open files are the runtime's own (opened under its standard library folder), and
@@ -288,7 +322,7 @@ impl RuntimeFiles {
             "fd_pread" => self
                 .open
                 .get(&fd)
-                .map(|(file, _)| (file.clone(), args[3] as u64)),
+                .and_then(|(file, _)| Some((file.clone(), *args.get(3)? as u64))),
             "fd_close" => {
                 self.open.remove(&fd);
                 None
@@ -596,19 +630,28 @@ fn wasi_call<T: Traced>(
 }
 
 /// Zeroes what differs between two copies of the same files: device, inode, link count and
-/// times in a filestat, and inodes in a directory listing.
+/// times in a filestat, a directory's size, and inodes in a directory listing, which is put in
+/// name order.
 fn normalize_metadata(name: &str, args: &[Val], data: &mut [u8]) {
-    let mut zero = |at: usize, len: usize| {
+    fn zero(data: &mut [u8], at: usize, len: usize) {
         if let Some(field) = data.get_mut(at..at + len) {
             field.fill(0);
         }
-    };
+    }
     match name {
         "fd_filestat_get" | "path_filestat_get" => {
             // dev u64, ino u64, filetype u8 (+7), nlink u64, size u64, atim, mtim, ctim.
             let at = arg(args, if name == "fd_filestat_get" { 1 } else { 4 }) as u32 as usize;
-            for (offset, len) in [(0, 16), (24, 8), (40, 24)] {
-                zero(at + offset, len);
+            // A directory's size is the file system's bookkeeping (4096 on ext4, a count of
+            // entries on tmpfs), not its content.
+            let directory = data.get(at + 16) == Some(&3);
+            for (offset, len) in [
+                (0, 16),
+                (24, 8),
+                (40, 24),
+                (32, if directory { 8 } else { 0 }),
+            ] {
+                zero(data, at + offset, len);
             }
         }
         "fd_readdir" => {
@@ -627,8 +670,42 @@ fn normalize_metadata(name: &str, args: &[Val], data: &mut [u8]) {
                 }
                 at += 24 + len as usize;
             }
+            // A whole listing in one answer (it did not fill the buffer) is put in name order:
+            // the host's file system orders entries its own way (ext4 by hash, tmpfs by
+            // creation), and code that lists a folder while the image is made (matplotlib's
+            // font scan) would otherwise leave a different heap on each machine.
+            let (buf_len, cookie) = (arg(args, 2) as u32 as usize, arg(args, 3) as u64);
+            if (used as usize) < buf_len
+                && at == used as usize
+                && let Some(listing) = data.get_mut(start..start + at)
+            {
+                sort_dirents(listing, cookie);
+            }
         }
         _ => {}
+    }
+}
+
+/// Sorts complete `fd_readdir` entries by name, each entry's `d_next` renumbered by its new
+/// place (Wasmtime's cookies count entries from the listing's start), so the guest reads on
+/// exactly as it would have.
+fn sort_dirents(listing: &mut [u8], cookie: u64) {
+    let mut entries: Vec<Vec<u8>> = Vec::new();
+    let mut at = 0;
+    while at + 24 <= listing.len() {
+        let len = u32::from_le_bytes(listing[at + 16..at + 20].try_into().unwrap()) as usize;
+        let Some(entry) = listing.get(at..at + 24 + len) else {
+            return;
+        };
+        entries.push(entry.to_vec());
+        at += 24 + len;
+    }
+    entries.sort_by(|a, b| a[24..].cmp(&b[24..]));
+    let mut at = 0;
+    for (i, entry) in entries.iter_mut().enumerate() {
+        entry[..8].copy_from_slice(&(cookie + i as u64 + 1).to_le_bytes());
+        listing[at..at + entry.len()].copy_from_slice(entry);
+        at += entry.len();
     }
 }
 
@@ -964,22 +1041,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn runtime_ranges_past_the_file_are_refused_before_allocating() {
-        // A trace's range of a runtime file was allocated in full (up to 4 GiB) before the
-        // file was opened (seen writing the fuzz target for traces).
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("lib.zip"), b"0123456789").unwrap();
-        let blobs = Blobs::with_runtime(BTreeMap::new(), dir.path());
-        let range = |offset, len| Data::Runtime {
-            file: "lib.zip".into(),
-            offset,
-            len,
+    fn a_directory_listing_is_put_in_name_order_with_cookies_by_place() {
+        let entry = |next: u64, name: &str| {
+            let mut e = next.to_le_bytes().to_vec();
+            e.extend_from_slice(&[0; 8]);
+            e.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            e.extend_from_slice(&[4, 0, 0, 0]);
+            e.extend_from_slice(name.as_bytes());
+            e
         };
-        assert_eq!(blobs.get(&range(2, 3)).unwrap(), b"234");
-        for (offset, len) in [(0, u32::MAX), (8, 3), (u64::MAX, 1)] {
-            let why = format!("{:#}", blobs.get(&range(offset, len)).unwrap_err());
-            assert!(why.contains("past its end (10 bytes)"), "{why}");
-        }
+        let mut listing = [entry(3, "b.ttf"), entry(4, "a.ttf"), entry(5, "c")].concat();
+        sort_dirents(&mut listing, 2);
+        assert_eq!(
+            listing,
+            [entry(3, "a.ttf"), entry(4, "b.ttf"), entry(5, "c")].concat()
+        );
     }
 
     #[test]

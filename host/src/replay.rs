@@ -10,9 +10,9 @@ use crate::bundle::{Bundle, Select, short};
 use crate::call::{self, CallResult, Outcome};
 use crate::error::bad_input;
 use crate::notebook::Notebook;
-use crate::policy::{Grant, Policy, Size};
+use crate::policy::{Grant, Policy, check_distinct, guest_dir};
 use crate::preinit::Prepared;
-use crate::record::{Blobs, Data, Divergence, Event, Mode, Replaying, Served};
+use crate::record::{Blobs, Data, Divergence, Mode, Replaying, Served};
 use crate::sandbox::Sandbox;
 use crate::trace::{Header, Trace};
 
@@ -30,16 +30,15 @@ pub struct Replayed {
 pub fn replay(sandbox: &Sandbox, trace: &Trace) -> Result<Replayed> {
     let h = &trace.header;
     check_setup(sandbox, trace)?;
+    let blobs = trace.blobs(&sandbox.runtime().stdlib_dir());
+    trace.check_data(&blobs)?;
     let prepared = prepare(sandbox, h)?;
     let policy = Policy {
         grants: Vec::new(),
         env: h.env.clone(),
         limits: h.limits.into(),
     };
-    let mode = Mode::replay(
-        trace.events.clone(),
-        trace.blobs(&sandbox.runtime().stdlib_dir()),
-    );
+    let mode = Mode::replay(trace.events.clone(), blobs);
     let (result, mode) =
         call::execute(sandbox, &policy, &prepared, &h.function, &h.arguments, mode)?;
     if let Outcome::Diverged(d) = &result.outcome {
@@ -142,7 +141,7 @@ fn prepare(sandbox: &Sandbox, h: &Header) -> Result<Prepared> {
     let Some(want) = h.image_sha256.as_deref() else {
         return Ok(Prepared::without_image(h.bundle.clone()));
     };
-    let prepared = Prepared::new(sandbox, h.bundle.clone())?;
+    let prepared = Prepared::with_limits(sandbox, h.bundle.clone(), &h.limits.into())?;
     match &prepared.image {
         Some(image) if image.sha256 == want => Ok(prepared),
         // Not a bug here: a trace from another build of host, whose guest code makes another
@@ -178,8 +177,23 @@ pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<
     let function = h.function.as_str();
     let bundle = Bundle::from_notebook(sandbox, notebook, Select::Only(&[function]), None)?;
     let version = bundle.version.clone();
-    let prepared = Prepared::new(sandbox, bundle)?;
+    let prepared = Prepared::with_limits(sandbox, bundle, &h.limits.into())?;
     let blobs = trace.blobs(&sandbox.runtime().stdlib_dir());
+    trace.check_data(&blobs)?;
+    // The grants come from the trace: held to what `--grant` accepts before a folder is made.
+    for g in &h.grants {
+        match guest_dir(&g.guest) {
+            Ok(normal) if normal == g.guest => {}
+            Ok(_) => {
+                return Err(bad_input(format!(
+                    "the trace's grant `{}` is not a normal guest path",
+                    g.guest
+                )));
+            }
+            Err(why) => return Err(bad_input(format!("the trace's grant is refused: {why}"))),
+        }
+    }
+    check_distinct(h.grants.iter().map(|g| g.guest.as_str())).context("the trace's grants")?;
     let files = RecordedFiles::from_trace(trace, &blobs)?;
     let mut dirs = Vec::new();
     let mut grants = Vec::new();
@@ -222,20 +236,12 @@ pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<
 pub fn served(trace: &Trace, blobs: &Blobs) -> Result<Served> {
     let mut clocks: HashMap<i64, VecDeque<Vec<u8>>> = HashMap::new();
     let mut random = VecDeque::new();
-    for (i, e) in trace
-        .events
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| e.result == 0)
-    {
-        let Some((_, data)) = e.writes.first() else {
+    for e in trace.events.iter().filter(|e| e.result == 0) {
+        let (Some((_, data)), Some(&clock)) = (e.writes.first(), e.args.first()) else {
             continue;
         };
         match e.call.as_str() {
-            "clock_time_get" => clocks
-                .entry(argument(i, e, 0)?)
-                .or_default()
-                .push_back(blobs.get(data)?),
+            "clock_time_get" => clocks.entry(clock).or_default().push_back(blobs.get(data)?),
             "random_get" => random.extend(blobs.get(data)?),
             _ => {}
         }
@@ -243,41 +249,46 @@ pub fn served(trace: &Trace, blobs: &Blobs) -> Result<Served> {
     Ok(Served { clocks, random })
 }
 
-/// An integer argument of a recorded event, refusing a trace whose event has too few.
-fn argument(i: usize, e: &Event, index: usize) -> Result<i64> {
-    e.args.get(index).copied().ok_or_else(|| {
-        bad_input(format!(
-            "the trace's event {i} ({}) has {} arguments, and that call takes more",
-            e.call,
-            e.args.len()
-        ))
-    })
-}
+/// How far into a file a rebuilt read may reach. The rebuilt files are sparse (only what was
+/// read is written), so this bounds offsets, not memory: what a real file system allows.
+const MAX_FILE_END: u64 = 1 << 40;
 
-/// How many bytes of recorded files a what-if run rebuilds at most, all files together: a
-/// read at a far offset would otherwise make host allocate up to it.
-pub const MAX_RECORDED_FILES: u64 = 1 << 30;
-
-/// The files and directories a recorded call saw in its grants, rebuilt from its reads.
+/// The files and directories a recorded call saw in its grants, rebuilt from its reads: each
+/// file as the ranges that were read of it.
 #[derive(Debug, Default)]
 pub struct RecordedFiles {
-    files: BTreeMap<String, Vec<u8>>,
+    files: BTreeMap<String, Vec<(u64, Vec<u8>)>>,
     dirs: BTreeSet<String>,
 }
 
+/// A descriptor the recording opened: the guest path it names, and the preopened directory
+/// (grant) it lies in, which no path opened from it may leave.
+#[derive(Debug, Clone)]
+struct OpenFd {
+    root: String,
+    path: String,
+}
+
 impl RecordedFiles {
-    /// Rebuilds them from the trace's events, in memory: nothing is written.
+    /// Every path, offset and length is the trace's word: each is checked, and a trace that
+    /// names a path out of its grant, or a read far past any file's end, is refused naming the
+    /// event.
     pub fn from_trace(trace: &Trace, blobs: &Blobs) -> Result<RecordedFiles> {
         let mut out = RecordedFiles::default();
-        let mut paths: HashMap<i64, String> = HashMap::new();
+        let mut open: HashMap<i64, OpenFd> = HashMap::new();
         let mut positions: HashMap<i64, u64> = HashMap::new();
-        let mut total = 0;
-        for (i, e) in trace
+        for (index, e) in trace
             .events
             .iter()
             .enumerate()
             .filter(|(_, e)| e.result == 0)
         {
+            let refuse = |why: String| {
+                bad_input(format!(
+                    "the trace's event {index} ({}) is refused: {why}",
+                    e.call
+                ))
+            };
             let fd = e.args.first().copied().unwrap_or(-1);
             let bytes = |i: usize| -> Result<Vec<u8>> {
                 e.writes
@@ -288,89 +299,107 @@ impl RecordedFiles {
             };
             match e.call.as_str() {
                 "fd_prestat_dir_name" => {
-                    // Only the grants' files are rebuilt: the runtime's own standard library,
-                    // preopened too, is tens of megabytes read at far offsets.
-                    let dir = String::from_utf8_lossy(&bytes(0)?).into_owned();
-                    if trace.header.grants.iter().any(|g| g.guest == dir) {
-                        paths.insert(fd, dir);
-                    }
+                    let name = String::from_utf8(bytes(0)?)
+                        .map_err(|_| refuse("the directory's name is not UTF-8".into()))?;
+                    let root = join("/", &name).map_err(refuse)?;
+                    open.insert(
+                        fd,
+                        OpenFd {
+                            path: root.clone(),
+                            root,
+                        },
+                    );
                 }
                 "path_open" => {
-                    let (Some(dir), Some(path)) = (paths.get(&fd), &e.path) else {
+                    let (Some(dir), Some(path)) = (open.get(&fd).cloned(), &e.path) else {
                         continue;
                     };
-                    let full = join(dir, path);
+                    if path.starts_with('/') {
+                        return Err(refuse(format!("it opens the absolute path `{path}`")));
+                    }
+                    let full = join(&dir.path, path).map_err(refuse)?;
+                    if !under(&full, &dir.root) {
+                        return Err(refuse(format!(
+                            "the path `{path}` leads out of `{}`",
+                            dir.root
+                        )));
+                    }
                     let new_fd = bytes(0)?
                         .get(..4)
-                        .map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
                     if e.args.get(4).is_some_and(|flags| flags & 2 != 0) {
                         out.dirs.insert(full.clone());
                     }
                     if let Some(new_fd) = new_fd {
-                        paths.insert(i64::from(new_fd), full);
+                        let opened = OpenFd {
+                            root: dir.root,
+                            path: full,
+                        };
+                        open.insert(i64::from(new_fd), opened);
                         positions.insert(i64::from(new_fd), 0);
                     }
                 }
                 "fd_read" | "fd_pread" => {
-                    let Some(path) = paths.get(&fd) else { continue };
+                    let Some(file) = open.get(&fd) else { continue };
                     let data: Vec<u8> = (0..e.writes.len().saturating_sub(1))
                         .map(bytes)
                         .collect::<Result<Vec<_>>>()?
                         .concat();
                     let at = if e.call == "fd_pread" {
-                        argument(i, e, 3)? as u64
+                        let at = e
+                            .args
+                            .get(3)
+                            .copied()
+                            .ok_or_else(|| refuse("it has no offset".into()))?;
+                        u64::try_from(at)
+                            .map_err(|_| refuse(format!("the offset {at} is negative")))?
                     } else {
                         positions.get(&fd).copied().unwrap_or(0)
                     };
-                    let file = out.files.entry(path.clone()).or_default();
-                    let end = at.saturating_add(data.len() as u64);
-                    let grown = end.saturating_sub(file.len() as u64);
-                    if total + grown > MAX_RECORDED_FILES {
-                        return Err(bad_input(format!(
-                            "the trace's event {i} ({}) reads `{path}` up to byte {end}: more than the {} of recorded files host rebuilds",
-                            e.call,
-                            Size(MAX_RECORDED_FILES)
-                        )));
-                    }
-                    total += grown;
-                    let (at, end) = (at as usize, end as usize);
-                    if file.len() < end {
-                        file.resize(end, 0);
-                    }
-                    file[at..end].copy_from_slice(&data);
+                    let end = at
+                        .checked_add(data.len() as u64)
+                        .filter(|&end| end <= MAX_FILE_END)
+                        .ok_or_else(|| {
+                            refuse(format!(
+                                "it reads {} bytes at offset {at}, past any file's end",
+                                data.len()
+                            ))
+                        })?;
+                    out.files
+                        .entry(file.path.clone())
+                        .or_default()
+                        .push((at, data));
                     if e.call == "fd_read" {
-                        positions.insert(fd, end as u64);
+                        positions.insert(fd, end);
                     }
                 }
                 "fd_seek" => {
                     if let Some(b) = bytes(0)?.get(..8) {
-                        positions.insert(fd, u64::from_le_bytes(b.try_into().unwrap()));
+                        let mut position = [0; 8];
+                        position.copy_from_slice(b);
+                        positions.insert(fd, u64::from_le_bytes(position));
                     }
                 }
                 "fd_readdir" => {
-                    let Some(path) = paths.get(&fd).cloned() else {
+                    let Some(dir) = open.get(&fd).cloned() else {
                         continue;
                     };
-                    out.dirs.insert(path.clone());
-                    let listing = bytes(0)?;
-                    let mut at = 0;
-                    while at + 24 <= listing.len() {
-                        let len = u32::from_le_bytes(listing[at + 16..at + 20].try_into().unwrap())
-                            as usize;
-                        let kind = listing[at + 20];
-                        let Some(name) = listing.get(at + 24..at + 24 + len) else {
-                            break;
-                        };
-                        let name = String::from_utf8_lossy(name);
-                        if name != "." && name != ".." {
-                            let child = join(&path, &name);
-                            if kind == 3 {
-                                out.dirs.insert(child);
-                            } else {
-                                out.files.entry(child).or_default();
-                            }
+                    out.dirs.insert(dir.path.clone());
+                    for (name, kind) in dirents(&bytes(0)?) {
+                        if name == "." || name == ".." {
+                            continue;
                         }
-                        at += 24 + len;
+                        if name.contains(['/', '\0']) {
+                            return Err(refuse(format!(
+                                "it lists the name {name:?}, which is not a file name"
+                            )));
+                        }
+                        let child = join(&dir.path, &name).map_err(refuse)?;
+                        if kind == 3 {
+                            out.dirs.insert(child);
+                        } else {
+                            out.files.entry(child).or_default();
+                        }
                     }
                 }
                 _ => {}
@@ -379,34 +408,83 @@ impl RecordedFiles {
         Ok(out)
     }
 
-    /// Writes what lies under the guest path `guest` into `dir`.
+    /// Writes what lies under the guest path `guest` into `dir`, through a capability on it:
+    /// whatever the trace says, nothing is created outside `dir` (no `..`, absolute path or
+    /// symbolic link leads out of a `cap_std` directory).
     fn write_under(&self, guest: &str, dir: &std::path::Path) -> Result<()> {
+        let root = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority())
+            .with_context(|| format!("failed to open `{}`", dir.display()))?;
         let prefix = format!("{}/", guest.trim_end_matches('/'));
         let inside = |p: &String| p.strip_prefix(&prefix).map(str::to_owned);
-        for d in self.dirs.iter().filter_map(inside) {
-            std::fs::create_dir_all(dir.join(d))?;
+        let cannot = |path: &str, e: std::io::Error| {
+            bad_input(format!(
+                "the trace's recorded file `{path}` cannot be rebuilt: {e}"
+            ))
+        };
+        for d in &self.dirs {
+            if let Some(rel) = inside(d) {
+                root.create_dir_all(&rel).map_err(|e| cannot(d, e))?;
+            }
         }
-        for (path, content) in &self.files {
-            if let Some(rel) = inside(path) {
-                let target = dir.join(rel);
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
-                std::fs::write(target, content)?;
+        for (path, ranges) in &self.files {
+            let Some(rel) = inside(path) else { continue };
+            if let Some(parent) = std::path::Path::new(&rel).parent()
+                && !parent.as_os_str().is_empty()
+            {
+                root.create_dir_all(parent).map_err(|e| cannot(path, e))?;
+            }
+            let file = root.create(&rel).map_err(|e| cannot(path, e))?.into_std();
+            for (at, data) in ranges {
+                std::os::unix::fs::FileExt::write_all_at(&file, data, *at)
+                    .map_err(|e| cannot(path, e))?;
             }
         }
         Ok(())
     }
 }
 
-/// A guest path joined with a relative one, `.` components dropped.
-fn join(dir: &str, path: &str) -> String {
-    let mut out = dir.trim_end_matches('/').to_owned();
-    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
-        out.push('/');
-        out.push_str(part);
+/// The entries of a WASI `fd_readdir` buffer: (name, file type), as far as they are whole.
+fn dirents(listing: &[u8]) -> Vec<(String, u8)> {
+    let mut out = Vec::new();
+    let mut rest = listing;
+    // Each entry: d_next (8), d_ino (8), d_namlen (4), d_type (1), padding (3), then the name.
+    while let Some((head, tail)) = rest.split_at_checked(24) {
+        let len = u32::from_le_bytes([head[16], head[17], head[18], head[19]]) as usize;
+        let Some((name, tail)) = tail.split_at_checked(len) else {
+            break;
+        };
+        out.push((String::from_utf8_lossy(name).into_owned(), head[20]));
+        rest = tail;
     }
     out
+}
+
+/// A guest path joined with a relative one, `.` components dropped and `..` taking one back;
+/// refused when it would climb above `/`.
+fn join(dir: &str, path: &str) -> std::result::Result<String, String> {
+    if path.contains('\0') {
+        return Err(format!("the path {path:?} holds a NUL byte"));
+    }
+    let mut parts: Vec<&str> = dir.split('/').filter(|p| !p.is_empty()).collect();
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if part == ".." {
+            if parts.pop().is_none() {
+                return Err(format!("the path `{path}` climbs above `/`"));
+            }
+        } else {
+            parts.push(part);
+        }
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+/// Whether the guest path `path` is `root` or lies beneath it.
+fn under(path: &str, root: &str) -> bool {
+    root == "/"
+        || path == root
+        || path
+            .strip_prefix(root)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// One line per difference between two JSON values: `path: old -> new`.
@@ -478,139 +556,74 @@ mod tests {
         );
     }
 
-    /// A trace with `grants` and `events` (JSON, as a trace file holds them), and an empty
-    /// bundle: all that rebuilding recorded files and served values reads.
-    fn trace(grants: &[&str], events: Value) -> Trace {
-        let grants: Vec<Value> = grants
-            .iter()
-            .map(|g| json!({"guest": g, "writable": false}))
-            .collect();
-        serde_json::from_value(json!({
-            "header": {
-                "format": "host-trace/1", "host_version": "0", "runtime_sha256": "",
-                "bundle": {"format": "host-bundle/1", "version": "", "chunks": [], "manifest": {
-                    "notebook": "n.ipynb", "notebook_sha256": "", "functions": [],
-                    "runtime_sha256": "", "host_version": "0", "created": "", "label": null,
-                    "closures": [], "warnings": []}},
-                "function": "f", "arguments": {}, "env": [], "grants": grants,
-                "limits": {"memory": 1, "timeout_ms": 1, "output": 1},
-                "engine": {"nan_canonicalization": true, "relaxed_simd_deterministic": true,
-                           "threads": false},
-                "image_sha256": null, "recorded_at": ""},
-            "events": events,
-            "blobs": {},
-            "outputs": {"outcome": null},
-        }))
-        .unwrap()
-    }
-
-    /// `/data` preopened as fd 4, `a.csv` in it opened as fd 5, then `read`.
-    fn reads(read: Value) -> Trace {
-        trace(
-            &["/data"],
-            json!([
-                {"call": "fd_prestat_dir_name", "args": [4, 0, 5], "result": 0,
-                 "writes": [[0, {"inline": "L2RhdGE="}]]},
-                {"call": "path_open", "args": [4, 1, 0, 5, 0, 0, 0, 0, 0], "result": 0,
-                 "path": "a.csv", "writes": [[0, {"inline": "BQAAAA=="}]]},
-                read,
-            ]),
-        )
-    }
-
-    fn message(result: Result<impl std::fmt::Debug>) -> String {
-        format!("{:#}", result.unwrap_err())
-    }
-
     #[test]
-    fn recorded_files_are_rebuilt_from_reads_at_their_offsets() {
-        let t = reads(
-            json!({"call": "fd_pread", "args": [5, 0, 1, 2, 0], "result": 0,
-                             "writes": [[0, {"inline": "eHk="}], [0, {"inline": "AgAAAA=="}]]}),
-        );
-        let files = RecordedFiles::from_trace(&t, &Blobs::default()).unwrap();
-        assert_eq!(files.files["/data/a.csv"], b"\0\0xy");
-    }
-
-    #[test]
-    fn recorded_pread_without_its_offset_is_refused_not_a_panic() {
-        // Crashed the trace fuzz target (a seed with the offset cut): args[3] was indexed
-        // unchecked.
-        let t = reads(json!({"call": "fd_pread", "args": [5, 0, 1], "result": 0,
-                             "writes": [[0, {"inline": "eA=="}], [0, {"inline": "AQAAAA=="}]]}));
-        let why = message(RecordedFiles::from_trace(&t, &Blobs::default()));
-        assert!(why.contains("event 2 (fd_pread) has 3 arguments"), "{why}");
-    }
-
-    #[test]
-    fn recorded_reads_at_far_offsets_are_refused_before_allocating() {
-        // Crashed the trace fuzz target (a seed's offset changed): -1 overflowed `at + len`,
-        // 1 TiB made host allocate 1 TiB.
-        for offset in [-1, 1 << 40, MAX_RECORDED_FILES as i64] {
-            let t = reads(
-                json!({"call": "fd_pread", "args": [5, 0, 1, offset, 0], "result": 0,
-                                 "writes": [[0, {"inline": "eA=="}], [0, {"inline": "AQAAAA=="}]]}),
-            );
-            let why = message(RecordedFiles::from_trace(&t, &Blobs::default()));
-            assert!(
-                why.contains("more than the 1 GiB of recorded files"),
-                "{why}"
-            );
+    fn guest_paths_join_without_dots_and_never_above_the_root() {
+        assert_eq!(join("/data", "./sub//a.txt").unwrap(), "/data/sub/a.txt");
+        assert_eq!(join("/data/", "a").unwrap(), "/data/a");
+        assert_eq!(join("/data", "sub/../a").unwrap(), "/data/a");
+        assert_eq!(join("/data", "../etc/passwd").unwrap(), "/etc/passwd");
+        assert!(!under("/etc/passwd", "/data"));
+        assert!(!under("/database", "/data"));
+        assert!(under("/data/a", "/data") && under("/data", "/data"));
+        for bad in ["../../x", "a/../../../x", "a\0b"] {
+            assert!(join("/data", bad).is_err(), "{bad}");
         }
-        // A seek far out, then a read there.
-        let t = trace(
-            &["/data"],
-            json!([
-                {"call": "fd_prestat_dir_name", "args": [4, 0, 5], "result": 0,
-                 "writes": [[0, {"inline": "L2RhdGE="}]]},
-                {"call": "path_open", "args": [4, 1, 0, 5, 0, 0, 0, 0, 0], "result": 0,
-                 "path": "a.csv", "writes": [[0, {"inline": "BQAAAA=="}]]},
-                {"call": "fd_seek", "args": [5, 0, 0, 0], "result": 0,
-                 "writes": [[0, {"inline": "/////////38="}]]},
-                {"call": "fd_read", "args": [5, 0, 1, 0], "result": 0,
-                 "writes": [[0, {"inline": "eA=="}], [0, {"inline": "AQAAAA=="}]]},
-            ]),
-        );
-        let why = message(RecordedFiles::from_trace(&t, &Blobs::default()));
-        assert!(why.contains("event 3 (fd_read)"), "{why}");
     }
 
     #[test]
-    fn recorded_files_outside_the_grants_are_not_rebuilt() {
-        // The runtime's standard library is preopened too, and read at offsets of tens of MB.
-        let t = trace(
-            &["/data"],
-            json!([
-                {"call": "fd_prestat_dir_name", "args": [3, 0, 14], "result": 0,
-                 "writes": [[0, {"inline": "L3Vzci9sb2NhbC9saWI="}]]},
-                {"call": "path_open", "args": [3, 1, 0, 13, 0, 0, 0, 0, 0], "result": 0,
-                 "path": "python315.zip", "writes": [[0, {"inline": "BQAAAA=="}]]},
-                {"call": "fd_pread", "args": [5, 0, 1, 50000000, 0], "result": 0,
-                 "writes": [[0, {"inline": "eA=="}], [0, {"inline": "AQAAAA=="}]]},
-            ]),
-        );
-        let files = RecordedFiles::from_trace(&t, &Blobs::default()).unwrap();
-        assert!(files.files.is_empty(), "{:?}", files.files.keys());
+    fn rebuilt_files_cannot_leave_their_folder_whatever_the_paths_say() {
+        let world = tempfile::tempdir().unwrap();
+        let inner = world.path().join("inner");
+        std::fs::create_dir(&inner).unwrap();
+        std::os::unix::fs::symlink(world.path(), inner.join("link")).unwrap();
+        // Paths as a trace could name them, past the checks `from_trace` makes: the
+        // capability on the folder is what holds.
+        for path in [
+            "/data/../escaped",
+            "/data/sub/../../escaped",
+            "/data/link/escaped",
+            "/data//escaped/../../escaped",
+        ] {
+            let files = RecordedFiles {
+                files: [(path.to_owned(), vec![(0, b"x".to_vec())])].into(),
+                dirs: BTreeSet::new(),
+            };
+            let e = files.write_under("/data", &inner).unwrap_err();
+            assert!(
+                format!("{e:#}").contains("cannot be rebuilt"),
+                "{path}: {e:#}"
+            );
+            assert!(!world.path().join("escaped").exists(), "{path} escaped");
+            let dirs = RecordedFiles {
+                files: BTreeMap::new(),
+                dirs: [path.to_owned()].into(),
+            };
+            assert!(dirs.write_under("/data", &inner).is_err(), "{path}");
+            assert!(!world.path().join("escaped").exists(), "{path} escaped");
+        }
+        let sparse = RecordedFiles {
+            files: [(
+                "/data/a/b.txt".to_owned(),
+                vec![(4, b"tail".to_vec()), (0, b"he".to_vec())],
+            )]
+            .into(),
+            dirs: BTreeSet::new(),
+        };
+        sparse.write_under("/data", &inner).unwrap();
+        assert_eq!(std::fs::read(inner.join("a/b.txt")).unwrap(), b"he\0\0tail");
     }
 
     #[test]
-    fn served_clock_reading_without_its_clock_is_refused_not_a_panic() {
-        // Crashed the trace fuzz target (a seed's clock id cut): args[0] was indexed unchecked.
-        let t = trace(
-            &[],
-            json!([{"call": "clock_time_get", "args": [], "result": 0,
-                    "writes": [[0, {"inline": "AQAAAAAAAAA="}]]}]),
-        );
-        let why = message(served(&t, &Blobs::default()).map(|_| ()));
-        assert!(
-            why.contains("event 0 (clock_time_get) has 0 arguments"),
-            "{why}"
-        );
-    }
-
-    #[test]
-    fn guest_paths_join_without_dots() {
-        assert_eq!(join("/data", "./sub//a.txt"), "/data/sub/a.txt");
-        assert_eq!(join("/data/", "a"), "/data/a");
+    fn directory_listings_parse_as_far_as_they_are_whole() {
+        let mut listing = vec![0u8; 24];
+        listing[16] = 3;
+        listing[20] = 4;
+        listing.extend_from_slice(b"abc");
+        let mut torn = vec![0u8; 24];
+        torn[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        listing.extend_from_slice(&torn);
+        listing.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(dirents(&listing), [("abc".to_owned(), 4)]);
+        assert!(dirents(&[0; 23]).is_empty());
     }
 }

@@ -6,11 +6,11 @@
 //! the user's grants, no environment variable not given with `--env`. This module is the one
 //! place host opens host paths on the guest's behalf.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context as TaskContext, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use wasmtime::{Caller, InstancePre, Linker, Module, ResourceLimiter, Store, Trap};
@@ -19,6 +19,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
+use crate::cache::CacheDir;
 use crate::door::{Door, Script};
 use crate::engine::{Engine, EngineSettings, TICK};
 use crate::error::bad_input;
@@ -50,6 +51,9 @@ pub enum Ended {
     Limit(LimitExceeded),
     /// The guest called WASI's `proc_exit` (Python's `os._exit`).
     Exit(i32),
+    /// The interpreter trapped (`os.abort()`, a fatal signal, a fatal error): the guest's
+    /// doing, said as Wasmtime describes the trap.
+    Crashed(String),
     /// A replay went another way than the recording.
     Diverged(Divergence),
 }
@@ -68,7 +72,7 @@ pub struct Sandbox {
     /// The interpreter's initial memory, which [`Start::Fresh`] instances start from.
     initial: Image,
     native_stack: usize,
-    cache_dir: PathBuf,
+    cache: CacheDir,
 }
 
 /// Where an instance's memory starts.
@@ -117,6 +121,10 @@ struct State {
     output_limit: u64,
     streams: Streams,
     tracing: Tracing,
+    /// The guest's clocks, which `poll_oneoff` reads too.
+    clocks: Clocks,
+    /// When the call's time limit runs out, and the limit.
+    deadline: (Instant, Duration),
 }
 
 impl Traced for State {
@@ -148,6 +156,9 @@ impl Sandbox {
         let mut linker: Linker<State> = Linker::new(engine.wasmtime());
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut State| &mut s.wasi)?;
         linker.func_wrap("host", "call", door_call)?;
+        // The guest's sleeps end at the call's deadline: see `poll_oneoff`.
+        linker.allow_shadowing(true);
+        linker.func_wrap("wasi_snapshot_preview1", "poll_oneoff", poll_oneoff)?;
         let pre = linker.instantiate_pre(module)?;
 
         Ok(Sandbox {
@@ -158,9 +169,9 @@ impl Sandbox {
             linker: Arc::new(linker),
             pre,
             traced: OnceLock::new(),
-            initial: image::initial_image(engine.cache_dir(), runtime)?,
+            initial: image::initial_image(engine.cache(), runtime)?,
             native_stack: engine.native_stack(),
-            cache_dir: engine.cache_dir().to_owned(),
+            cache: engine.cache().clone(),
         })
     }
 
@@ -186,8 +197,8 @@ impl Sandbox {
     }
 
     /// The per-machine cache folder of the engine this sandbox was made from.
-    pub fn cache_dir(&self) -> &Path {
-        &self.cache_dir
+    pub fn cache(&self) -> &CacheDir {
+        &self.cache
     }
 
     /// Runs `script` in a fresh instance under `policy`, with `door` answering the guest's
@@ -214,7 +225,9 @@ impl Sandbox {
     ) -> Result<Run> {
         let turns = script.turns();
         let streams = Streams::new(policy.limits.output);
-        let wasi = self.wasi(policy, &streams, World::of(&setup.mode))?;
+        let world = World::of(&setup.mode);
+        let clocks = Clocks::of(&world);
+        let wasi = self.wasi(policy, &streams, &clocks, world)?;
         let state = State {
             wasi,
             limiter: Limiter {
@@ -224,6 +237,11 @@ impl Sandbox {
             output_limit: policy.limits.output,
             streams: streams.clone(),
             tracing: Tracing::new(setup.mode),
+            clocks,
+            deadline: (
+                Instant::now() + policy.limits.timeout,
+                policy.limits.timeout,
+            ),
         };
         let (start, capture) = (setup.start, setup.capture);
         // CPython's deep recursion needs a large native stack under the wasm one.
@@ -314,11 +332,13 @@ impl Sandbox {
 
         let (stdout, stderr) = streams.take();
         let State { door, tracing, .. } = store.into_data();
-        // A message host could not read made the guest fail: that is the error to report.
-        door.check()?;
-        let ended = match outcome {
-            Ok(()) => Ended::Finished,
-            Err(e) => classify(e, limits, &stderr)?,
+        // A message host cannot read is what made the guest fail, so it is what to report.
+        // host's own guest code sends none, and any code in the guest can reach the door as
+        // it can any module: it is the guest's doing.
+        let ended = match (door.check(), outcome) {
+            (Err(malformed), _) => Ended::Crashed(format!("{malformed:#}")),
+            (Ok(()), Ok(())) => Ended::Finished,
+            (Ok(()), Err(e)) => classify(e, limits, &stderr)?,
         };
         Ok(Run {
             ended,
@@ -332,7 +352,13 @@ impl Sandbox {
 
     /// The WASI context: the standard library read-only, the grants, the given environment,
     /// capped output streams, an empty stdin, and nothing else.
-    fn wasi(&self, policy: &Policy, streams: &Streams, world: World) -> Result<WasiP1Ctx> {
+    fn wasi(
+        &self,
+        policy: &Policy,
+        streams: &Streams,
+        clocks: &Clocks,
+        world: World,
+    ) -> Result<WasiP1Ctx> {
         let mut b = WasiCtxBuilder::new();
         b.stdout(streams.handle(Which::Stdout))
             .stderr(streams.handle(Which::Stderr))
@@ -343,12 +369,12 @@ impl Sandbox {
         for (k, v) in &policy.env {
             b.env(k, v);
         }
+        b.wall_clock(SharedWall(clocks.wall.clone()))
+            .monotonic_clock(SharedMonotonic(clocks.monotonic.clone()));
         match world {
             World::Replay => return Ok(b.build_p1()),
             World::Fixed => {
-                b.wall_clock(FixedClock::default())
-                    .monotonic_clock(FixedClock::default())
-                    .secure_random(wasmtime_wasi::Deterministic::new(FIXED_RANDOM.to_vec()))
+                b.secure_random(wasmtime_wasi::Deterministic::new(FIXED_RANDOM.to_vec()))
                     .insecure_random(wasmtime_wasi::Deterministic::new(FIXED_RANDOM.to_vec()))
                     .insecure_random_seed(0);
             }
@@ -420,6 +446,143 @@ impl wasmtime_wasi::HostMonotonicClock for FixedClock {
     }
 }
 
+/// The clocks a run's guest reads, shared with `poll_oneoff`, which must measure a sleep to
+/// an absolute time on the same clock the guest read it from.
+struct Clocks {
+    wall: Arc<dyn wasmtime_wasi::HostWallClock + Send + Sync>,
+    monotonic: Arc<dyn wasmtime_wasi::HostMonotonicClock + Send + Sync>,
+}
+
+impl Clocks {
+    fn of(world: &World) -> Clocks {
+        match world {
+            // Two clocks, each advancing per reading, as images have always been made.
+            World::Fixed => Clocks {
+                wall: Arc::new(FixedClock::default()),
+                monotonic: Arc::new(FixedClock::default()),
+            },
+            World::Live | World::Replay => Clocks {
+                wall: Arc::new(wasmtime_wasi::clocks::WallClock::new()),
+                monotonic: Arc::new(wasmtime_wasi::clocks::MonotonicClock::new()),
+            },
+        }
+    }
+}
+
+struct SharedWall(Arc<dyn wasmtime_wasi::HostWallClock + Send + Sync>);
+
+impl wasmtime_wasi::HostWallClock for SharedWall {
+    fn resolution(&self) -> Duration {
+        self.0.resolution()
+    }
+    fn now(&self) -> Duration {
+        self.0.now()
+    }
+}
+
+struct SharedMonotonic(Arc<dyn wasmtime_wasi::HostMonotonicClock + Send + Sync>);
+
+impl wasmtime_wasi::HostMonotonicClock for SharedMonotonic {
+    fn resolution(&self) -> u64 {
+        self.0.resolution()
+    }
+    fn now(&self) -> u64 {
+        self.0.now()
+    }
+}
+
+/// WASI's `poll_oneoff(subscriptions, events, count, nevents) -> errno`, in place of
+/// Wasmtime's, which blocks the thread for as long as the guest asks: epoch interruption
+/// stops wasm code, not a host call, so `time.sleep(10**6)` would outlive any `--timeout`.
+/// Here a sleep never goes past the call's deadline; reaching it ends the call with the time
+/// limit.
+///
+/// Clock subscriptions (realtime and monotonic, relative or absolute) wait as asked. The
+/// sandbox's descriptors are files and in-memory streams, which never block, so a descriptor
+/// subscription is ready at once (Wasmtime reports the same for them), and the call returns
+/// without sleeping.
+fn poll_oneoff(
+    mut caller: Caller<'_, State>,
+    subscriptions: i32,
+    events: i32,
+    count: i32,
+    nevents: i32,
+) -> wasmtime::Result<i32> {
+    const EINVAL: i32 = 28;
+    const EFAULT: i32 = 21;
+    const SUBSCRIPTION: usize = 48;
+    const EVENT: usize = 32;
+    let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+        return Ok(EFAULT);
+    };
+    let count = count as u32 as usize;
+    if count == 0 {
+        return Ok(EINVAL);
+    }
+    let mut subs = vec![0u8; count.saturating_mul(SUBSCRIPTION)];
+    if memory
+        .read(&caller, subscriptions as u32 as usize, &mut subs)
+        .is_err()
+    {
+        return Ok(EFAULT);
+    }
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    // How long each subscription waits from now (None: never, for an unknown clock).
+    let mut waits = Vec::with_capacity(count);
+    for sub in subs.chunks_exact(SUBSCRIPTION) {
+        let wait = match sub[8] {
+            0 => {
+                let clock = u32::from_le_bytes(sub[16..20].try_into().unwrap());
+                let timeout = u64_at(sub, 24);
+                let absolute = sub[40] & 1 != 0;
+                let now = match clock {
+                    0 => caller.data().clocks.wall.now().as_nanos() as u64,
+                    1 => caller.data().clocks.monotonic.now(),
+                    _ => return Ok(EINVAL),
+                };
+                Duration::from_nanos(if absolute {
+                    timeout.saturating_sub(now)
+                } else {
+                    timeout
+                })
+            }
+            1 | 2 => Duration::ZERO,
+            _ => return Ok(EINVAL),
+        };
+        waits.push(wait);
+    }
+    let first = *waits.iter().min().expect("at least one subscription");
+    let (deadline, limit) = caller.data().deadline;
+    let left = deadline.saturating_duration_since(Instant::now());
+    if first > left {
+        std::thread::sleep(left);
+        return Err(wasmtime::Error::new(LimitExceeded::Time(limit)));
+    }
+    if !first.is_zero() {
+        std::thread::sleep(first);
+    }
+    let mut out = Vec::new();
+    for (sub, wait) in subs.chunks_exact(SUBSCRIPTION).zip(&waits) {
+        if *wait > first {
+            continue;
+        }
+        let mut event = [0u8; EVENT];
+        event[..8].copy_from_slice(&sub[..8]); // userdata
+        event[10] = sub[8]; // the subscription's kind; error 0
+        event[16..24].copy_from_slice(&1u64.to_le_bytes()); // nbytes, as Wasmtime reports
+        out.extend_from_slice(&event);
+    }
+    let ready = (out.len() / EVENT) as u32;
+    if memory
+        .write(&mut caller, events as u32 as usize, &out)
+        .and_then(|()| memory.write(&mut caller, nevents as u32 as usize, &ready.to_le_bytes()))
+        .is_err()
+    {
+        return Ok(EFAULT);
+    }
+    Ok(0)
+}
+
 fn check_grant_dir(path: &Path) -> Result<()> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => Ok(()),
@@ -434,7 +597,7 @@ fn check_grant_dir(path: &Path) -> Result<()> {
     }
 }
 
-/// Sorts a failed run: a limit by name, an exit, or else an internal error.
+/// Sorts a failed run: a limit by name, an exit, a trap, or else an internal error.
 fn classify(e: wasmtime::Error, limits: &Limits, stderr: &[u8]) -> Result<Ended> {
     if let Some(limit) = e.downcast_ref::<LimitExceeded>() {
         return Ok(Ended::Limit(*limit));
@@ -445,7 +608,10 @@ fn classify(e: wasmtime::Error, limits: &Limits, stderr: &[u8]) -> Result<Ended>
     match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => return Ok(Ended::Limit(LimitExceeded::Time(limits.timeout))),
         Some(Trap::StackOverflow) => return Ok(Ended::Limit(LimitExceeded::Stack)),
-        _ => {}
+        // Only the interpreter's own code traps (abort() is `unreachable`): what the guest
+        // did ended it, not a fault of host's.
+        Some(trap) => return Ok(Ended::Crashed(trap.to_string())),
+        None => {}
     }
     if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
         return Ok(Ended::Exit(exit.0));

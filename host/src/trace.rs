@@ -18,7 +18,8 @@ use crate::bundle::{Bundle, now_rfc3339};
 use crate::door::Arguments;
 use crate::engine::EngineSettings;
 use crate::error::bad_input;
-use crate::policy::{Limits, Policy};
+use crate::files::{SigningKey, read_regular, sealed, unsealed};
+use crate::policy::{Limits, Policy, Size};
 use crate::preinit::Prepared;
 use crate::record::{Blobs, Data, Event, Recording};
 use crate::sandbox::Sandbox;
@@ -155,11 +156,34 @@ impl Trace {
         Blobs::with_runtime(self.blobs.clone(), runtime)
     }
 
-    /// Writes the trace, readable by its owner only: traces hold production data.
-    ///
-    /// Layout: the magic line, the sha256 of the rest, then the JSON, deflated.
-    pub fn write(&self, path: &Path) -> Result<()> {
-        crate::engine::write_private(path, &self.encode()?)
+    /// Refuses a trace whose events or outputs refer to bytes `blobs` cannot give (see
+    /// [`Blobs::check`]), before a replay relies on any of them.
+    pub fn check_data(&self, blobs: &Blobs) -> Result<()> {
+        let events = self.events.iter().enumerate().flat_map(|(i, e)| {
+            let sent = e.sent.iter().map(move |d| (i, d));
+            e.writes.iter().map(move |(_, d)| (i, d)).chain(sent)
+        });
+        for (i, data) in events {
+            blobs
+                .check(data)
+                .with_context(|| format!("the trace's event {i} ({})", self.events[i].call))?;
+        }
+        for data in [&self.outputs.stdout, &self.outputs.stderr]
+            .into_iter()
+            .flatten()
+        {
+            blobs.check(data).context("the trace's outputs")?;
+        }
+        for id in self.blobs.keys() {
+            blobs.get(&Data::Blob(id.clone())).map(drop)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the trace, readable by its owner only (traces hold production data), atomically,
+    /// signed with `key` when given.
+    pub fn write(&self, path: &Path, key: Option<&SigningKey>) -> Result<()> {
+        crate::files::write_private(path, &sealed(key, self.encode()?))
             .with_context(|| format!("failed to write trace `{}`", path.display()))
     }
 
@@ -175,35 +199,61 @@ impl Trace {
         Ok(out)
     }
 
-    /// Reads a trace file, refusing one that is truncated or was changed.
-    pub fn read(path: &Path) -> Result<Trace> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| bad_input(format!("cannot read trace `{}`: {e}", path.display())))?;
-        Self::decode(&bytes).with_context(|| format!("trace `{}` is refused", path.display()))
+    /// Reads a trace file, refusing one that is not a regular file, larger than a trace can
+    /// be, unsigned or wrongly signed when `key` is given, truncated or changed.
+    pub fn read(path: &Path, key: Option<&SigningKey>) -> Result<Trace> {
+        let name = format!("trace `{}`", path.display());
+        let bytes = read_regular(path, "trace", MAX_INFLATED)?;
+        let body = unsealed(key, &bytes, &name)?;
+        decode(body, MAX_INFLATED).map_err(|why| bad_input(format!("{name} is refused: {why}")))
     }
 
-    /// Decodes the bytes of a trace file ([`Trace::encode`]'s layout), refusing a trace that
-    /// is truncated or was changed.
+    /// Decodes the bytes of a trace file (unsigned), refusing one that is truncated, changed,
+    /// malformed, or inflates past [`MAX_INFLATED`].
     pub fn decode(bytes: &[u8]) -> Result<Trace> {
-        let mut lines = bytes.splitn(3, |&b| b == b'\n');
-        if lines.next() != Some(FORMAT.as_bytes()) {
-            return Err(bad_input(format!(
-                "it does not start with `{FORMAT}` (not a trace, or another version)"
-            )));
-        }
-        let (Some(sum), Some(body)) = (lines.next(), lines.next()) else {
-            return Err(bad_input("it is truncated"));
-        };
-        if hex::encode(Sha256::digest(body)).as_bytes() != sum {
-            return Err(bad_input(
-                "its checksum does not match its content (truncated or corrupted)",
-            ));
-        }
-        let mut json = Vec::new();
-        flate2::read::DeflateDecoder::new(body)
-            .read_to_end(&mut json)
-            .map_err(|e| bad_input(format!("{e}")))?;
-        serde_json::from_slice(&json)
-            .map_err(|e| bad_input(format!("its content is malformed: {e}")))
+        Self::decode_within(bytes, MAX_INFLATED)
     }
+
+    /// [`Trace::decode`] with another cap on the inflated content, in bytes.
+    pub fn decode_within(bytes: &[u8], cap: u64) -> Result<Trace> {
+        decode(bytes, cap).map_err(|why| bad_input(format!("the trace is refused: {why}")))
+    }
+}
+
+/// The most a trace's JSON may inflate to: a recording holds what the call read, and a
+/// trace claiming more is refused before host holds it all.
+pub const MAX_INFLATED: u64 = 1 << 30;
+
+/// A trace from its bytes, its content inflated to at most `cap` bytes, or why it is refused.
+fn decode(bytes: &[u8], cap: u64) -> std::result::Result<Trace, String> {
+    let mut lines = bytes.splitn(3, |&b| b == b'\n');
+    if lines.next() != Some(FORMAT.as_bytes()) {
+        return Err(format!(
+            "it does not start with `{FORMAT}` (not a trace, or another version)"
+        ));
+    }
+    let (Some(sum), Some(body)) = (lines.next(), lines.next()) else {
+        return Err("it is truncated".into());
+    };
+    if hex::encode(Sha256::digest(body)).as_bytes() != sum {
+        return Err("its checksum does not match its content (truncated or corrupted)".into());
+    }
+    // Parsed as it inflates, so the JSON text is never held whole; the cap bounds the time
+    // spent and the size of anything the parser builds.
+    let mut inflated = flate2::read::DeflateDecoder::new(body).take(cap.saturating_add(1));
+    let parsed = serde_json::from_reader::<_, Trace>(std::io::BufReader::new(&mut inflated));
+    if inflated.limit() == 0 {
+        return Err(format!(
+            "its content inflates to more than {}, more than a trace host reads",
+            Size(cap)
+        ));
+    }
+    let trace = parsed.map_err(|e| format!("its content is malformed: {e}"))?;
+    if trace.header.format != FORMAT {
+        return Err(format!(
+            "its header says format `{}`, not `{FORMAT}`",
+            trace.header.format
+        ));
+    }
+    Ok(trace)
 }

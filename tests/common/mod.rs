@@ -60,6 +60,60 @@ impl Fixture {
     }
 }
 
+/// A fixture's notebook called in this process through the library: where a test is about
+/// what a call returns, a `host` process adds nothing but its start-up.
+pub struct InProcess {
+    sandbox: host::Sandbox,
+    prepared: host::Prepared,
+    _engine: host::Engine,
+}
+
+impl Fixture {
+    /// Every function of the notebook, bundled and pre-initialised on the test's cache.
+    pub fn in_process(&self) -> InProcess {
+        let engine = host::Engine::new(Some(cache_dir())).unwrap();
+        let sandbox = host::Sandbox::new(&engine, &host::Runtime::locate(None).unwrap()).unwrap();
+        let notebook = host::Notebook::read(&self.notebook).unwrap();
+        let bundle =
+            host::Bundle::from_notebook(&sandbox, &notebook, host::bundle::Select::All, None)
+                .unwrap();
+        let prepared = host::Prepared::new(&sandbox, bundle).unwrap();
+        InProcess {
+            sandbox,
+            prepared,
+            _engine: engine,
+        }
+    }
+}
+
+impl InProcess {
+    /// How `function(*args)` ends under the default policy.
+    pub fn call(&self, function: &str, args: Value) -> host::Outcome {
+        let arguments = host::Arguments {
+            args: serde_json::from_value(args).unwrap(),
+            ..Default::default()
+        };
+        let policy = host::Policy::default();
+        let request = host::Request {
+            function,
+            arguments: &arguments,
+            policy: &policy,
+            record: false,
+        };
+        host::call::call(&self.sandbox, &self.prepared, &request)
+            .unwrap()
+            .outcome
+    }
+
+    /// What `function(*args)` returns; fails the test unless it returns.
+    pub fn value(&self, function: &str, args: Value) -> Value {
+        match self.call(function, args) {
+            host::Outcome::Returned(value) => value,
+            other => panic!("{function} did not return: {other:?}"),
+        }
+    }
+}
+
 pub fn code_cell(source: &str) -> Value {
     json!({"cell_type": "code", "metadata": {}, "source": source, "outputs": [], "execution_count": null})
 }
@@ -177,7 +231,8 @@ thread_local! {
 }
 
 /// The running test's own cache folder (no test touches `~/.cache/host`, and none sees
-/// another's images or analyses), with the suite's compiled runtime linked in.
+/// another's images or analyses), whose `modules` folder is the suite's, where the runtime is
+/// compiled and sealed once.
 pub fn cache_dir() -> PathBuf {
     CACHE.with(|cache| {
         let mut cache = cache.borrow_mut();
@@ -195,12 +250,9 @@ pub fn cache_dir() -> PathBuf {
             .prefix(&format!("{name}-"))
             .tempdir_in(root)
             .unwrap();
-        let modules = dir.path().join("modules");
-        std::fs::create_dir(&modules).unwrap();
-        for entry in std::fs::read_dir(&suite).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::hard_link(entry.path(), modules.join(entry.file_name())).unwrap();
-        }
+        // A link to the folder, not links to its files: a hard link would move the change time
+        // the seal of each file records, and every test would hash 300 MB to trust it again.
+        std::os::unix::fs::symlink(&suite, dir.path().join("modules")).unwrap();
         let path = dir.path().to_owned();
         *cache = Some(dir);
         path

@@ -6,10 +6,12 @@ use std::str::FromStr;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::run::read_arguments;
+use super::run::{DEFAULT_MAX_INPUT, read_arguments};
 use super::{GlobalOptions, check_output};
 use crate::bundle::{Bundle, Select, short};
 use crate::error::{Exit, bad_input};
+use crate::files::SigningKey;
+use crate::neighbours::Wheel;
 use crate::notebook::Notebook;
 use crate::preinit::Prepared;
 
@@ -38,6 +40,10 @@ pub struct BundleArgs {
         conflicts_with = "no_image"
     )]
     pub warm_up: Vec<WarmUpSpec>,
+    /// A pure-Python wheel whose modules the bundle carries, for a library the runtime does
+    /// not have (repeatable).
+    #[arg(long = "wheel", value_name = "FILE.whl")]
+    pub wheels: Vec<PathBuf>,
 }
 
 /// `--warm-up FUNCTION=INPUT`.
@@ -73,9 +79,15 @@ pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
     } else {
         Select::Only(&functions)
     };
-    let mut bundle = Bundle::from_notebook(&sandbox, &notebook, select, args.label.as_deref())?;
+    let wheels = args
+        .wheels
+        .iter()
+        .map(|w| Wheel::read(w))
+        .collect::<Result<Vec<_>>>()?;
+    let mut bundle =
+        Bundle::from_notebook_with(&sandbox, &notebook, select, args.label.as_deref(), &wheels)?;
     for spec in &args.warm_up {
-        let arguments = read_arguments(&spec.input)
+        let arguments = read_arguments(&spec.input, DEFAULT_MAX_INPUT)
             .with_context(|| format!("--warm-up `{}={}`", spec.function, spec.input.display()))?;
         bundle = bundle.warm_up(&spec.function, &arguments)?;
     }
@@ -108,7 +120,7 @@ pub fn bundle(global: &GlobalOptions, args: &BundleArgs) -> Result<Exit> {
         }
         prepared.bundle
     };
-    bundle.write(&output)?;
+    bundle.write(&output, SigningKey::from_env()?.as_ref())?;
     let version = &bundle.version;
     let functions = bundle.manifest.functions.join(", ");
     eprintln!(

@@ -8,10 +8,14 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use super::GlobalOptions;
-use crate::bundle::{Bundle, short};
-use crate::error::{Exit, bad_input};
+use crate::bundle::{Bundle, Opened, short};
+use crate::door::Module;
+use crate::error::Exit;
 use crate::extract::{self, Extraction, StatementSummary};
+use crate::files::SigningKey;
+use crate::neighbours;
 use crate::notebook::{CellKind, Notebook};
+use crate::sandbox::Sandbox;
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
@@ -23,21 +27,16 @@ pub struct InspectArgs {
 }
 
 pub fn inspect(global: &GlobalOptions, args: &InspectArgs) -> Result<Exit> {
-    let bytes = std::fs::read(&args.path).map_err(|e| {
-        bad_input(format!(
-            "cannot read notebook or bundle `{}`: {e}",
-            args.path.display()
-        ))
-    })?;
-    let report = if Bundle::sniff(&bytes) {
-        bundle_report(&Bundle::parse(&args.path, &bytes)?)
-    } else {
-        let notebook = Notebook::parse(&args.path, &bytes)?;
-        let (_engine, sandbox) = global.sandbox()?;
-        notebook_report(
-            &notebook,
-            &Extraction::new(&notebook, extract::analyse(&sandbox, &notebook)?),
-        )
+    let report = match Bundle::read(&args.path, SigningKey::from_env()?.as_ref())? {
+        Opened::Bundle(bundle) => bundle_report(&bundle),
+        Opened::Notebook(notebook) => {
+            let (_engine, sandbox) = global.sandbox()?;
+            notebook_report(
+                &sandbox,
+                &notebook,
+                &Extraction::new(&notebook, extract::analyse(&sandbox, &notebook)?),
+            )
+        }
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -49,7 +48,7 @@ pub fn inspect(global: &GlobalOptions, args: &InspectArgs) -> Result<Exit> {
 
 /// The machine form of a notebook's inspection; `render` makes the text from it, so both
 /// say the same.
-fn notebook_report(notebook: &Notebook, extraction: &Extraction) -> Value {
+fn notebook_report(sandbox: &Sandbox, notebook: &Notebook, extraction: &Extraction) -> Value {
     let mut analysed = extraction.analysis.cells.iter().enumerate().peekable();
     let mut cells = Vec::new();
     for cell in &notebook.cells {
@@ -79,9 +78,25 @@ fn notebook_report(notebook: &Notebook, extraction: &Extraction) -> Value {
     let functions: Vec<Value> = extraction
         .functions()
         .into_iter()
-        .map(|f| match extraction.closure(f) {
-            Ok(closure) => json!({"function": f, "closure": extraction.summary(&closure), "warnings": closure.warnings}),
-            Err(e) => json!({"function": f, "error": format!("{e:#}")}),
+        .map(|f| {
+            // The modules next to the notebook that the closure imports, as a bundle carries them.
+            let closure = extraction.closure(f).and_then(|closure| {
+                let modules = neighbours::gather(
+                    sandbox,
+                    notebook.folder(),
+                    extraction,
+                    &closure.statements,
+                    &[],
+                )?;
+                Ok((closure, modules))
+            });
+            match closure {
+                Ok((closure, modules)) => {
+                    let modules: Vec<Value> = modules.iter().map(module_report).collect();
+                    json!({"function": f, "closure": extraction.summary(&closure), "warnings": closure.warnings, "modules": modules})
+                }
+                Err(e) => json!({"function": f, "error": format!("{e:#}")}),
+            }
         })
         .collect();
     json!({"notebook": notebook.name, "sha256": notebook.sha256, "cells": cells, "functions": functions})
@@ -108,7 +123,12 @@ fn bundle_report(bundle: &Bundle) -> Value {
             json!({"cell": c.cell, "lines": lines})
         })
         .collect();
-    json!({"bundle": bundle.version, "manifest": m, "source_map": kept, "functions": functions})
+    let modules: Vec<Value> = bundle.modules.iter().map(module_report).collect();
+    json!({"bundle": bundle.version, "manifest": m, "source_map": kept, "functions": functions, "modules": modules})
+}
+
+fn module_report(module: &Module) -> Value {
+    json!({"module": module.name, "file": module.file, "sha256": module.sha256})
 }
 
 fn render(report: &Value) -> String {
@@ -160,6 +180,9 @@ fn render(report: &Value) -> String {
         );
         if let Some(label) = m["label"].as_str() {
             let _ = writeln!(out, "  label    {label}");
+        }
+        for module in report["modules"].as_array().into_iter().flatten() {
+            module_line(&mut out, module);
         }
         for call in m["warm_up"].as_array().into_iter().flatten() {
             let _ = writeln!(
@@ -220,10 +243,24 @@ fn render(report: &Value) -> String {
                 for s in closure {
                     statement(&mut out, s, true);
                 }
+                for module in f["modules"].as_array().into_iter().flatten() {
+                    module_line(&mut out, module);
+                }
             }
         }
     }
     out
+}
+
+/// A module a bundle carries (or would carry), as `host inspect` lists it.
+fn module_line(out: &mut String, module: &Value) {
+    let _ = writeln!(
+        out,
+        "  module   {} from {} (sha256 {})",
+        module["module"].as_str().unwrap_or(""),
+        module["file"].as_str().unwrap_or(""),
+        short(module["sha256"].as_str().unwrap_or(""))
+    );
 }
 
 fn clip(text: &str) -> String {

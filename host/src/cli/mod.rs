@@ -18,7 +18,7 @@ mod prepare;
 mod replay;
 mod run;
 
-pub use run::read_arguments;
+pub use run::{DEFAULT_MAX_INPUT, read_arguments};
 
 /// Run one function of a Jupyter notebook inside a WebAssembly sandbox.
 #[derive(Debug, Parser)]
@@ -113,6 +113,61 @@ pub fn check_output(path: &Path, flag: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes what the guest printed to stderr: as it is when stderr is a file or a pipe, made
+/// harmless when it is a terminal (see [`for_terminal`]), so that nothing the guest prints can
+/// drive the user's terminal or pass for host's own `host:` lines.
+pub fn print_guest(bytes: &[u8]) {
+    use std::io::IsTerminal;
+    let mut stderr = std::io::stderr().lock();
+    // A closed stderr is no reason to fail the call.
+    let _ = if stderr.is_terminal() {
+        stderr.write_all(for_terminal(bytes).as_bytes())
+    } else {
+        stderr.write_all(bytes)
+    };
+    if bytes.last().is_some_and(|&b| b != b'\n') {
+        let _ = stderr.write_all(b"\n");
+    }
+}
+
+/// The guest's output as a terminal may show it: control characters (escape sequences, `\r`,
+/// backspace; C1 controls; bidirectional overrides) and bytes that are not UTF-8 written as
+/// `\x1b`-style escapes, newlines and tabs kept; and a line that starts like host's own
+/// messages (`host:`) marked as the guest's.
+pub fn for_terminal(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\n' | '\t' => out.push(c),
+                c if c.is_control()
+                    || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+                {
+                    let n = c as u32;
+                    if n < 0x100 {
+                        out.push_str(&format!("\\x{n:02x}"));
+                    } else {
+                        out.push_str(&format!("\\u{{{n:04x}}}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out.split_inclusive('\n')
+        .map(|line| {
+            if line.starts_with("host:") {
+                format!("(guest) {line}")
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect()
+}
+
 /// The exit code an error stands for.
 pub fn exit_code(e: &anyhow::Error) -> Exit {
     for cause in e.chain() {
@@ -133,5 +188,27 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn guest_output_cannot_drive_a_terminal_or_pose_as_host() {
+        for (printed, shown) in [
+            (&b"plain text\n\tindented"[..], "plain text\n\tindented"),
+            (b"\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+            (b"\x1b]52;c;aGk=\x07", "\\x1b]52;c;aGk=\\x07"),
+            (b"progress\rdone\x08", "progress\\x0ddone\\x08"),
+            ("\u{9b}2J".as_bytes(), "\\x9b2J"),
+            ("a\u{202e}b".as_bytes(), "a\\u{202e}b"),
+            (b"bad \xff byte", "bad \\xff byte"),
+            (
+                b"host: internal error: fake",
+                "(guest) host: internal error: fake",
+            ),
+            (b"ok\nhost: fake\n", "ok\n(guest) host: fake\n"),
+            (b"a host: is fine mid-line", "a host: is fine mid-line"),
+            ("émoji ✓".as_bytes(), "émoji ✓"),
+        ] {
+            assert_eq!(super::for_terminal(printed), shown, "{printed:?}");
+        }
     }
 }

@@ -13,7 +13,7 @@ pub fn prepare(global: &GlobalOptions) -> Result<Exit> {
     engine.interpreter(&runtime)?;
     eprintln!(
         "host: runtime compiled and cached in {}",
-        engine.cache_dir().display()
+        engine.cache().path().display()
     );
     Ok(Exit::Success)
 }

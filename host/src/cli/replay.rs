@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use super::GlobalOptions;
 use super::run::report;
+use super::{GlobalOptions, print_guest};
 use crate::bundle::short;
 use crate::error::Exit;
+use crate::files::SigningKey;
 use crate::notebook::Notebook;
 use crate::replay;
 use crate::trace::Trace;
@@ -24,7 +25,7 @@ pub struct ReplayArgs {
 }
 
 pub fn replay(global: &GlobalOptions, args: &ReplayArgs) -> Result<Exit> {
-    let trace = Trace::read(&args.trace)?;
+    let trace = Trace::read(&args.trace, SigningKey::from_env()?.as_ref())?;
     let notebook = args.notebook.as_deref().map(Notebook::read).transpose()?;
     let (_engine, sandbox) = global.sandbox()?;
     let h = &trace.header;
@@ -48,12 +49,8 @@ pub fn replay(global: &GlobalOptions, args: &ReplayArgs) -> Result<Exit> {
         Some(notebook) => {
             let what_if = replay::what_if(&sandbox, &trace, &notebook)?;
             let result = &what_if.result;
-            {
-                use std::io::Write;
-                let mut stderr = std::io::stderr().lock();
-                let _ = stderr.write_all(&result.stdout);
-                let _ = stderr.write_all(&result.stderr);
-            }
+            print_guest(&result.stdout);
+            print_guest(&result.stderr);
             println!(
                 "recorded ({} of bundle {}): {}",
                 h.function,

@@ -4,16 +4,18 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use serde_json::{Map, Value};
 
-use super::{GlobalOptions, check_output};
+use super::{GlobalOptions, check_output, print_guest};
 use crate::bundle::{Bundle, Select};
 use crate::call::{self, Outcome, Request};
 use crate::door::Arguments;
 use crate::error::{Exit, bad_input};
-use crate::policy::{EnvVar, Grant, Limits, Policy, Size, Timeout};
+use crate::files::{SigningKey, read_capped, read_regular, sealed, write_private};
+use crate::neighbours::Wheel;
+use crate::policy::{EnvVar, Grant, Limits, Policy, Size, Timeout, check_distinct};
 use crate::preinit::Prepared;
 
 #[derive(Debug, Args)]
@@ -31,6 +33,10 @@ pub struct RunArgs {
     /// Record every nondeterministic input of the call to this trace file (for `host replay`).
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+    /// A pure-Python wheel whose modules the notebook may import, as `host bundle --wheel`
+    /// adds them (repeatable; a bundle already carries its wheels).
+    #[arg(long = "wheel", value_name = "FILE.whl")]
+    pub wheels: Vec<PathBuf>,
     #[command(flatten)]
     pub input: InputArgs,
     #[command(flatten)]
@@ -49,18 +55,25 @@ pub struct InputArgs {
     /// A JSON file holding {"args": [...], "kwargs": {...}}; `-` reads stdin.
     #[arg(long, value_name = "FILE")]
     pub input: Option<PathBuf>,
+    /// The largest input host reads (--input, stdin, --args and --kwargs), e.g. 64M.
+    #[arg(long, value_name = "SIZE", default_value_t = DEFAULT_MAX_INPUT)]
+    pub max_input: Size,
 }
 
-/// `--args`: a JSON array.
+/// How much input a call reads unless `--max-input` says otherwise: far more than arguments
+/// in JSON usually take, and a bound on what host holds before the call starts.
+pub const DEFAULT_MAX_INPUT: Size = Size(64 << 20);
+
+/// `--args`: a JSON array, and the length of its text.
 #[derive(Debug, Clone)]
-pub struct JsonArray(pub Vec<Value>);
+pub struct JsonArray(pub Vec<Value>, pub usize);
 
 impl FromStr for JsonArray {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<JsonArray> {
         match serde_json::from_str(s) {
-            Ok(Value::Array(items)) => Ok(JsonArray(items)),
+            Ok(Value::Array(items)) => Ok(JsonArray(items, s.len())),
             Ok(_) => Err(bad_input(
                 "--args must be a JSON array, e.g. --args '[1, \"a\"]'",
             )),
@@ -69,16 +82,16 @@ impl FromStr for JsonArray {
     }
 }
 
-/// `--kwargs`: a JSON object.
+/// `--kwargs`: a JSON object, and the length of its text.
 #[derive(Debug, Clone)]
-pub struct JsonObject(pub Map<String, Value>);
+pub struct JsonObject(pub Map<String, Value>, pub usize);
 
 impl FromStr for JsonObject {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<JsonObject> {
         match serde_json::from_str(s) {
-            Ok(Value::Object(map)) => Ok(JsonObject(map)),
+            Ok(Value::Object(map)) => Ok(JsonObject(map, s.len())),
             Ok(_) => Err(bad_input(
                 "--kwargs must be a JSON object, e.g. --kwargs '{\"n\": 3}'",
             )),
@@ -89,26 +102,38 @@ impl FromStr for JsonObject {
 
 impl InputArgs {
     pub fn arguments(&self) -> Result<Arguments> {
+        let max = self.max_input;
         match &self.input {
-            Some(path) => read_arguments(path),
-            None => Ok(Arguments {
-                args: self.args.clone().map(|a| a.0).unwrap_or_default(),
-                kwargs: self.kwargs.clone().map(|k| k.0).unwrap_or_default(),
-            }),
+            Some(path) => read_arguments(path, max),
+            None => {
+                let given = [
+                    self.args.as_ref().map_or(0, |a| a.1),
+                    self.kwargs.as_ref().map_or(0, |k| k.1),
+                ];
+                if given.iter().sum::<usize>() as u64 > max.0 {
+                    return Err(bad_input(format!(
+                        "--args and --kwargs are larger than {max} (--max-input)"
+                    )));
+                }
+                Ok(Arguments {
+                    args: self.args.clone().map(|a| a.0).unwrap_or_default(),
+                    kwargs: self.kwargs.clone().map(|k| k.0).unwrap_or_default(),
+                })
+            }
         }
     }
 }
 
-/// Arguments from an input file (`-` for stdin) holding `{"args": [...], "kwargs": {...}}`.
-pub fn read_arguments(path: &Path) -> Result<Arguments> {
+/// Arguments from an input file (`-` for stdin) holding `{"args": [...], "kwargs": {...}}`,
+/// refused once it is larger than `max`.
+pub fn read_arguments(path: &Path, max: Size) -> Result<Arguments> {
     if path == Path::new("-") {
-        let mut text = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut text)
-            .map_err(|e| bad_input(format!("cannot read stdin: {e}")))?;
+        let text = read_capped(std::io::stdin().lock(), "stdin", max.0)
+            .context("--input - (raise the cap with --max-input)")?;
         return Arguments::from_json("stdin", &text);
     }
-    let text = std::fs::read(path)
-        .map_err(|e| bad_input(format!("cannot read input file `{}`: {e}", path.display())))?;
+    let text = read_regular(path, "input file", max.0)
+        .context("--input (raise the cap with --max-input)")?;
     Arguments::from_json(&format!("`{}`", path.display()), &text)
 }
 
@@ -134,9 +159,10 @@ pub struct SandboxArgs {
 }
 
 impl SandboxArgs {
-    /// The policy the flags describe.
-    pub fn policy(&self) -> Policy {
-        Policy {
+    /// The policy the flags describe, refusing two grants at one guest path.
+    pub fn policy(&self) -> Result<Policy> {
+        check_distinct(self.grant.iter().map(|g| g.guest.as_str()))?;
+        Ok(Policy {
             grants: self.grant.clone(),
             env: self
                 .env
@@ -148,7 +174,7 @@ impl SandboxArgs {
                 timeout: self.timeout.0,
                 output: self.max_output.0,
             },
-        }
+        })
     }
 }
 
@@ -157,20 +183,27 @@ pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
         check_output(path, "--record")?;
     }
     let arguments = args.input.arguments()?;
-    let policy = args.sandbox.policy();
+    let policy = args.sandbox.policy()?;
+    let key = SigningKey::from_env()?;
     // Leaked: the process ends after this one call, and its exit unmaps the compiled
     // interpreter for free, where dropping it would first deregister its unwind tables and
     // unmap it piece by piece (a millisecond or so).
     let (engine, sandbox) = global.sandbox()?;
     let sandbox = &Box::leak(Box::new((engine, sandbox))).1;
-    let bundle = Bundle::open(sandbox, &args.notebook, Select::Only(&[&args.function]))?;
+    let select = Select::Only(&[&args.function]);
+    let wheels = args
+        .wheels
+        .iter()
+        .map(|w| Wheel::read(w))
+        .collect::<Result<Vec<_>>>()?;
+    let bundle = Bundle::open(sandbox, &args.notebook, select, key.as_ref(), &wheels)?;
     for warning in &bundle.manifest.warnings {
         eprintln!("host: warning: {warning}");
     }
     let prepared = if args.no_image {
         Prepared::without_image(bundle)
     } else {
-        Prepared::new(sandbox, bundle)?
+        Prepared::with_limits(sandbox, bundle, &policy.limits)?
     };
     let request = Request {
         function: &args.function,
@@ -180,8 +213,8 @@ pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
     };
     let finished = call::call(sandbox, &prepared, &request)?;
     if let (Some(path), Some(trace)) = (&args.record, &finished.trace) {
-        crate::engine::write_private(path, &trace.bytes)
-            .map_err(|e| e.context(format!("failed to write trace `{}`", path.display())))?;
+        write_private(path, &sealed(key.as_ref(), trace.bytes.clone()))
+            .with_context(|| format!("failed to write trace `{}`", path.display()))?;
         eprintln!(
             "host: recorded {} events to {}",
             trace.events,
@@ -205,14 +238,8 @@ pub fn report(
     printed: [&[u8]; 2],
     envelope: Option<(&str, &str)>,
 ) -> Result<Exit> {
-    {
-        let mut stderr = std::io::stderr().lock();
-        for stream in printed {
-            let _ = stderr.write_all(stream);
-            if stream.last().is_some_and(|&b| b != b'\n') {
-                let _ = stderr.write_all(b"\n");
-            }
-        }
+    for stream in printed {
+        print_guest(stream);
     }
     match outcome {
         Outcome::Returned(value) => {
@@ -230,7 +257,8 @@ pub fn report(
             Ok(Exit::Success)
         }
         Outcome::Raised(exception) => {
-            eprintln!("{exception}");
+            // The traceback quotes the guest's own messages.
+            print_guest(format!("{exception}\n").as_bytes());
             Ok(Exit::FunctionRaised)
         }
         Outcome::Limit(limit) => {
@@ -239,6 +267,10 @@ pub fn report(
         }
         Outcome::Exited(status) => {
             eprintln!("host: the function ended the interpreter with exit status {status}");
+            Ok(Exit::FunctionRaised)
+        }
+        Outcome::Crashed(why) => {
+            eprintln!("host: the function ended the interpreter: {why}");
             Ok(Exit::FunctionRaised)
         }
         Outcome::Diverged(divergence) => {
