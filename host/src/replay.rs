@@ -223,7 +223,7 @@ pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<
 
 /// The tracer of a what-if run: the recording's clock readings (per clock) and random bytes,
 /// served in order to the guest's own `clock_time_get` and `random_get` calls, then live.
-fn served(trace: &Trace, blobs: &Blobs) -> Result<Served> {
+pub fn served(trace: &Trace, blobs: &Blobs) -> Result<Served> {
     let mut clocks: HashMap<i64, VecDeque<Vec<u8>>> = HashMap::new();
     let mut random = VecDeque::new();
     for e in trace.events.iter().filter(|e| e.result == 0) {
@@ -246,7 +246,7 @@ const MAX_FILE_END: u64 = 1 << 40;
 /// The files and directories a recorded call saw in its grants, rebuilt from its reads: each
 /// file as the ranges that were read of it.
 #[derive(Debug, Default)]
-struct RecordedFiles {
+pub struct RecordedFiles {
     files: BTreeMap<String, Vec<(u64, Vec<u8>)>>,
     dirs: BTreeSet<String>,
 }
@@ -263,7 +263,7 @@ impl RecordedFiles {
     /// Every path, offset and length is the trace's word: each is checked, and a trace that
     /// names a path out of its grant, or a read far past any file's end, is refused naming the
     /// event.
-    fn from_trace(trace: &Trace, blobs: &Blobs) -> Result<RecordedFiles> {
+    pub fn from_trace(trace: &Trace, blobs: &Blobs) -> Result<RecordedFiles> {
         let mut out = RecordedFiles::default();
         let mut open: HashMap<i64, OpenFd> = HashMap::new();
         let mut positions: HashMap<i64, u64> = HashMap::new();
