@@ -14,7 +14,10 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use tokio::sync::oneshot;
 
-type Job = Box<dyn FnOnce() + Send>;
+/// A queued call: it runs, and gives back what hands its value to the waiting request, which
+/// the worker calls only once the call's place is free again (so a client that sends its
+/// next call as soon as it has the answer finds the place it just used).
+type Job = Box<dyn FnOnce() -> Box<dyn FnOnce() + Send> + Send>;
 
 /// The pool's threads and queues.
 pub struct Pool {
@@ -111,9 +114,12 @@ impl Ticket {
         self.used = true;
         let mut state = self.shared.lock();
         state.tenants[self.tenant].jobs.push_back(Box::new(move || {
+            let value = f();
             // The receiver is gone only when the client hung up; the call's row is complete
             // either way.
-            let _ = tx.send(f());
+            Box::new(move || {
+                let _ = tx.send(value);
+            })
         }));
         state.publish();
         drop(state);
@@ -149,12 +155,17 @@ impl Shared {
             drop(state);
             // A panicking job must not take its worker with it; its caller sees the
             // dropped sender as an internal error.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            let deliver = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
             state = self.lock();
             let q = &mut state.tenants[tenant];
             q.running -= 1;
             q.held -= 1;
             state.publish();
+            if let Ok(deliver) = deliver {
+                drop(state);
+                deliver();
+                state = self.lock();
+            }
             // A tenant under its cap again may have jobs waiting that no worker was woken for.
             self.wake.notify_all();
         }
