@@ -61,7 +61,9 @@ demo-serve:
 	$(HOST) runs pull $$run --server $$url --token-file $(SERVE_DATA)/data/default.token -o $(SERVE_DATA)/call.trace; \
 	$(HOST) replay $(SERVE_DATA)/call.trace
 
-test: prepare
+# The tests compile the runtime once into their own cache folder (target/tmp/suite-cache), so
+# they need no `prepare`, and never touch the user's ~/.cache/host.
+test: build runtime
 	$(CARGO) test --release --locked
 
 # The baselines users run today need pandas and papermill natively, in a private venv.

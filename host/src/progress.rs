@@ -1,11 +1,21 @@
-//! Progress for slow one-time work (compiling the runtime, building a snapshot).
+//! Progress for slow one-time work (compiling the runtime, pre-initialising a bundle).
 //!
-//! Shown on a terminal only: a pipe or a log file gets nothing, so scripted output stays
-//! clean.
+//! Shown only when the program embedding the library asks for it ([`show_on_terminal`]: the
+//! `host` command does), and then on a terminal only: a pipe or a log file gets nothing, so
+//! scripted output stays clean, and a library user's process never gets lines it did not ask
+//! for.
 
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether progress lines may be shown at all.
+static SHOWN: AtomicBool = AtomicBool::new(false);
+
+/// Lets progress lines be shown on stderr when it is a terminal, from now on.
+pub fn show_on_terminal() {
+    SHOWN.store(true, Ordering::Relaxed);
+}
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,7 +28,7 @@ pub struct Progress {
 impl Progress {
     pub fn start(what: &str) -> Progress {
         let done = Arc::new(AtomicBool::new(false));
-        if !std::io::stderr().is_terminal() {
+        if !SHOWN.load(Ordering::Relaxed) || !std::io::stderr().is_terminal() {
             return Progress { done, thread: None };
         }
         let what = what.to_owned();

@@ -74,6 +74,7 @@ pub enum Command {
 
 /// Runs a parsed command line; returns the exit code after printing any error to stderr.
 pub fn main(cli: Cli) -> Exit {
+    crate::progress::show_on_terminal();
     let result = match &cli.command {
         Command::Run(args) => run::run(&cli.global, args),
         Command::Bundle(args) => bundle::bundle(&cli.global, args),
