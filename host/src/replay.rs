@@ -603,6 +603,58 @@ mod tests {
         assert_eq!(std::fs::read(inner.join("a/b.txt")).unwrap(), b"he\0\0tail");
     }
 
+    /// `/data` preopened as fd 4, `a.csv` in it opened as fd 5, then `last` (JSON events, as
+    /// a trace file holds them), in a trace with an empty bundle.
+    fn trace_reading(last: Value) -> Trace {
+        serde_json::from_value(json!({
+            "header": {
+                "format": "host-trace/1", "host_version": "0", "runtime_sha256": "",
+                "bundle": {"format": "host-bundle/1", "version": "", "chunks": [], "manifest": {
+                    "notebook": "n.ipynb", "notebook_sha256": "", "functions": [],
+                    "runtime_sha256": "", "host_version": "0", "created": "", "label": null,
+                    "closures": [], "warnings": []}},
+                "function": "f", "arguments": {}, "env": [],
+                "grants": [{"guest": "/data", "writable": false}],
+                "limits": {"memory": 1, "timeout_ms": 1, "output": 1},
+                "engine": {"nan_canonicalization": true, "relaxed_simd_deterministic": true,
+                           "threads": false},
+                "image_sha256": null, "recorded_at": ""},
+            "events": [
+                {"call": "fd_prestat_dir_name", "args": [4, 0, 5], "result": 0,
+                 "writes": [[0, {"inline": "L2RhdGE="}]]},
+                {"call": "path_open", "args": [4, 1, 0, 5, 0, 0, 0, 0, 0], "result": 0,
+                 "path": "a.csv", "writes": [[0, {"inline": "BQAAAA=="}]]},
+                last,
+            ],
+            "blobs": {},
+            "outputs": {"outcome": null},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn recorded_reads_the_trace_fuzz_target_crashed_on_are_refused() {
+        // Each crashed the trace fuzz target before main's checks: a pread without its offset
+        // (args[3] indexed), offsets of -1 (`at + len` overflowed) and 1 TiB (allocated).
+        let pread = |args: Value| {
+            json!({"call": "fd_pread", "args": args, "result": 0,
+                   "writes": [[0, {"inline": "eA=="}], [0, {"inline": "AQAAAA=="}]]})
+        };
+        for (args, why) in [
+            (json!([5, 0, 1]), "it has no offset"),
+            (json!([5, 0, 1, -1, 0]), "the offset -1 is negative"),
+            (json!([5, 0, 1, 1u64 << 40, 0]), "past any file's end"),
+        ] {
+            let t = trace_reading(pread(args));
+            let e = RecordedFiles::from_trace(&t, &Blobs::default()).unwrap_err();
+            assert!(format!("{e:#}").contains(why), "{e:#}");
+        }
+        // A clock reading without its clock (args[0] indexed) is not served.
+        let t = trace_reading(json!({"call": "clock_time_get", "args": [], "result": 0,
+                                     "writes": [[0, {"inline": "AQAAAAAAAAA="}]]}));
+        assert!(served(&t, &Blobs::default()).unwrap().clocks.is_empty());
+    }
+
     #[test]
     fn directory_listings_parse_as_far_as_they_are_whole() {
         let mut listing = vec![0u8; 24];
