@@ -7,11 +7,11 @@
 //! bundle, the bundle pre-initialised into an image, and the call run from that image in a
 //! fresh sandboxed instance, recorded when asked; a trace replays it.
 //!
-//! - Foundations: [`error`] (exit codes, user errors), [`files`] (bounded reads, atomic
-//!   owner-only writes, signatures), [`progress`] (what a terminal sees of slow one-time
-//!   work), [`runtime`] (the Python runtime on disk), [`policy`] (grants, environment and
-//!   limits, as typed values), [`cache`] (the owner-only cache folder, and the seals that
-//!   make what host reads back from it trusted).
+//! - Foundations: [`error`] (exit codes, user errors), [`progress`] (what a terminal sees of
+//!   slow one-time work), [`runtime`] (the Python runtime on disk), [`policy`] (grants,
+//!   environment and limits, as typed values), [`files`] (bounded reads, atomic owner-only
+//!   writes, signatures), [`cache`] (the owner-only cache folder, and the seals that make what
+//!   host reads back from it trusted).
 //! - The machine: [`memory`] (linear memories mapped from images and pooled), [`engine`]
 //!   (Wasmtime and the compiled-module cache), [`image`] (memory images on disk).
 //! - The guest boundary: [`door`] (the guest's source and the protocol, every message typed),
