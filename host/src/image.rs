@@ -162,7 +162,12 @@ pub(crate) fn evict(dir: &Path, keep: usize) {
 /// Writes `bytes` leaving all-zero pages as holes: most of a fresh interpreter's memory is
 /// zero, and a hole costs neither disk nor page cache.
 fn write_sparse(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp: PathBuf = path.with_extension(format!("{}.tmp", std::process::id()));
+    // Unique to this thread: threads of one process may write the same image at once.
+    let tmp: PathBuf = path.with_extension(format!(
+        "{}.{:?}.tmp",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     let dir = path.parent().context("an image needs a folder")?;
     cache::create_private_dir(dir)?;
     let file = {
