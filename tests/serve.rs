@@ -49,14 +49,14 @@ fn config(dir: &Path, server: &str, tenants: &[String]) -> std::path::PathBuf {
 
 /// Every `runs` row's (function, outcome, http_status), oldest first.
 fn rows(server: &Server) -> Vec<(String, Option<String>, Option<u16>)> {
-    let db = server.db();
-    let mut s = db
-        .prepare("SELECT function, outcome, http_status FROM runs ORDER BY id")
-        .unwrap();
-    s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+    server
+        .sql("SELECT function, outcome, http_status FROM runs ORDER BY id")
+        .into_iter()
+        .map(|r| {
+            let status = r[2].as_ref().map(|s| s.parse().unwrap());
+            (r[0].clone().unwrap(), r[1].clone(), status)
+        })
+        .collect()
 }
 
 /// A gauge's value in `/metrics`' text.
@@ -390,17 +390,19 @@ fn every_outcome_leaves_one_row_and_a_pulled_trace_replays_to_the_production_res
         ],
         "one row per accepted call"
     );
-    let db = server.db();
-    let (key, result, version_col, host_version): (String, String, String, String) = db
-        .query_row(
-            "SELECT idempotency_key, result, bundle_version, host_version FROM runs WHERE idempotency_key IS NOT NULL",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
-        .unwrap();
-    assert_eq!((key.as_str(), result.as_str()), ("order-42", "42"));
-    assert_eq!(version_col, version);
-    assert_eq!(host_version, env!("CARGO_PKG_VERSION"));
+    let row = server.sql(
+        "SELECT idempotency_key, result, bundle_version, host_version FROM runs WHERE idempotency_key IS NOT NULL",
+    );
+    let row: Vec<&str> = row[0].iter().map(|v| v.as_deref().unwrap()).collect();
+    assert_eq!(
+        row,
+        [
+            "order-42",
+            "42",
+            version.as_str(),
+            env!("CARGO_PKG_VERSION")
+        ]
+    );
 
     // Pull the production call's trace with the CLI and replay it here.
     let run = returned.json()["run"].as_str().unwrap().to_owned();
@@ -878,25 +880,20 @@ fn traces_are_pruned_oldest_first_for_storage_and_retention_then_507() {
         let call = server.call(&full, &version, "double", json!([i]));
         runs.push(call.expect(200)["run"].as_str().unwrap().to_owned());
     }
-    let db = server.db();
     let pruned: Vec<bool> = runs
         .iter()
         .map(|id| {
-            db.query_row("SELECT trace_pruned FROM runs WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .unwrap()
+            let row = server.sql(&format!("SELECT trace_pruned FROM runs WHERE id = '{id}'"));
+            row[0][0].as_deref() == Some("1")
         })
         .collect();
-    let (usage, traces): (u64, u64) = db
-        .query_row(
-            "SELECT (SELECT sum(size) FROM bundles WHERE tenant = 'full')
-                  + (SELECT coalesce(sum(trace_size), 0) FROM runs WHERE tenant = 'full' AND trace_pruned = 0),
-                    (SELECT max(trace_size) FROM runs)",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    let row = server.sql(
+        "SELECT (SELECT sum(size) FROM bundles WHERE tenant = 'full')
+              + (SELECT coalesce(sum(trace_size), 0) FROM runs WHERE tenant = 'full' AND trace_pruned = 0),
+                (SELECT max(trace_size) FROM runs)",
+    );
+    let number = |v: &Option<String>| v.as_deref().unwrap().parse::<u64>().unwrap();
+    let (usage, traces) = (number(&row[0][0]), number(&row[0][1]));
     eprintln!("usage {usage} bytes, a trace {traces} bytes, pruned {pruned:?}");
     assert!(pruned[0], "the oldest trace goes first: {pruned:?}");
     assert!(!pruned[11], "the newest is kept: {pruned:?}");
@@ -1026,5 +1023,32 @@ fn a_client_that_hangs_up_mid_call_still_leaves_the_complete_row() {
     assert_eq!(
         rows(&server),
         vec![("spin".to_owned(), Some("returned".to_owned()), Some(200))]
+    );
+}
+
+/// The same tests on PostgreSQL: both backends behave alike wherever the store matters.
+mod postgres {
+    use crate::common::server::on_postgres;
+
+    macro_rules! on_postgres {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[test]
+                fn $name() {
+                    on_postgres(super::$name)
+                }
+            )*
+        };
+    }
+
+    on_postgres!(
+        deploy_alias_rollback_and_restart_serve_the_same_versions,
+        a_tenant_sees_nothing_of_another_and_not_its_grants,
+        every_outcome_leaves_one_row_and_a_pulled_trace_replays_to_the_production_result,
+        kill_9_during_calls_then_restart_marks_them_interrupted_and_loses_nothing_else,
+        sigterm_drains_calls_in_flight_and_exits_0,
+        over_its_quota_a_tenant_gets_429_with_retry_after,
+        traces_are_pruned_oldest_first_for_storage_and_retention_then_507,
+        a_client_that_hangs_up_mid_call_still_leaves_the_complete_row,
     );
 }

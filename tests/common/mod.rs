@@ -12,6 +12,9 @@ use tempfile::TempDir;
 /// A real `host serve` process and an HTTP client for it.
 pub mod server;
 
+/// PostgreSQL databases and servers for the tests.
+pub mod pg;
+
 /// The repository root (the workspace).
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

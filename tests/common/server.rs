@@ -1,6 +1,12 @@
 //! A real `host serve` process on a free loopback port, with its own data folder, and a
 //! small HTTP client to talk to it.
+//!
+//! A test runs its servers on SQLite unless it runs inside [`on_postgres`]: then each data
+//! folder gets a fresh PostgreSQL database (kept across restarts of that folder's server,
+//! dropped when the test ends), so one test body pins both backends' behaviour.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,6 +16,34 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
+
+use super::pg::{TestDb, base_url};
+
+thread_local! {
+    /// Inside [`on_postgres`]: each data folder's database.
+    static POSTGRES: RefCell<Option<HashMap<PathBuf, Arc<TestDb>>>> = const { RefCell::new(None) };
+}
+
+/// Runs `test` with every server it starts on PostgreSQL; the databases are dropped after.
+pub fn on_postgres(test: impl FnOnce()) {
+    POSTGRES.with(|p| *p.borrow_mut() = Some(HashMap::new()));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(test));
+    POSTGRES.with(|p| p.borrow_mut().take());
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// The database of the server on `data`, inside [`on_postgres`].
+fn database_for(data: &Path) -> Option<Arc<TestDb>> {
+    POSTGRES.with(|p| {
+        p.borrow_mut().as_mut().map(|dbs| {
+            dbs.entry(data.to_owned())
+                .or_insert_with(|| Arc::new(TestDb::create(&base_url())))
+                .clone()
+        })
+    })
+}
 
 /// How long a server may take to be ready: the first start on a machine compiles the
 /// interpreter (about a minute on 2 cores); later starts load it from the cache.
@@ -22,6 +56,10 @@ pub struct Server {
     /// The data folder, kept across restarts of the same test.
     pub data: PathBuf,
     config: Option<PathBuf>,
+    /// The PostgreSQL database it runs on, when not SQLite.
+    pub db: Option<Arc<TestDb>>,
+    /// More arguments it was started with (kept for restarts).
+    extra: Vec<String>,
     /// Everything the server wrote to stderr, for failure messages.
     pub log: Arc<Mutex<String>>,
     /// Reads stderr into `log` until the server exits.
@@ -73,6 +111,11 @@ impl Answer {
 impl Server {
     /// `host serve` on `data` (made if missing), with `config` when given.
     pub fn start(data: &Path, config: Option<&Path>) -> Server {
+        Server::start_with(data, config, &[])
+    }
+
+    /// A server started with more arguments (`--store URL`, `--replica NAME`, ...).
+    pub fn start_with(data: &Path, config: Option<&Path>, extra: &[String]) -> Server {
         let cache = super::cache_dir();
         let mut args = vec![
             "serve".to_owned(),
@@ -86,6 +129,15 @@ impl Server {
         if let Some(c) = config {
             args.extend(["--config".into(), c.display().to_string()]);
         }
+        let db = if extra.iter().any(|a| a == "--store") {
+            None
+        } else {
+            database_for(data)
+        };
+        if let Some(db) = &db {
+            args.extend(["--store".into(), db.url.clone()]);
+        }
+        args.extend(extra.iter().cloned());
         let mut child = Command::new(env!("CARGO_BIN_EXE_host"))
             .args(&args)
             .env("HOST_CACHE_DIR", &cache)
@@ -120,6 +172,8 @@ impl Server {
             url,
             data: data.to_owned(),
             config: config.map(Path::to_owned),
+            db,
+            extra: extra.to_vec(),
             log,
             reader: Some(reader),
         };
@@ -148,7 +202,11 @@ impl Server {
         if self.child.try_wait().unwrap().is_none() {
             self.stop();
         }
-        Server::start(&self.data.clone(), self.config.clone().as_deref())
+        Server::start_with(
+            &self.data.clone(),
+            self.config.clone().as_deref(),
+            &self.extra,
+        )
     }
 
     /// SIGTERM, and the exit code once it exited.
@@ -273,12 +331,35 @@ impl Server {
         }
     }
 
-    /// The run store, opened read-only beside the server.
-    pub fn db(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open_with_flags(
+    /// The rows of `sql` in the server's run store, whichever it is, every value as text
+    /// (NULL as None): tests write SQL both backends read alike.
+    pub fn sql(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        if let Some(db) = &self.db {
+            return db.query(sql);
+        }
+        let conn = rusqlite::Connection::open_with_flags(
             self.data.join("host.db"),
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
         )
+        .unwrap();
+        let mut s = conn.prepare(sql).unwrap();
+        let n = s.column_count();
+        s.query_map([], |r| {
+            (0..n)
+                .map(|i| {
+                    Ok(match r.get_ref(i)? {
+                        rusqlite::types::ValueRef::Null => None,
+                        rusqlite::types::ValueRef::Integer(v) => Some(v.to_string()),
+                        rusqlite::types::ValueRef::Real(v) => Some(v.to_string()),
+                        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+                            Some(String::from_utf8_lossy(t).into_owned())
+                        }
+                    })
+                })
+                .collect()
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
         .unwrap()
     }
 }

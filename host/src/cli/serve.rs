@@ -26,6 +26,14 @@ pub struct ServeArgs {
     /// The data folder (run store, bundles, traces), overriding the config's `data`.
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
+    /// Where runs, bundles and traces are kept, overriding the config's `store`: `sqlite`
+    /// (host.db in the data folder) or a `postgres://` URL shared by several replicas.
+    #[arg(long, value_name = "sqlite|URL", value_parser = |s: &str| serve::Location::parse(s))]
+    pub store: Option<serve::Location>,
+    /// This replica's name in the runs it serves, overriding the config's `replica`
+    /// [default: HOSTNAME:PORT].
+    #[arg(long, value_name = "NAME", value_parser = |s: &str| serve::check_replica(s).map(|()| s.to_owned()))]
+    pub replica: Option<String>,
     /// On SIGTERM or SIGINT, how long calls in flight may take to finish.
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     pub grace: String,
@@ -97,6 +105,8 @@ pub fn serve(global: &GlobalOptions, args: &ServeArgs) -> Result<Exit> {
         config: args.config.clone(),
         listen: args.listen,
         data: args.data.clone(),
+        store: args.store.clone(),
+        replica: args.replica.clone(),
         grace: parse_duration(&args.grace).context("--grace")?,
         runtime: global.runtime.clone(),
         cache_dir: global.cache_dir.clone(),

@@ -31,7 +31,12 @@ pub async fn move_alias(
     let request: MoveRequest = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::bad_input(format!("the body must be {{\"version\": VERSION}}: {e}"))
     })?;
-    if app.store.bundle(tenant.name(), &request.version)?.is_none() {
+    if app
+        .store
+        .bundle(tenant.name(), &request.version)
+        .await?
+        .is_none()
+    {
         return Err(ApiError::not_found(format!(
             "no bundle `{}`: deploy it first",
             request.version
@@ -39,7 +44,8 @@ pub async fn move_alias(
     }
     let previous = app
         .store
-        .move_alias(tenant.name(), &name, &request.version)?;
+        .move_alias(tenant.name(), &name, &request.version)
+        .await?;
     Ok(Json(
         json!({"alias": name, "version": request.version, "previous": previous}),
     ))
@@ -50,7 +56,9 @@ pub async fn list(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({"aliases": app.store.aliases(tenant.name())?})))
+    Ok(Json(
+        json!({"aliases": app.store.aliases(tenant.name()).await?}),
+    ))
 }
 
 /// `GET /v1/aliases/NAME/history`: every move, oldest first.
@@ -59,7 +67,7 @@ pub async fn history(
     Caller(tenant): Caller,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let moves = app.store.alias_history(tenant.name(), &name)?;
+    let moves = app.store.alias_history(tenant.name(), &name).await?;
     if moves.is_empty() {
         return Err(ApiError::not_found(format!("no alias `{name}`")));
     }

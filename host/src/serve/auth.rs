@@ -1,9 +1,7 @@
 //! Who is calling: a bearer token, digested and compared in constant time with every
 //! tenant's digests; and each tenant's calls-per-minute quota.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -15,58 +13,43 @@ use super::App;
 use super::config::Tenant;
 use super::error::ApiError;
 
-/// A tenant as the server runs it: its settings and its quota's window.
+/// A tenant as the server runs it.
 pub struct TenantState {
     /// Its position in the config: the worker pool's queue index.
     pub index: usize,
     pub config: Tenant,
-    /// When its calls of the last minute were accepted, oldest first.
-    window: Mutex<VecDeque<Instant>>,
 }
 
 impl TenantState {
     pub fn new(index: usize, config: Tenant) -> TenantState {
-        TenantState {
-            index,
-            config,
-            window: Mutex::new(VecDeque::new()),
-        }
+        TenantState { index, config }
     }
 
     pub fn name(&self) -> &str {
         &self.config.name
     }
+}
 
-    /// Counts one call against `calls_per_minute`; over it, a 429 saying when to retry.
-    pub fn admit(&self) -> Result<(), ApiError> {
-        let Some(quota) = self.config.calls_per_minute else {
-            return Ok(());
-        };
-        const MINUTE: Duration = Duration::from_secs(60);
-        let now = Instant::now();
-        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        while window
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= MINUTE)
-        {
-            window.pop_front();
-        }
-        if window.len() >= quota as usize {
-            let wait = MINUTE.saturating_sub(now.duration_since(window[0]));
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "quota",
-                format!(
-                    "tenant `{}` is over its quota of {quota} calls per minute",
-                    self.name()
-                ),
-            );
-            e.retry_after = Some(wait.as_secs().max(1));
-            return Err(e);
-        }
-        window.push_back(now);
-        Ok(())
-    }
+/// Counts one call against the tenant's `calls_per_minute`, over every replica (the store
+/// keeps the window: a sliding minute, exact, since admissions of one tenant take turns);
+/// over it, a 429 saying when to retry.
+pub async fn admit(app: &App, tenant: &TenantState) -> Result<(), ApiError> {
+    let Some(quota) = tenant.config.calls_per_minute else {
+        return Ok(());
+    };
+    let Some(wait_ms) = app.store.admit(tenant.name(), quota).await? else {
+        return Ok(());
+    };
+    let mut e = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "quota",
+        format!(
+            "tenant `{}` is over its quota of {quota} calls per minute",
+            tenant.name()
+        ),
+    );
+    e.retry_after = Some(wait_ms.div_ceil(1000).max(1));
+    Err(e)
 }
 
 /// The tenant whose token the request carries.

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use super::auth::Caller;
 use super::error::ApiError;
+use super::store::NewBundle;
 use super::{App, body};
 use crate::engine::write_cache_file;
 
@@ -43,7 +44,6 @@ pub async fn deploy(
         }
     }
     let bytes = body::read(request, tenant.config.max_body, app.body_timeout).await?;
-    app.check_storage(&tenant, bytes.len() as u64)?;
     let ticket = app
         .pool
         .reserve(tenant.index)
@@ -53,18 +53,20 @@ pub async fn deploy(
         .run(move || -> Result<(bool, Value), ApiError> {
             let runner = worker.runner()?;
             let (ready, file) = runner.deploy(&name, &bytes, &functions, label.as_deref())?;
+            // What the tenant keeps is the stored bundle file, not the body it sent.
+            worker.block_on(worker.check_storage(&tenant, file.len() as u64))?;
             let path = worker.bundle_path(ready.version());
             if !path.exists() {
                 write_cache_file(&path, &file)?;
             }
-            let created = worker.store.insert_bundle(
-                tenant.name(),
-                ready.version(),
-                ready.functions(),
-                ready.label(),
-                ready.notebook(),
-                file.len() as u64,
-            )?;
+            let created = worker.block_on(worker.store.insert_bundle(&NewBundle {
+                tenant: tenant.name(),
+                version: ready.version(),
+                functions: ready.functions(),
+                label: ready.label(),
+                notebook: ready.notebook(),
+                file: &file,
+            }))?;
             let answer = json!({
                 "version": ready.version(),
                 "functions": ready.functions(),
@@ -90,7 +92,9 @@ pub async fn list(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({"bundles": app.store.bundles(tenant.name())?})))
+    Ok(Json(
+        json!({"bundles": app.store.bundles(tenant.name()).await?}),
+    ))
 }
 
 /// `GET /v1/bundles/VERSION`: the bundle's manifest and what the tenant's deploy recorded.
@@ -102,8 +106,10 @@ pub async fn show(
     app.runner()?;
     let row = app
         .store
-        .bundle(tenant.name(), &version)?
+        .bundle(tenant.name(), &version)
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("no bundle `{version}`")))?;
+    app.fetch(&row.version).await?;
     let (worker, v) = (app.clone(), row.version.clone());
     let ready = tokio::task::spawn_blocking(move || worker.ready(&v))
         .await

@@ -3,7 +3,13 @@
 //! A call is accepted once its token, quota, body and queue place are good: refusals before
 //! that (401, 413, 429, 503) leave no row. From acceptance on, exactly one `runs` row records
 //! it: written first (so a crash leaves it to be marked `interrupted`), completed after the
-//! trace is on disk and before the response is sent.
+//! trace is stored (in the same transaction) and before the response is sent.
+//!
+//! A client's `Idempotency-Key` makes retries safe, on this replica or another: a key whose
+//! earlier call (same tenant, same body) returned gets that run's result back, and runs
+//! nothing; a key whose earlier call failed or was cut short runs again. Two calls with one
+//! key running at once both run, and the one that finishes second is recorded `duplicate`
+//! and answers the first one's result: a key never has two `returned` rows.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,22 +22,25 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::auth::{Caller, TenantState};
+use super::auth::{Caller, TenantState, admit};
 use super::bundles::busy;
 use super::error::ApiError;
-use super::store::{Finished, NewRun, RESULT_CAP};
+use super::runner::recorded_result;
+use super::store::{Completed, Finished, NewRun, RESULT_CAP, RunRow};
 use super::{App, body};
 use crate::door::Arguments;
-use crate::files::{create_private_dir, write_private};
 
 /// What a call left to record.
 #[derive(Default)]
 struct Record {
     duration_ms: Option<f64>,
     result: Option<Value>,
-    /// sha256 and size of the trace file, once it is written.
-    trace: Option<(String, u64)>,
+    /// The trace file and its sha256.
+    trace: Option<(Vec<u8>, String)>,
     error: Option<ApiError>,
+    /// The run whose result answers the call, when not this call's own: the first of two
+    /// calls with one `Idempotency-Key`.
+    run: Option<String>,
 }
 
 impl Record {
@@ -53,29 +62,45 @@ pub async fn call(
     let received = Instant::now();
     app.accepting()?;
     let runtime_sha256 = app.runner()?.runtime_sha256().to_owned();
-    tenant.admit()?;
+    admit(&app, &tenant).await?;
     let bytes = body::read(request, tenant.config.max_body, app.body_timeout).await?;
-    app.check_storage(&tenant, 0)?;
+    let input_sha256 = hex::encode(Sha256::digest(&bytes));
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Some(key) = &key
+        && let Some(earlier) = app.store.returned_run(tenant.name(), key).await?
+    {
+        return answer_again(&app, &tenant, earlier, &input_sha256).await;
+    }
+    app.check_storage(&tenant, 0).await?;
     let ticket = app
         .pool
         .reserve(tenant.index)
         .ok_or_else(|| busy(tenant.name()))?;
-    let target = resolve(&app, &tenant, &target, &function);
+    let target = resolve(&app, &tenant, &target, &function).await;
+    if let Ok((_, version)) = &target {
+        app.fetch(version).await?;
+    }
     let (alias, version) = match &target {
         Ok((alias, version)) => (alias.as_deref(), Some(version.as_str())),
         Err(_) => (None, None),
     };
     let id = uuid::Uuid::now_v7().to_string();
-    app.store.start_run(&NewRun {
-        id: &id,
-        tenant: tenant.name(),
-        alias,
-        bundle_version: version,
-        function: &function,
-        idempotency_key: headers.get("idempotency-key").and_then(|v| v.to_str().ok()),
-        input_sha256: &hex::encode(Sha256::digest(&bytes)),
-        runtime_sha256: &runtime_sha256,
-    })?;
+    app.store
+        .start_run(&NewRun {
+            id: &id,
+            tenant: tenant.name(),
+            alias,
+            bundle_version: version,
+            function: &function,
+            idempotency_key: key.as_deref(),
+            input_sha256: &input_sha256,
+            runtime_sha256: &runtime_sha256,
+            replica: &app.replica,
+        })
+        .await?;
     let version = version.map(str::to_owned);
     let accepted = Accepted {
         app: app.clone(),
@@ -85,13 +110,13 @@ pub async fn call(
         received,
     };
     let record = match (target, arguments(&bytes)) {
-        (Err(e), _) | (_, Err(e)) => accepted.finish(Record::failed(e)),
+        (Err(e), _) | (_, Err(e)) => accepted.finish(Record::failed(e)).await,
         // The worker completes the row itself: a client that hangs up mid-call drops this
         // handler, never the call's record.
         (Ok((_, version)), Ok(arguments)) => ticket
             .run(move || {
                 let record = execute(&accepted, &version, &arguments);
-                accepted.finish(record)
+                accepted.app.block_on(accepted.finish(record))
             })
             .await
             .unwrap_or_else(|_| {
@@ -105,19 +130,12 @@ pub async fn call(
         e
     })?;
     match record.error {
-        None => {
-            let mut response = Json(json!({
-                "result": record.result,
-                "bundle": version,
-                "run": id,
-                "duration_ms": record.duration_ms,
-            }))
-            .into_response();
-            response
-                .headers_mut()
-                .insert("host-run", id.parse().expect("a uuid is a header value"));
-            Ok(response)
-        }
+        None => Ok(returned(
+            record.result,
+            version.as_deref(),
+            record.run.as_deref().unwrap_or(&id),
+            record.duration_ms,
+        )),
         Some(mut e) => {
             e.bundle = version;
             e.run = Some(id);
@@ -126,22 +144,100 @@ pub async fn call(
     }
 }
 
+/// The 200 answer of a call that returned: its run id is also the `Host-Run` header.
+fn returned(result: Option<Value>, bundle: Option<&str>, run: &str, ms: Option<f64>) -> Response {
+    let mut response = Json(json!({
+        "result": result,
+        "bundle": bundle,
+        "run": run,
+        "duration_ms": ms,
+    }))
+    .into_response();
+    if let Ok(value) = run.parse() {
+        response.headers_mut().insert("host-run", value);
+    }
+    response
+}
+
+/// A retried call whose key already returned: the stored answer, if the body is the same.
+async fn answer_again(
+    app: &App,
+    tenant: &TenantState,
+    earlier: RunRow,
+    input_sha256: &str,
+) -> Result<Response, ApiError> {
+    if earlier.input_sha256 != input_sha256 {
+        let mut e = ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency",
+            format!(
+                "this Idempotency-Key was used by run {} with another body: use a new key \
+                 for a new call",
+                earlier.id
+            ),
+        );
+        e.run = Some(earlier.id);
+        return Err(e);
+    }
+    let result = stored_result(app, &earlier).await?;
+    metrics::counter!(
+        "host_calls_answered_again_total",
+        "tenant" => tenant.name().to_owned()
+    )
+    .increment(1);
+    let mut response = returned(
+        Some(result),
+        earlier.bundle_version.as_deref(),
+        &earlier.id,
+        earlier.duration_ms,
+    );
+    response.headers_mut().insert(
+        "idempotent-replayed",
+        axum::http::HeaderValue::from_static("true"),
+    );
+    Ok(response)
+}
+
+/// A returned run's result: from its row, or (over [`RESULT_CAP`]) from its trace.
+async fn stored_result(app: &App, run: &RunRow) -> Result<Value, ApiError> {
+    if let Some(result) = &run.result {
+        return Ok(result.clone());
+    }
+    let trace = app
+        .store
+        .trace(&run.tenant, &run.id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::GONE,
+                "pruned",
+                format!(
+                    "run {} returned a result too large to keep in its row, and its trace \
+                     was pruned: call again with a new Idempotency-Key",
+                    run.id
+                ),
+            )
+        })?;
+    Ok(recorded_result(&trace)?)
+}
+
 /// The alias (when the target is one of the tenant's aliases) and the version to call; 404
 /// when the target is neither an alias nor a version of this tenant, or the version does
 /// not offer the function.
-fn resolve(
+async fn resolve(
     app: &App,
     tenant: &TenantState,
     target: &str,
     function: &str,
 ) -> Result<(Option<String>, String), ApiError> {
-    let (alias, version) = match app.store.alias(tenant.name(), target)? {
+    let (alias, version) = match app.store.alias(tenant.name(), target).await? {
         Some(version) => (Some(target.to_owned()), version),
         None => (None, target.to_owned()),
     };
     let bundle = app
         .store
-        .bundle(tenant.name(), &version)?
+        .bundle(tenant.name(), &version)
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("no alias or version `{target}`")))?;
     if !bundle.functions.iter().any(|f| f == function) {
         let mut e = ApiError::not_found(format!(
@@ -183,7 +279,7 @@ struct Accepted {
 impl Accepted {
     /// Completes the call's row, makes room in the tenant's storage for what it added, and
     /// counts it in the metrics.
-    fn finish(&self, record: Record) -> Result<Record, ApiError> {
+    async fn finish(&self, mut record: Record) -> Result<Record, ApiError> {
         let (app, tenant) = (&self.app, &self.tenant);
         let (status, outcome) = match &record.error {
             None => (StatusCode::OK, "returned"),
@@ -194,23 +290,36 @@ impl Accepted {
             .as_ref()
             .map(|t| hex::encode(Sha256::digest(t.as_bytes())));
         let message = record.error.as_ref().map(ApiError::message);
-        app.store.finish_run(
-            &self.id,
-            &Finished {
-                duration_ms: record.duration_ms,
-                outcome,
-                http_status: status.as_u16(),
-                result: result_text.as_deref().filter(|t| t.len() <= RESULT_CAP),
-                result_sha256: result_sha256.as_deref(),
-                error: message.as_deref(),
-                trace_sha256: record.trace.as_ref().map(|t| t.0.as_str()),
-                trace_size: record.trace.as_ref().map(|t| t.1),
-            },
-        )?;
+        let completed = app
+            .store
+            .finish_run(
+                &self.id,
+                &Finished {
+                    duration_ms: record.duration_ms,
+                    outcome,
+                    http_status: status.as_u16(),
+                    result: result_text.as_deref().filter(|t| t.len() <= RESULT_CAP),
+                    result_sha256: result_sha256.as_deref(),
+                    error: message.as_deref(),
+                    trace: record
+                        .trace
+                        .as_ref()
+                        .map(|(data, sha)| (data.as_slice(), sha.as_str())),
+                },
+            )
+            .await?;
+        if let Completed::Duplicate(earlier) = completed {
+            let row = app.store.run(tenant.name(), &earlier).await?;
+            record.result = match row {
+                Some(row) => Some(stored_result(app, &row).await?),
+                None => None,
+            };
+            record.run = Some(earlier);
+        }
         // The call's trace may have taken the tenant over its storage: older traces make
         // room now, so the quota holds between calls (the next call is refused if they
         // cannot).
-        if let Err(e) = app.check_storage(tenant, 0) {
+        if let Err(e) = app.check_storage(tenant, 0).await {
             eprintln!("host: tenant `{}`: {}", tenant.name(), e.message());
         }
         let labels = [
@@ -247,7 +356,7 @@ fn execute(call: &Accepted, version: &str, arguments: &Arguments) -> Record {
         ..
     } = call;
     let run = || -> Result<Record, ApiError> {
-        app.store.run_started(id)?;
+        app.block_on(app.store.run_started(id))?;
         let ready = app.ready(version)?;
         let runner = app.runner()?;
         let started = Instant::now();
@@ -259,24 +368,13 @@ fn execute(call: &Accepted, version: &str, arguments: &Arguments) -> Record {
             arguments,
         )?;
         let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let path = app.trace_path(tenant.name(), id);
-        let written = path
-            .parent()
-            .map_or(Ok(()), create_private_dir)
-            .and_then(|()| write_private(&path, &done.trace));
-        if let Err(e) = written {
-            return Err(ApiError::unavailable(format!(
-                "the call ran, but its trace could not be stored: {e:#}"
-            )));
-        }
+        let sha256 = hex::encode(Sha256::digest(&done.trace));
         Ok(Record {
             duration_ms: Some(duration_ms),
             result: done.result,
-            trace: Some((
-                hex::encode(Sha256::digest(&done.trace)),
-                done.trace.len() as u64,
-            )),
+            trace: Some((done.trace, sha256)),
             error: done.error.map(ApiError::call_failed),
+            run: None,
         })
     };
     run().unwrap_or_else(Record::failed)

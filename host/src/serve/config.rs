@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+use super::store::Location;
 use crate::error::bad_input;
 use crate::policy::{Grant, Limits, parse_duration, parse_size};
 
@@ -22,6 +23,7 @@ struct File {
     listen: Option<String>,
     data: Option<PathBuf>,
     store: Option<String>,
+    replica: Option<String>,
     workers: Option<usize>,
     max_memory: Option<String>,
     max_timeout: Option<String>,
@@ -55,8 +57,12 @@ struct TenantFile {
 #[derive(Debug)]
 pub struct Config {
     pub listen: SocketAddr,
-    /// Holds `host.db`, the bundles and the traces.
+    /// Holds `host.db` (with the SQLite store) and the default tenant's token.
     pub data: PathBuf,
+    /// Where runs, bundles and traces are kept.
+    pub store: Location,
+    /// This server's name in `runs.replica`; by default `HOSTNAME:PORT`.
+    pub replica: Option<String>,
     /// Calls running at once, over all tenants.
     pub workers: usize,
     /// How long a client may take to send a request's body.
@@ -107,6 +113,21 @@ const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_CONCURRENCY: usize = 2;
 const DEFAULT_QUEUE: usize = 16;
 
+/// A replica's name: it goes into every run row and into log lines, so it is short and plain.
+pub fn check_replica(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 100
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+    {
+        anyhow::bail!(
+            "`{name}` is not a replica name: 1 to 100 of letters, digits, `-`, `_`, `.` and `:`"
+        );
+    }
+    Ok(())
+}
+
 impl Config {
     /// The config file at `path`.
     pub fn read(path: &Path) -> Result<Config> {
@@ -125,18 +146,12 @@ impl Config {
                 "listen: `{listen}` is not an address and port (e.g. 127.0.0.1:8080): {e}"
             ))
         })?;
-        match file.store.as_deref() {
-            None | Some("sqlite") => {}
-            Some(url) if url.starts_with("postgres://") => {
-                return Err(bad_input(
-                    "store: PostgreSQL is not supported yet; use `sqlite`",
-                ));
-            }
-            Some(other) => {
-                return Err(bad_input(format!(
-                    "store: `{other}` is not a store: use `sqlite`"
-                )));
-            }
+        let store = match file.store.as_deref() {
+            None => Location::Sqlite,
+            Some(text) => Location::parse(text).map_err(key("store"))?,
+        };
+        if let Some(replica) = &file.replica {
+            check_replica(replica).map_err(key("replica"))?;
         }
         let workers = match file.workers {
             Some(0) => return Err(bad_input("workers: must be at least 1")),
@@ -170,6 +185,8 @@ impl Config {
         Ok(Config {
             listen,
             data: file.data.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
+            store,
+            replica: file.replica,
             workers,
             body_timeout,
             tenants,

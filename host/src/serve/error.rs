@@ -10,6 +10,8 @@
 //! | 401 | `unauthorized` | no token, or one no tenant has |
 //! | 404 | `not_found` | unknown alias, version, function or run (or another tenant's) |
 //! | 408 | `body_timeout` | the request body did not arrive in time |
+//! | 409 | `idempotency` | an `Idempotency-Key` already used with another body |
+//! | 410 | `pruned` | a retried call's earlier result is gone with its pruned trace |
 //! | 413 | `too_large` | the body is over the tenant's `max_body` |
 //! | 422 | `raised`, `exited`, `limit` | the function raised (exit 1), or hit a limit (exit 3) |
 //! | 429 | `quota`, `busy` | over `calls_per_minute` (with `Retry-After`), or over `concurrency + queue` |
@@ -22,6 +24,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::runner::is_user_error;
+use super::store::is_store_error;
 
 /// A failed request. Boxed: it travels in every handler's `Result`, mostly unused.
 #[derive(Debug)]
@@ -126,7 +129,7 @@ impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> ApiError {
         if is_user_error(&e) {
             ApiError::bad_input(format!("{e:#}"))
-        } else if e.chain().any(|c| c.is::<rusqlite::Error>()) {
+        } else if is_store_error(&e) {
             metrics::counter!("host_store_errors_total").increment(1);
             ApiError::unavailable(format!("the run store is unavailable: {e:#}"))
         } else {

@@ -17,7 +17,7 @@ pub async fn healthz() -> &'static str {
 pub async fn readyz(State(app): State<Arc<App>>) -> Result<&'static str, ApiError> {
     app.accepting()?;
     app.runner()?;
-    app.store.ping()?;
+    app.store.ping().await?;
     Ok("ready\n")
 }
 

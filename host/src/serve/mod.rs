@@ -5,7 +5,12 @@
 //! `host run` makes. Requests go through [`router`] to one file per resource
 //! ([`bundles`], [`aliases`], [`calls`], [`runs`], [`health`]); calls run on the [`workers`]
 //! pool through the [`runner`], the one file that calls the library; every call leaves a row
-//! in the [`store`] and a trace on disk before it is answered.
+//! and its trace in the [`store`] before it is answered.
+//!
+//! Several replicas may share one PostgreSQL store: each reads aliases and bundles from it
+//! on every call (so a move or a deploy through one is in effect on all at once), loads
+//! bundles deployed elsewhere in the background ([`App::follow`]), and beats in the
+//! `replicas` table so the others can mark its unfinished runs when it dies.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +25,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::engine::write_cache_file;
 use crate::error::Exit;
 use crate::files::{create_private_dir, write_private};
 
@@ -34,13 +40,15 @@ mod health;
 mod runner;
 mod runs;
 mod storage;
-mod store;
+pub mod store;
 mod workers;
 
 use auth::TenantState;
 use config::Config;
+pub use config::check_replica;
 use error::ApiError;
 use runner::{Ready, Runner};
+pub use store::Location;
 use store::Store;
 use workers::Pool;
 
@@ -53,6 +61,10 @@ pub struct Options {
     pub listen: Option<SocketAddr>,
     /// Overrides the config's `data`.
     pub data: Option<PathBuf>,
+    /// Overrides the config's `store`.
+    pub store: Option<Location>,
+    /// Overrides the config's `replica`.
+    pub replica: Option<String>,
     /// How long calls in flight may take to finish after SIGTERM or SIGINT.
     pub grace: Duration,
     /// The Python runtime folder, as the global `--runtime`.
@@ -66,6 +78,10 @@ pub struct App {
     pub tenants: Vec<Arc<TenantState>>,
     pub store: Store,
     pub pool: Pool,
+    /// This server's name in the runs it serves.
+    pub replica: String,
+    /// The async runtime, for the workers' (plain threads') store calls.
+    rt: tokio::runtime::Handle,
     /// Set once the interpreter is compiled: until then `/readyz` and calls answer 503.
     runner: OnceLock<Runner>,
     /// Deployed bundles by version, pre-initialised.
@@ -94,23 +110,45 @@ impl App {
         Ok(())
     }
 
-    /// Where a version's bundle file is kept.
+    /// Where this replica keeps its copy of a version's bundle file (the store holds the
+    /// original).
     fn bundle_path(&self, version: &str) -> PathBuf {
         self.data
             .join("bundles")
             .join(format!("{version}.bundle.json"))
     }
 
-    /// Where a run's trace is kept.
-    fn trace_path(&self, tenant: &str, run: &str) -> PathBuf {
-        self.data
-            .join("traces")
-            .join(tenant)
-            .join(format!("{run}.trace"))
+    /// Whether a version is loaded here.
+    fn is_ready(&self, version: &str) -> bool {
+        self.ready
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(version)
     }
 
-    /// A deployed version, ready to call: from memory, or loaded from its stored file (after
-    /// a restart). Blocking: call it from a worker.
+    /// Copies a version's bundle file from the store to this replica's folder, unless it is
+    /// there: a version deployed through another replica.
+    async fn fetch(&self, version: &str) -> Result<()> {
+        let path = self.bundle_path(version);
+        if self.is_ready(version) || path.exists() {
+            return Ok(());
+        }
+        let file = self
+            .store
+            .bundle_file(version)
+            .await?
+            .with_context(|| format!("the store has no bundle file for version {version}"))?;
+        write_cache_file(&path, &file)
+    }
+
+    /// Runs a store call from a worker thread (not an async one).
+    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        self.rt.block_on(f)
+    }
+
+    /// A deployed version, ready to call: from memory, or loaded from its file (after a
+    /// restart, or when another replica deployed it; [`App::fetch`] brings the file).
+    /// Blocking: call it from a worker.
     fn ready(&self, version: &str) -> Result<Arc<Ready>> {
         if let Some(ready) = self
             .ready
@@ -185,12 +223,11 @@ pub fn serve(options: &Options) -> Result<()> {
             .tenants
             .push(Config::default_tenant(default_token(&config.data)?)?);
     }
-    let store = Store::open(&config.data.join("host.db"))?;
-    let interrupted = store.mark_interrupted()?;
-    if interrupted > 0 {
-        eprintln!(
-            "host: {interrupted} call(s) were cut short by the last stop: marked interrupted"
-        );
+    if let Some(store) = &options.store {
+        config.store = store.clone();
+    }
+    if let Some(replica) = &options.replica {
+        config.replica = Some(replica.clone());
     }
     let metrics = PrometheusBuilder::new()
         .set_buckets(&[
@@ -199,40 +236,68 @@ pub fn serve(options: &Options) -> Result<()> {
         .context("histogram buckets")?
         .install_recorder()
         .context("failed to install the metrics recorder")?;
-    let places: Vec<(usize, usize)> = config
-        .tenants
-        .iter()
-        .map(|t| (t.concurrency, t.queue))
-        .collect();
-    let app = Arc::new(App {
-        pool: Pool::new(config.workers, &places),
-        tenants: config
-            .tenants
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| Arc::new(TenantState::new(i, t)))
-            .collect(),
-        store,
-        runner: OnceLock::new(),
-        ready: RwLock::new(HashMap::new()),
-        data: config.data.clone(),
-        body_timeout: config.body_timeout,
-        metrics,
-        draining: AtomicBool::new(false),
-    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
-    runtime.block_on(run(app, config.listen, options))
+    runtime.block_on(async {
+        let store = Store::open(&config.store, &config.data).await?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("failed to listen on {}", config.listen))?;
+        let address = listener.local_addr()?;
+        let replica = match config.replica.take() {
+            Some(name) => name,
+            // The configured port, not the bound one: a server restarted on port 0 is still
+            // the same replica, and marks its own unfinished runs.
+            None => format!("{}:{}", hostname(), config.listen.port()),
+        };
+        let interrupted = store.mark_interrupted(&replica).await?;
+        if interrupted > 0 {
+            eprintln!(
+                "host: {interrupted} call(s) were cut short by the last stop: marked interrupted"
+            );
+        }
+        let places: Vec<(usize, usize)> = config
+            .tenants
+            .iter()
+            .map(|t| (t.concurrency, t.queue))
+            .collect();
+        let app = Arc::new(App {
+            pool: Pool::new(config.workers, &places),
+            tenants: config
+                .tenants
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| Arc::new(TenantState::new(i, t)))
+                .collect(),
+            store,
+            replica,
+            rt: tokio::runtime::Handle::current(),
+            runner: OnceLock::new(),
+            ready: RwLock::new(HashMap::new()),
+            data: config.data.clone(),
+            body_timeout: config.body_timeout,
+            metrics,
+            draining: AtomicBool::new(false),
+        });
+        // Tests and scripts read the real address (for port 0) from this line.
+        eprintln!(
+            "host: replica {} on the {} store",
+            app.replica,
+            app.store.kind()
+        );
+        eprintln!("host: listening on http://{address}");
+        run(app, listener, options).await
+    })
 }
 
-async fn run(app: Arc<App>, listen: SocketAddr, options: &Options) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("failed to listen on {listen}"))?;
-    // Tests and scripts read the real address (for port 0) from this line.
-    eprintln!("host: listening on http://{}", listener.local_addr()?);
+/// How often a replica says it is alive, and how long the others wait after its last word
+/// before they mark its unfinished runs interrupted.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+const SILENT: Duration = Duration::from_secs(15);
+
+async fn run(app: Arc<App>, listener: tokio::net::TcpListener, options: &Options) -> Result<()> {
     let warm = app.clone();
     let (runtime, cache_dir) = (options.runtime.clone(), options.cache_dir.clone());
     std::thread::spawn(move || {
@@ -246,6 +311,7 @@ async fn run(app: Arc<App>, listen: SocketAddr, options: &Options) -> Result<()>
             std::process::exit(exit as i32);
         }
     });
+    tokio::spawn(app.clone().follow());
     let stop = Arc::new(tokio::sync::Notify::new());
     let signalled = stop.clone();
     let draining = app.clone();
@@ -265,20 +331,78 @@ async fn run(app: Arc<App>, listen: SocketAddr, options: &Options) -> Result<()>
         }
     }
     // Calls still running are cut short by this exit: their rows say so.
-    let cut = app.store.mark_interrupted()?;
+    let cut = app.store.mark_interrupted(&app.replica).await?;
     if cut > 0 {
         eprintln!("host: {cut} call(s) marked interrupted");
     }
-    app.store.checkpoint()?;
+    app.store.close().await?;
     eprintln!("host: stopped");
     Ok(())
+}
+
+impl App {
+    /// What a replica does in the background, every [`HEARTBEAT`]: says it is alive (and
+    /// marks the unfinished runs of replicas that stopped saying so), and loads the versions
+    /// other replicas deployed, so their first call here finds them pre-initialised. A
+    /// failing store is reported once per outage and tried again at the next beat.
+    async fn follow(self: Arc<App>) {
+        let mut failing = false;
+        // Versions that would not load are left to their first call, which says why.
+        let mut failed = std::collections::HashSet::new();
+        loop {
+            tokio::time::sleep(HEARTBEAT).await;
+            let beat = async {
+                let marked = self.store.heartbeat(&self.replica, SILENT).await?;
+                if marked > 0 {
+                    eprintln!("host: {marked} call(s) of a stopped replica marked interrupted");
+                }
+                if self.runner.get().is_some() {
+                    for version in self.store.versions().await? {
+                        if !self.is_ready(&version) && !failed.contains(&version) {
+                            self.fetch(&version).await?;
+                            let (app, v) = (self.clone(), version.clone());
+                            let loaded = tokio::task::spawn_blocking(move || app.ready(&v)).await;
+                            if let Ok(Err(e)) = loaded {
+                                eprintln!("host: warning: {e:#}");
+                                failed.insert(version);
+                            }
+                        }
+                    }
+                }
+                anyhow::Ok(())
+            };
+            match beat.await {
+                Ok(()) if failing => {
+                    eprintln!("host: the run store answers again");
+                    failing = false;
+                }
+                Err(e) if !failing => {
+                    eprintln!("host: the run store is failing: {e:#}");
+                    failing = true;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// This machine's name, for the default replica name.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && check_replica(h).is_ok())
+        .unwrap_or_else(|| "host".to_owned())
 }
 
 /// Compiles the interpreter and loads every deployed bundle, then marks the server ready.
 fn start_runner(app: &App, runtime: Option<&Path>, cache_dir: Option<PathBuf>) -> Result<()> {
     let runner = Runner::start(runtime, cache_dir)?;
-    for version in app.store.versions()? {
-        match runner.load(&app.bundle_path(&version)) {
+    for version in app.block_on(app.store.versions())? {
+        let loaded = app
+            .block_on(app.fetch(&version))
+            .and_then(|()| runner.load(&app.bundle_path(&version)));
+        match loaded {
             Ok(ready) => app.keep(Arc::new(ready)),
             // Left to the first call of that version, which reports what is wrong.
             Err(e) => eprintln!("host: warning: bundle {version} not loaded: {e:#}"),

@@ -18,6 +18,7 @@ use crate::policy::{Grant, LimitExceeded, Limits, Policy};
 use crate::preinit::Prepared;
 use crate::runtime::Runtime;
 use crate::sandbox::Sandbox;
+use crate::trace::Trace;
 
 /// The engine and the compiled interpreter, shared by every request.
 pub struct Runner {
@@ -106,7 +107,8 @@ impl Runner {
         Ok((self.prepare(bundle)?, file))
     }
 
-    /// A bundle the server stored at deploy, ready again (after a restart).
+    /// A bundle the server stored at deploy, ready again (after a restart, or on another
+    /// replica).
     pub fn load(&self, path: &Path) -> Result<Ready> {
         match Bundle::read(path, None)? {
             Opened::Bundle(bundle) => self.prepare(*bundle),
@@ -232,4 +234,15 @@ impl Ready {
             "no_image_because": self.prepared.unavailable,
         })
     }
+}
+
+/// The value a recorded call returned, from its trace: for a result too large for its row.
+pub fn recorded_result(trace: &[u8]) -> Result<Value> {
+    let trace = Trace::decode(trace).context("a stored trace does not decode")?;
+    trace
+        .outputs
+        .outcome
+        .get("returned")
+        .cloned()
+        .context("the stored trace's call did not return")
 }

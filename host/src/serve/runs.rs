@@ -21,8 +21,8 @@ pub async fn list(
     filter: Result<Query<RunFilter>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(filter) = filter.map_err(|e| ApiError::bad_input(e.body_text()))?;
-    let limit = filter.limit.unwrap_or(100).min(1000) as usize;
-    let runs = app.store.runs(tenant.name(), &filter)?;
+    let limit = filter.limit() as usize;
+    let runs = app.store.runs(tenant.name(), &filter).await?;
     let next = (runs.len() == limit)
         .then(|| runs.last().map(|r| r.id.clone()))
         .flatten();
@@ -35,7 +35,7 @@ pub async fn show(
     Caller(tenant): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<RunRow>, ApiError> {
-    Ok(Json(find(&app, tenant.name(), &id)?))
+    Ok(Json(find(&app, tenant.name(), &id).await?))
 }
 
 /// `GET /v1/runs/ID/trace`: the trace file, as `host replay` reads it.
@@ -44,7 +44,7 @@ pub async fn trace(
     Caller(tenant): Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let run = find(&app, tenant.name(), &id)?;
+    let run = find(&app, tenant.name(), &id).await?;
     if run.trace_pruned {
         return Err(ApiError::not_found(format!(
             "run {id}'s trace was pruned (retention or storage quota)"
@@ -56,18 +56,18 @@ pub async fn trace(
             run.outcome.as_deref().unwrap_or("still running")
         )));
     }
-    let path = app.trace_path(tenant.name(), &id);
-    let bytes = tokio::fs::read(&path).await.map_err(|e| {
-        ApiError::internal(&anyhow::anyhow!(
-            "run {id}'s trace `{}` is missing: {e}",
-            path.display()
-        ))
-    })?;
+    // Pruned between the two reads: the row says so now.
+    let bytes = app
+        .store
+        .trace(tenant.name(), &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("run {id}'s trace was just pruned")))?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
-fn find(app: &App, tenant: &str, id: &str) -> Result<RunRow, ApiError> {
+async fn find(app: &App, tenant: &str, id: &str) -> Result<RunRow, ApiError> {
     app.store
-        .run(tenant, id)?
+        .run(tenant, id)
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("no run `{id}`")))
 }

@@ -4,6 +4,10 @@
 //! bundles and traces are still over `storage`, as many more as it takes. Their rows stay,
 //! marked `trace_pruned`. When even that is not enough (the bundles alone fill the quota),
 //! deploys and calls are refused with 507: a call is never run without being recorded.
+//!
+//! Over several replicas the quota is as exact as the store's sums at the moment of each
+//! check: two replicas may both admit a call that together goes over by one trace, which the
+//! next check prunes.
 
 use anyhow::Result;
 use axum::http::StatusCode;
@@ -14,25 +18,24 @@ use super::error::ApiError;
 
 impl App {
     /// Makes room for `incoming` more bytes of the tenant's, or refuses with 507.
-    pub(super) fn check_storage(
+    pub(super) async fn check_storage(
         &self,
         tenant: &TenantState,
         incoming: u64,
     ) -> Result<(), ApiError> {
         let name = tenant.name();
         if let Some(retention) = tenant.config.retention {
-            let before = self.store.ago(retention)?;
-            for (id, _) in self.store.traces(name, Some(&before))? {
-                self.prune(name, &id)?;
+            for (id, _) in self.store.traces(name, Some(retention)).await? {
+                self.store.prune(&id).await?;
             }
         }
         let Some(quota) = tenant.config.storage else {
             return Ok(());
         };
-        let mut usage = self.store.usage(name)?;
+        let mut usage = self.store.usage(name).await?;
         if usage + incoming > quota {
-            for (id, size) in self.store.traces(name, None)? {
-                self.prune(name, &id)?;
+            for (id, size) in self.store.traces(name, None).await? {
+                self.store.prune(&id).await?;
                 usage = usage.saturating_sub(size);
                 if usage + incoming <= quota {
                     break;
@@ -50,17 +53,5 @@ impl App {
             ));
         }
         Ok(())
-    }
-
-    /// Marks a run's trace pruned, then removes the file: a row never points at a trace that
-    /// is gone.
-    fn prune(&self, tenant: &str, id: &str) -> Result<()> {
-        self.store.mark_pruned(id)?;
-        let path = self.trace_path(tenant, id);
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow::Error::new(e)
-                .context(format!("failed to prune trace `{}`", path.display()))),
-            _ => Ok(()),
-        }
     }
 }

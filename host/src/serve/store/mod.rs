@@ -1,0 +1,561 @@
+//! The run store: everything replicas share, behind one interface with two backends.
+//!
+//! [`Store`] is what the server calls; [`sqlite`] (one file, `host.db`, the embedded default)
+//! and [`postgres`] (`store = "postgres://..."`, for several replicas) implement the same
+//! methods over the same schema, brought up to date at start by the same versioned
+//! [`MIGRATIONS`]. Bundle files and traces are rows too (`bundle_files`, `traces`), so every
+//! replica reads what any replica wrote, a trace is committed in the same transaction as
+//! the row that points at it, and one backup holds everything (docs/deploy.md says why
+//! this beats a shared folder or object storage at the volumes measured).
+//!
+//! Schema (version 2):
+//!
+//! - `bundles(tenant, version, functions, label, notebook, size, deployed_at)`: the bundles a
+//!   tenant deployed; `size` (of the stored bundle file) counts towards the tenant's
+//!   storage. `functions` is a JSON array.
+//! - `bundle_files(version, data)`: each bundle file once, shared by tenants that deploy the
+//!   same content.
+//! - `aliases(tenant, name, version, moved_at)`: where each alias points now.
+//! - `alias_moves(id, tenant, alias, from_version, to_version, moved_at)`: every move, kept,
+//!   in order (`id`).
+//! - `runs`: one row per accepted call, written when the call is accepted and completed when
+//!   it ends; a row whose `outcome` is still NULL was cut short by a crash and is marked
+//!   `interrupted` (by its replica's next start, or by any replica once its replica stopped
+//!   beating, see `replicas`). Columns: `id` (UUIDv7, so ids sort by time), `tenant`, `alias`
+//!   (when called by alias), `bundle_version`, `function`, `idempotency_key` (the client's
+//!   `Idempotency-Key` header; at most one `returned` row per tenant and key), `received_at`,
+//!   `started_at`, `finished_at` (UTC, RFC 3339 with milliseconds), `duration_ms` (the call
+//!   in the sandbox), `outcome` (`returned|raised|limit|bad_input|internal|interrupted`, and
+//!   `duplicate` for a retried call that finished after another with its key returned),
+//!   `http_status`, `input_sha256` (of the request body), `result` (the value's JSON, NULL
+//!   when over [`RESULT_CAP`] bytes), `result_sha256`, `error` (the message), `trace_sha256`
+//!   and `trace_size` (of its `traces` row), `trace_pruned` (1 once retention or the storage
+//!   quota removed the trace), `host_version`, `runtime_sha256`, `replica` (which replica
+//!   served it).
+//! - `traces(run, data)`: each run's trace file, as `host replay` reads it.
+//! - `admissions(tenant, at_ms)`: when each tenant's calls of the last minute were admitted,
+//!   for `calls_per_minute` across replicas.
+//! - `replicas(name, seen_at_ms)`: each replica's last heartbeat.
+//!
+//! Times are the database's own, taken when each statement runs, so rows from every replica
+//! sort and compare on one clock.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+
+pub mod postgres;
+pub mod sqlite;
+
+/// A run's stored result is capped: the trace holds the whole of it.
+pub const RESULT_CAP: usize = 64 << 10;
+
+/// The schema's migrations, in order: migration `i` takes a store from version `i` to `i + 1`.
+/// Written once for both backends; [`Dialect::sql`] fills in the few types they spell
+/// differently (`{serial}`, `{real}`, `{big}`, `{blob}`).
+pub const MIGRATIONS: &[&str] = &[
+    "
+    CREATE TABLE bundles (
+        tenant TEXT NOT NULL,
+        version TEXT NOT NULL,
+        functions TEXT NOT NULL,
+        label TEXT,
+        notebook TEXT NOT NULL,
+        size {big} NOT NULL,
+        deployed_at TEXT NOT NULL,
+        PRIMARY KEY (tenant, version)
+    );
+    CREATE TABLE aliases (
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        moved_at TEXT NOT NULL,
+        PRIMARY KEY (tenant, name)
+    );
+    CREATE TABLE alias_moves (
+        id {serial},
+        tenant TEXT NOT NULL,
+        alias TEXT NOT NULL,
+        from_version TEXT,
+        to_version TEXT NOT NULL,
+        moved_at TEXT NOT NULL
+    );
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        alias TEXT,
+        bundle_version TEXT,
+        function TEXT NOT NULL,
+        idempotency_key TEXT,
+        received_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT,
+        duration_ms {real},
+        outcome TEXT,
+        http_status INTEGER,
+        input_sha256 TEXT NOT NULL,
+        result TEXT,
+        result_sha256 TEXT,
+        error TEXT,
+        trace_sha256 TEXT,
+        trace_size {big},
+        trace_pruned INTEGER NOT NULL DEFAULT 0,
+        host_version TEXT NOT NULL,
+        runtime_sha256 TEXT NOT NULL
+    );
+    CREATE INDEX runs_by_tenant ON runs (tenant, id);
+    ",
+    "
+    ALTER TABLE runs ADD COLUMN replica TEXT;
+    CREATE UNIQUE INDEX runs_returned_once ON runs (tenant, idempotency_key)
+        WHERE outcome = 'returned' AND idempotency_key IS NOT NULL;
+    CREATE INDEX runs_in_flight ON runs (replica) WHERE outcome IS NULL;
+    CREATE TABLE bundle_files (
+        version TEXT PRIMARY KEY,
+        data {blob} NOT NULL
+    );
+    CREATE TABLE traces (
+        run TEXT PRIMARY KEY,
+        data {blob} NOT NULL
+    );
+    CREATE TABLE admissions (
+        tenant TEXT NOT NULL,
+        at_ms {big} NOT NULL
+    );
+    CREATE INDEX admissions_by_tenant ON admissions (tenant, at_ms);
+    CREATE TABLE replicas (
+        name TEXT PRIMARY KEY,
+        seen_at_ms {big} NOT NULL
+    );
+    ",
+];
+
+/// The SQL spellings that differ between the backends.
+#[derive(Clone, Copy)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// A migration's SQL in this dialect.
+    pub fn sql(self, migration: &str) -> String {
+        let (serial, real, big, blob) = match self {
+            Dialect::Sqlite => (
+                "INTEGER PRIMARY KEY AUTOINCREMENT",
+                "REAL",
+                "INTEGER",
+                "BLOB",
+            ),
+            Dialect::Postgres => (
+                "BIGSERIAL PRIMARY KEY",
+                "DOUBLE PRECISION",
+                "BIGINT",
+                "BYTEA",
+            ),
+        };
+        migration
+            .replace("{serial}", serial)
+            .replace("{real}", real)
+            .replace("{big}", big)
+            .replace("{blob}", blob)
+    }
+}
+
+/// Refuses a store whose schema is newer than this host knows.
+fn check_version(done: usize) -> Result<()> {
+    if done > MIGRATIONS.len() {
+        bail!(
+            "its schema is version {done}, newer than this host's ({}): use a newer host",
+            MIGRATIONS.len()
+        );
+    }
+    Ok(())
+}
+
+/// Where the store is: `sqlite` (the default, `host.db` in the data folder) or a
+/// `postgres://` (or `postgresql://`) URL.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Location {
+    Sqlite,
+    Postgres(String),
+}
+
+impl Location {
+    /// Parses the config's `store` or `--store`.
+    pub fn parse(text: &str) -> Result<Location> {
+        if text == "sqlite" {
+            Ok(Location::Sqlite)
+        } else if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            text.parse::<tokio_postgres::Config>().map_err(|e| {
+                crate::error::bad_input(format!("`{}` is not a PostgreSQL URL: {e}", redact(text)))
+            })?;
+            Ok(Location::Postgres(text.to_owned()))
+        } else {
+            Err(crate::error::bad_input(format!(
+                "`{}` is not a store: use `sqlite` or a `postgres://` URL",
+                redact(text)
+            )))
+        }
+    }
+}
+
+/// A URL without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let user = &url[s + 3..at];
+            match user.split_once(':') {
+                Some((name, _)) => format!("{}{name}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A deployed bundle, as `GET /v1/bundles` lists it.
+#[derive(Debug, Serialize)]
+pub struct BundleRow {
+    pub version: String,
+    pub functions: Vec<String>,
+    pub label: Option<String>,
+    pub notebook: String,
+    pub size: u64,
+    pub deployed_at: String,
+}
+
+/// An alias, as `GET /v1/aliases` lists it.
+#[derive(Debug, Serialize)]
+pub struct AliasRow {
+    pub alias: String,
+    pub version: String,
+    pub moved_at: String,
+}
+
+/// One move of an alias.
+#[derive(Debug, Serialize)]
+pub struct MoveRow {
+    pub alias: String,
+    pub tenant: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub moved_at: String,
+}
+
+/// A deploy, as it is recorded.
+pub struct NewBundle<'a> {
+    pub tenant: &'a str,
+    pub version: &'a str,
+    pub functions: &'a [String],
+    pub label: Option<&'a str>,
+    pub notebook: &'a str,
+    /// The bundle file.
+    pub file: &'a [u8],
+}
+
+/// A call as it is accepted.
+pub struct NewRun<'a> {
+    pub id: &'a str,
+    pub tenant: &'a str,
+    pub alias: Option<&'a str>,
+    pub bundle_version: Option<&'a str>,
+    pub function: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    pub input_sha256: &'a str,
+    pub runtime_sha256: &'a str,
+    pub replica: &'a str,
+}
+
+/// How a call ended.
+pub struct Finished<'a> {
+    pub duration_ms: Option<f64>,
+    pub outcome: &'a str,
+    pub http_status: u16,
+    pub result: Option<&'a str>,
+    pub result_sha256: Option<&'a str>,
+    pub error: Option<&'a str>,
+    /// The trace file and its sha256, stored with the row in one transaction.
+    pub trace: Option<(&'a [u8], &'a str)>,
+}
+
+/// What [`Store::finish_run`] did.
+#[derive(Debug, PartialEq)]
+pub enum Completed {
+    /// The row now says how the call ended.
+    Recorded,
+    /// The call returned, but another call with its `Idempotency-Key` had returned first:
+    /// the row says `duplicate`, and that run's result is the answer.
+    Duplicate(String),
+}
+
+/// A `runs` row, as `GET /v1/runs` shows it.
+#[derive(Debug, Serialize)]
+pub struct RunRow {
+    pub id: String,
+    pub tenant: String,
+    pub alias: Option<String>,
+    pub bundle_version: Option<String>,
+    pub function: String,
+    pub idempotency_key: Option<String>,
+    pub received_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub duration_ms: Option<f64>,
+    pub outcome: Option<String>,
+    pub http_status: Option<u16>,
+    pub input_sha256: String,
+    pub result: Option<serde_json::Value>,
+    pub result_sha256: Option<String>,
+    pub error: Option<String>,
+    pub trace_sha256: Option<String>,
+    pub trace_size: Option<u64>,
+    pub trace_pruned: bool,
+    pub host_version: String,
+    pub runtime_sha256: String,
+    pub replica: Option<String>,
+}
+
+const RUN_COLUMNS: &str = "id, tenant, alias, bundle_version, function, idempotency_key,
+    received_at, started_at, finished_at, duration_ms, outcome, http_status, input_sha256,
+    result, result_sha256, error, trace_sha256, trace_size, trace_pruned, host_version,
+    runtime_sha256, replica";
+
+/// `GET /v1/runs`'s filters, all optional.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFilter {
+    pub function: Option<String>,
+    pub alias: Option<String>,
+    pub version: Option<String>,
+    pub outcome: Option<String>,
+    /// Runs received at or after this time (RFC 3339, as the rows show times).
+    pub since: Option<String>,
+    /// At most this many runs (default 100, at most 1000).
+    pub limit: Option<u32>,
+    /// The page after this run id (the last id of the previous page): runs are newest first.
+    pub after: Option<String>,
+}
+
+impl RunFilter {
+    pub fn limit(&self) -> u32 {
+        self.limit.unwrap_or(100).min(1000)
+    }
+}
+
+/// The window of `calls_per_minute`.
+pub const MINUTE_MS: i64 = 60_000;
+
+/// The store, on either backend. Every method is the same on both.
+pub enum Store {
+    Sqlite(sqlite::Sqlite),
+    Postgres(postgres::Postgres),
+}
+
+/// Calls the same method on whichever backend this is.
+macro_rules! each {
+    ($self:ident, $b:ident => $e:expr) => {
+        match $self {
+            Store::Sqlite($b) => $e,
+            Store::Postgres($b) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Opens the store at `location` (`data` holds the SQLite file), creating or migrating
+    /// its schema.
+    pub async fn open(location: &Location, data: &Path) -> Result<Store> {
+        Ok(match location {
+            Location::Sqlite => Store::Sqlite(sqlite::Sqlite::open(&data.join("host.db"))?),
+            Location::Postgres(url) => Store::Postgres(postgres::Postgres::open(url).await?),
+        })
+    }
+
+    /// Which backend this is, for the log.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "SQLite",
+            Store::Postgres(_) => "PostgreSQL",
+        }
+    }
+
+    /// Whether the store answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<()> {
+        each!(self, b => b.ping().await)
+    }
+
+    /// What to do at a clean stop (SQLite folds its write-ahead log into the file).
+    pub async fn close(&self) -> Result<()> {
+        each!(self, b => b.close().await)
+    }
+
+    /// Marks the runs this replica (or, for rows from before replicas were named, any
+    /// server) left unfinished when it stopped, and says how many there were.
+    pub async fn mark_interrupted(&self, replica: &str) -> Result<usize> {
+        each!(self, b => b.mark_interrupted(replica).await)
+    }
+
+    /// Notes that `replica` is alive; marks interrupted the unfinished runs of replicas
+    /// silent for longer than `silent`; forgets admissions older than a minute. Returns how
+    /// many runs it marked.
+    pub async fn heartbeat(&self, replica: &str, silent: Duration) -> Result<usize> {
+        each!(self, b => b.heartbeat(replica, silent).await)
+    }
+
+    /// Records a tenant's deploy (and the bundle file, once per version); false when the
+    /// tenant already had this version.
+    pub async fn insert_bundle(&self, bundle: &NewBundle<'_>) -> Result<bool> {
+        each!(self, b => b.insert_bundle(bundle).await)
+    }
+
+    /// A version's bundle file.
+    pub async fn bundle_file(&self, version: &str) -> Result<Option<Vec<u8>>> {
+        each!(self, b => b.bundle_file(version).await)
+    }
+
+    /// A tenant's bundles, newest first.
+    pub async fn bundles(&self, tenant: &str) -> Result<Vec<BundleRow>> {
+        each!(self, b => b.bundles(tenant).await)
+    }
+
+    /// One of a tenant's bundles.
+    pub async fn bundle(&self, tenant: &str, version: &str) -> Result<Option<BundleRow>> {
+        each!(self, b => b.bundle(tenant, version).await)
+    }
+
+    /// Every deployed version, of any tenant: what a replica loads.
+    pub async fn versions(&self) -> Result<Vec<String>> {
+        each!(self, b => b.versions().await)
+    }
+
+    /// Points a tenant's alias at `version` and records the move, in one transaction: two
+    /// moves at once are both recorded, in the order they took effect. Returns the version
+    /// it pointed at before.
+    pub async fn move_alias(
+        &self,
+        tenant: &str,
+        alias: &str,
+        version: &str,
+    ) -> Result<Option<String>> {
+        each!(self, b => b.move_alias(tenant, alias, version).await)
+    }
+
+    /// Where a tenant's alias points.
+    pub async fn alias(&self, tenant: &str, alias: &str) -> Result<Option<String>> {
+        each!(self, b => b.alias(tenant, alias).await)
+    }
+
+    /// A tenant's aliases, by name.
+    pub async fn aliases(&self, tenant: &str) -> Result<Vec<AliasRow>> {
+        each!(self, b => b.aliases(tenant).await)
+    }
+
+    /// Every move of a tenant's alias, oldest first.
+    pub async fn alias_history(&self, tenant: &str, alias: &str) -> Result<Vec<MoveRow>> {
+        each!(self, b => b.alias_history(tenant, alias).await)
+    }
+
+    /// Admits one of a tenant's calls under `quota` calls per minute, counted over every
+    /// replica: `None` when admitted, else the milliseconds until a place frees up.
+    pub async fn admit(&self, tenant: &str, quota: u32) -> Result<Option<u64>> {
+        each!(self, b => b.admit(tenant, quota).await)
+    }
+
+    /// The run of a tenant's that returned for this `Idempotency-Key`, if one did.
+    pub async fn returned_run(&self, tenant: &str, key: &str) -> Result<Option<RunRow>> {
+        each!(self, b => b.returned_run(tenant, key).await)
+    }
+
+    /// Writes an accepted call's row, before anything runs.
+    pub async fn start_run(&self, run: &NewRun<'_>) -> Result<()> {
+        each!(self, b => b.start_run(run).await)
+    }
+
+    /// Notes that a worker took the call.
+    pub async fn run_started(&self, id: &str) -> Result<()> {
+        each!(self, b => b.run_started(id).await)
+    }
+
+    /// Completes a run's row, with its trace, in one transaction.
+    pub async fn finish_run(&self, id: &str, f: &Finished<'_>) -> Result<Completed> {
+        each!(self, b => b.finish_run(id, f).await)
+    }
+
+    /// A page of a tenant's runs, newest first.
+    pub async fn runs(&self, tenant: &str, f: &RunFilter) -> Result<Vec<RunRow>> {
+        each!(self, b => b.runs(tenant, f).await)
+    }
+
+    /// One of a tenant's runs.
+    pub async fn run(&self, tenant: &str, id: &str) -> Result<Option<RunRow>> {
+        each!(self, b => b.run(tenant, id).await)
+    }
+
+    /// One of a tenant's runs' trace file, unless it was pruned.
+    pub async fn trace(&self, tenant: &str, id: &str) -> Result<Option<Vec<u8>>> {
+        each!(self, b => b.trace(tenant, id).await)
+    }
+
+    /// Bytes a tenant keeps: its bundles' files and its traces not yet pruned.
+    pub async fn usage(&self, tenant: &str) -> Result<u64> {
+        each!(self, b => b.usage(tenant).await)
+    }
+
+    /// A tenant's traces, oldest first, with their sizes: those finished more than `age`
+    /// ago when it is given, else all of them.
+    pub async fn traces(&self, tenant: &str, age: Option<Duration>) -> Result<Vec<(String, u64)>> {
+        each!(self, b => b.traces(tenant, age).await)
+    }
+
+    /// Removes a run's trace and marks its row pruned, in one transaction; the row stays.
+    pub async fn prune(&self, id: &str) -> Result<()> {
+        each!(self, b => b.prune(id).await)
+    }
+}
+
+/// Whether an error came from the store's database (as opposed to the request or a bug):
+/// the server answers 503 for these and keeps running.
+pub fn is_store_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<rusqlite::Error>()
+            || c.is::<tokio_postgres::Error>()
+            || c.is::<deadpool_postgres::PoolError>()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_parse_and_bad_ones_say_what_is_accepted() {
+        assert_eq!(Location::parse("sqlite").unwrap(), Location::Sqlite);
+        assert_eq!(
+            Location::parse("postgres://u@h:5432/db").unwrap(),
+            Location::Postgres("postgres://u@h:5432/db".into())
+        );
+        let e = Location::parse("mysql://u:secret@h/db").unwrap_err();
+        assert!(format!("{e:#}").contains("use `sqlite` or a `postgres://` URL"));
+        assert!(!format!("{e:#}").contains("secret"), "{e:#}");
+        let e = Location::parse("postgres://u@h:notaport/db").unwrap_err();
+        assert!(format!("{e:#}").contains("not a PostgreSQL URL"), "{e:#}");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn the_dialects_differ_only_in_types() {
+        for m in MIGRATIONS {
+            for d in [Dialect::Sqlite, Dialect::Postgres] {
+                assert!(!d.sql(m).contains('{'), "a placeholder is left in {m}");
+            }
+        }
+    }
+}

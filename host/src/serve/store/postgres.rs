@@ -1,0 +1,627 @@
+//! The PostgreSQL backend: what several replicas share (`store = "postgres://..."`).
+//!
+//! A pool of connections (deadpool over tokio-postgres) that reconnects by itself: while
+//! the database is down every method fails fast (the pool's wait and connect timeouts), the
+//! server answers 503, and the first call after the database returns gets a fresh
+//! connection. Migrations run at start in one transaction under an advisory lock, so two
+//! replicas starting together migrate once; the version is the row of `schema_version`.
+//! Work that must not interleave across replicas (a tenant's quota window, a key's
+//! `returned` row) takes a transaction-scoped advisory lock of its own.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use super::{
+    AliasRow, BundleRow, Completed, Dialect, Finished, MIGRATIONS, MINUTE_MS, MoveRow, NewBundle,
+    NewRun, RUN_COLUMNS, RunFilter, RunRow, check_version, redact,
+};
+
+const NOW: &str =
+    "to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')";
+const NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+
+/// The advisory lock spaces (the first key of `pg_advisory_xact_lock(int, int)`).
+const LOCK_MIGRATIONS: i32 = 0x686f_7374; // "host"
+const LOCK_ADMISSIONS: i32 = LOCK_MIGRATIONS + 1;
+const LOCK_IDEMPOTENCY: i32 = LOCK_MIGRATIONS + 2;
+
+/// How long a request waits for a connection, or for a new one to be made, before the
+/// store counts as unavailable: a call answers 503 promptly rather than hang while the
+/// database is down.
+const WAIT: Duration = Duration::from_secs(3);
+/// Connections per replica: calls need a few statements each, on short transactions.
+const POOL_SIZE: usize = 16;
+
+pub struct Postgres {
+    pool: Pool,
+    url: String,
+}
+
+type Params<'a> = [&'a (dyn ToSql + Sync)];
+
+impl Postgres {
+    /// Connects and brings the schema up to date.
+    pub async fn open(url: &str) -> Result<Postgres> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .with_context(|| format!("`{}` is not a PostgreSQL URL", redact(url)))?;
+        config.connect_timeout(WAIT);
+        if config.get_application_name().is_none() {
+            config.application_name("host serve");
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(WAIT))
+            .create_timeout(Some(WAIT))
+            .recycle_timeout(Some(WAIT))
+            .build()
+            .context("failed to make the PostgreSQL connection pool")?;
+        let store = Postgres {
+            pool,
+            url: redact(url),
+        };
+        store
+            .migrate()
+            .await
+            .with_context(|| format!("failed to migrate the run store `{}`", store.url))?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client> {
+        self.pool
+            .get()
+            .await
+            .with_context(|| format!("run store `{}`", self.url))
+    }
+
+    async fn query(&self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.context(self.url.clone())?;
+        client
+            .query(&statement, params)
+            .await
+            .with_context(|| format!("run store `{}`", self.url))
+    }
+
+    async fn query_opt(&self, sql: &str, params: &Params<'_>) -> Result<Option<Row>> {
+        Ok(self.query(sql, params).await?.into_iter().next())
+    }
+
+    async fn execute(&self, sql: &str, params: &Params<'_>) -> Result<u64> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.context(self.url.clone())?;
+        client
+            .execute(&statement, params)
+            .await
+            .with_context(|| format!("run store `{}`", self.url))
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&LOCK_MIGRATIONS])
+            .await?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            .await?;
+        let done: Option<i32> = tx
+            .query_opt("SELECT version FROM schema_version", &[])
+            .await?
+            .map(|r| r.get(0));
+        let done = done.unwrap_or(0) as usize;
+        check_version(done)?;
+        for sql in &MIGRATIONS[done..] {
+            tx.batch_execute(&Dialect::Postgres.sql(sql)).await?;
+        }
+        tx.execute("DELETE FROM schema_version", &[]).await?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&(MIGRATIONS.len() as i32)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.query("SELECT 1", &[]).await.map(drop)
+    }
+
+    pub async fn close(&self) -> Result<()> {
+        self.pool.close();
+        Ok(())
+    }
+
+    pub async fn mark_interrupted(&self, replica: &str) -> Result<usize> {
+        self.execute(
+            &format!(
+                "UPDATE runs SET outcome = 'interrupted', finished_at = {NOW},
+                 error = 'the server stopped before the call ended'
+                 WHERE outcome IS NULL AND (replica = $1 OR replica IS NULL)"
+            ),
+            &[&replica],
+        )
+        .await
+        .map(|n| n as usize)
+    }
+
+    pub async fn heartbeat(&self, replica: &str, silent: Duration) -> Result<usize> {
+        let silent = silent.as_millis() as i64;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            &format!(
+                "INSERT INTO replicas (name, seen_at_ms) VALUES ($1, {NOW_MS})
+                 ON CONFLICT (name) DO UPDATE SET seen_at_ms = excluded.seen_at_ms"
+            ),
+            &[&replica],
+        )
+        .await?;
+        let marked = tx
+            .execute(
+                &format!(
+                    "UPDATE runs SET outcome = 'interrupted', finished_at = {NOW},
+                     error = 'its replica stopped before the call ended'
+                     WHERE outcome IS NULL AND replica IN
+                     (SELECT name FROM replicas WHERE seen_at_ms < {NOW_MS} - $1)"
+                ),
+                &[&silent],
+            )
+            .await?;
+        tx.execute(
+            &format!("DELETE FROM admissions WHERE at_ms < {NOW_MS} - $1"),
+            &[&MINUTE_MS],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(marked as usize)
+    }
+
+    pub async fn insert_bundle(&self, b: &NewBundle<'_>) -> Result<bool> {
+        let functions = serde_json::to_string(b.functions)?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO bundle_files (version, data) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&b.version, &b.file],
+        )
+        .await?;
+        let n = tx
+            .execute(
+                &format!(
+                    "INSERT INTO bundles
+                     (tenant, version, functions, label, notebook, size, deployed_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, {NOW}) ON CONFLICT DO NOTHING"
+                ),
+                &[
+                    &b.tenant,
+                    &b.version,
+                    &functions,
+                    &b.label,
+                    &b.notebook,
+                    &(b.file.len() as i64),
+                ],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    pub async fn bundle_file(&self, version: &str) -> Result<Option<Vec<u8>>> {
+        let row = self
+            .query_opt(
+                "SELECT data FROM bundle_files WHERE version = $1",
+                &[&version],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn bundles(&self, tenant: &str) -> Result<Vec<BundleRow>> {
+        let rows = self
+            .query(
+                "SELECT version, functions, label, notebook, size, deployed_at FROM bundles
+                 WHERE tenant = $1 ORDER BY deployed_at DESC, version",
+                &[&tenant],
+            )
+            .await?;
+        Ok(rows.iter().map(bundle_row).collect())
+    }
+
+    pub async fn bundle(&self, tenant: &str, version: &str) -> Result<Option<BundleRow>> {
+        let row = self
+            .query_opt(
+                "SELECT version, functions, label, notebook, size, deployed_at FROM bundles
+                 WHERE tenant = $1 AND version = $2",
+                &[&tenant, &version],
+            )
+            .await?;
+        Ok(row.as_ref().map(bundle_row))
+    }
+
+    pub async fn versions(&self) -> Result<Vec<String>> {
+        let rows = self
+            .query("SELECT DISTINCT version FROM bundles", &[])
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    pub async fn move_alias(
+        &self,
+        tenant: &str,
+        alias: &str,
+        version: &str,
+    ) -> Result<Option<String>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            &format!(
+                "INSERT INTO aliases (tenant, name, version, moved_at) VALUES ($1, $2, $3, {NOW})
+                 ON CONFLICT (tenant, name) DO UPDATE SET version = $3, moved_at = {NOW}"
+            ),
+            &[&tenant, &alias, &version],
+        )
+        .await?;
+        // The upsert holds the alias's row lock until commit, so a move that took effect
+        // first has committed by now, and this statement (read committed) sees its record.
+        let previous: Option<String> = tx
+            .query_opt(
+                "SELECT to_version FROM alias_moves WHERE tenant = $1 AND alias = $2
+                 ORDER BY id DESC LIMIT 1",
+                &[&tenant, &alias],
+            )
+            .await?
+            .map(|r| r.get(0));
+        tx.execute(
+            &format!(
+                "INSERT INTO alias_moves (tenant, alias, from_version, to_version, moved_at)
+                 VALUES ($1, $2, $3, $4, {NOW})"
+            ),
+            &[&tenant, &alias, &previous, &version],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(previous)
+    }
+
+    pub async fn alias(&self, tenant: &str, alias: &str) -> Result<Option<String>> {
+        let row = self
+            .query_opt(
+                "SELECT version FROM aliases WHERE tenant = $1 AND name = $2",
+                &[&tenant, &alias],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn aliases(&self, tenant: &str) -> Result<Vec<AliasRow>> {
+        let rows = self
+            .query(
+                "SELECT name, version, moved_at FROM aliases WHERE tenant = $1 ORDER BY name",
+                &[&tenant],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AliasRow {
+                alias: r.get(0),
+                version: r.get(1),
+                moved_at: r.get(2),
+            })
+            .collect())
+    }
+
+    pub async fn alias_history(&self, tenant: &str, alias: &str) -> Result<Vec<MoveRow>> {
+        let rows = self
+            .query(
+                "SELECT alias, tenant, from_version, to_version, moved_at FROM alias_moves
+                 WHERE tenant = $1 AND alias = $2 ORDER BY id",
+                &[&tenant, &alias],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| MoveRow {
+                alias: r.get(0),
+                tenant: r.get(1),
+                from: r.get(2),
+                to: r.get(3),
+                moved_at: r.get(4),
+            })
+            .collect())
+    }
+
+    pub async fn admit(&self, tenant: &str, quota: u32) -> Result<Option<u64>> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        // One admission at a time per tenant, over every replica: the count below then sees
+        // every admission committed before it.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &[&LOCK_ADMISSIONS, &tenant],
+        )
+        .await?;
+        let row = tx
+            .query_one(
+                &format!(
+                    "SELECT count(*), min(at_ms), {NOW_MS} FROM admissions
+                     WHERE tenant = $1 AND at_ms > {NOW_MS} - $2"
+                ),
+                &[&tenant, &MINUTE_MS],
+            )
+            .await?;
+        let (count, oldest, now): (i64, Option<i64>, i64) = (row.get(0), row.get(1), row.get(2));
+        if count >= i64::from(quota) {
+            let wait = oldest.map_or(MINUTE_MS, |t| t + MINUTE_MS - now);
+            return Ok(Some(wait.max(1) as u64));
+        }
+        tx.execute(
+            "INSERT INTO admissions (tenant, at_ms) VALUES ($1, $2)",
+            &[&tenant, &now],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(None)
+    }
+
+    pub async fn returned_run(&self, tenant: &str, key: &str) -> Result<Option<RunRow>> {
+        let row = self
+            .query_opt(
+                &format!(
+                    "SELECT {RUN_COLUMNS} FROM runs WHERE tenant = $1 AND idempotency_key = $2
+                     AND outcome = 'returned'"
+                ),
+                &[&tenant, &key],
+            )
+            .await?;
+        Ok(row.as_ref().map(run_row))
+    }
+
+    pub async fn start_run(&self, run: &NewRun<'_>) -> Result<()> {
+        self.execute(
+            &format!(
+                "INSERT INTO runs (id, tenant, alias, bundle_version, function, idempotency_key,
+                 received_at, input_sha256, host_version, runtime_sha256, replica)
+                 VALUES ($1, $2, $3, $4, $5, $6, {NOW}, $7, $8, $9, $10)"
+            ),
+            &[
+                &run.id,
+                &run.tenant,
+                &run.alias,
+                &run.bundle_version,
+                &run.function,
+                &run.idempotency_key,
+                &run.input_sha256,
+                &env!("CARGO_PKG_VERSION"),
+                &run.runtime_sha256,
+                &run.replica,
+            ],
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn run_started(&self, id: &str) -> Result<()> {
+        self.execute(
+            &format!("UPDATE runs SET started_at = {NOW} WHERE id = $1"),
+            &[&id],
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn finish_run(&self, id: &str, f: &Finished<'_>) -> Result<Completed> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let key: Option<(String, Option<String>)> = tx
+            .query_opt(
+                "SELECT tenant, idempotency_key FROM runs WHERE id = $1",
+                &[&id],
+            )
+            .await?
+            .map(|r| (r.get(0), r.get(1)));
+        // A retried call may have returned first under the same key, on any replica: under
+        // the key's lock, this one then becomes the duplicate and the earlier result stands.
+        let mut earlier: Option<String> = None;
+        if f.outcome == "returned"
+            && let Some((tenant, Some(key))) = &key
+        {
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2 || E'\\n' || $3))",
+                &[&LOCK_IDEMPOTENCY, tenant, key],
+            )
+            .await?;
+            earlier = tx
+                .query_opt(
+                    "SELECT id FROM runs WHERE tenant = $1 AND idempotency_key = $2
+                     AND outcome = 'returned'",
+                    &[tenant, key],
+                )
+                .await?
+                .map(|r| r.get(0));
+        }
+        let (outcome, error) = match &earlier {
+            Some(e) => (
+                "duplicate",
+                Some(format!(
+                    "run {e} with the same Idempotency-Key returned first: its result was the answer"
+                )),
+            ),
+            None => (f.outcome, f.error.map(str::to_owned)),
+        };
+        if let Some((data, _)) = f.trace {
+            tx.execute(
+                "INSERT INTO traces (run, data) VALUES ($1, $2)",
+                &[&id, &data],
+            )
+            .await?;
+        }
+        tx.execute(
+            &format!(
+                "UPDATE runs SET finished_at = {NOW}, duration_ms = $2, outcome = $3,
+                 http_status = $4, result = $5, result_sha256 = $6, error = $7,
+                 trace_sha256 = $8, trace_size = $9
+                 WHERE id = $1"
+            ),
+            &[
+                &id,
+                &f.duration_ms,
+                &outcome,
+                &i32::from(f.http_status),
+                &f.result,
+                &f.result_sha256,
+                &error,
+                &f.trace.map(|t| t.1),
+                &f.trace.map(|t| t.0.len() as i64),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(earlier.map_or(Completed::Recorded, Completed::Duplicate))
+    }
+
+    pub async fn runs(&self, tenant: &str, f: &RunFilter) -> Result<Vec<RunRow>> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT {RUN_COLUMNS} FROM runs WHERE tenant = $1
+                     AND ($2::text IS NULL OR function = $2) AND ($3::text IS NULL OR alias = $3)
+                     AND ($4::text IS NULL OR bundle_version = $4)
+                     AND ($5::text IS NULL OR outcome = $5)
+                     AND ($6::text IS NULL OR received_at >= $6)
+                     AND ($7::text IS NULL OR id < $7)
+                     ORDER BY id DESC LIMIT $8"
+                ),
+                &[
+                    &tenant,
+                    &f.function,
+                    &f.alias,
+                    &f.version,
+                    &f.outcome,
+                    &f.since,
+                    &f.after,
+                    &i64::from(f.limit()),
+                ],
+            )
+            .await?;
+        Ok(rows.iter().map(run_row).collect())
+    }
+
+    pub async fn run(&self, tenant: &str, id: &str) -> Result<Option<RunRow>> {
+        let row = self
+            .query_opt(
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE tenant = $1 AND id = $2"),
+                &[&tenant, &id],
+            )
+            .await?;
+        Ok(row.as_ref().map(run_row))
+    }
+
+    pub async fn trace(&self, tenant: &str, id: &str) -> Result<Option<Vec<u8>>> {
+        let row = self
+            .query_opt(
+                "SELECT t.data FROM traces t JOIN runs r ON r.id = t.run
+                 WHERE r.tenant = $1 AND t.run = $2",
+                &[&tenant, &id],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn usage(&self, tenant: &str) -> Result<u64> {
+        let row = self
+            .query_opt(
+                "SELECT ((SELECT coalesce(sum(size), 0) FROM bundles WHERE tenant = $1)
+                      + (SELECT coalesce(sum(trace_size), 0) FROM runs
+                         WHERE tenant = $1 AND trace_pruned = 0))::bigint",
+                &[&tenant],
+            )
+            .await?;
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0)) as u64)
+    }
+
+    pub async fn traces(&self, tenant: &str, age: Option<Duration>) -> Result<Vec<(String, u64)>> {
+        let age = age.map(|a| a.as_secs_f64());
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT id, trace_size FROM runs
+                     WHERE tenant = $1 AND trace_size IS NOT NULL AND trace_pruned = 0
+                     AND ($2::float8 IS NULL OR finished_at < to_char(
+                         (clock_timestamp() - make_interval(secs => $2)) AT TIME ZONE 'UTC',
+                         'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'))
+                     ORDER BY id"
+                ),
+                &[&tenant, &age],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+            .collect())
+    }
+
+    pub async fn prune(&self, id: &str) -> Result<()> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute("DELETE FROM traces WHERE run = $1", &[&id])
+            .await?;
+        tx.execute("UPDATE runs SET trace_pruned = 1 WHERE id = $1", &[&id])
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+fn run_row(r: &Row) -> RunRow {
+    let result: Option<String> = r.get(13);
+    RunRow {
+        id: r.get(0),
+        tenant: r.get(1),
+        alias: r.get(2),
+        bundle_version: r.get(3),
+        function: r.get(4),
+        idempotency_key: r.get(5),
+        received_at: r.get(6),
+        started_at: r.get(7),
+        finished_at: r.get(8),
+        duration_ms: r.get(9),
+        outcome: r.get(10),
+        http_status: r.get::<_, Option<i32>>(11).map(|s| s as u16),
+        input_sha256: r.get(12),
+        // Stored by the server as JSON text; anything else would be a corrupted row.
+        result: result.and_then(|t| serde_json::from_str(&t).ok()),
+        result_sha256: r.get(14),
+        error: r.get(15),
+        trace_sha256: r.get(16),
+        trace_size: r.get::<_, Option<i64>>(17).map(|s| s as u64),
+        trace_pruned: r.get::<_, i32>(18) != 0,
+        host_version: r.get(19),
+        runtime_sha256: r.get(20),
+        replica: r.get(21),
+    }
+}
+
+fn bundle_row(r: &Row) -> BundleRow {
+    let functions: String = r.get(1);
+    BundleRow {
+        version: r.get(0),
+        functions: serde_json::from_str(&functions).unwrap_or_default(),
+        label: r.get(2),
+        notebook: r.get(3),
+        size: r.get::<_, i64>(4) as u64,
+        deployed_at: r.get(5),
+    }
+}

@@ -1,0 +1,569 @@
+//! The SQLite backend: one file, `host.db`, in WAL mode, with explicit SQL. The embedded
+//! default: one server, no database to run. `PRAGMA user_version` says which of
+//! [`MIGRATIONS`] a file has had.
+//!
+//! Its methods are `async` to match [`super::postgres`], but run in place: one connection
+//! behind a mutex, each statement a local file operation (SQLite serialises writers anyway).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{
+    AliasRow, BundleRow, Completed, Dialect, Finished, MIGRATIONS, MINUTE_MS, MoveRow, NewBundle,
+    NewRun, RUN_COLUMNS, RunFilter, RunRow, check_version,
+};
+
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
+
+pub struct Sqlite {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl Sqlite {
+    /// Opens (or creates) the store and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Sqlite> {
+        let mut conn = Connection::open(path)
+            .with_context(|| format!("failed to open the run store `{}`", path.display()))?;
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        anyhow::ensure!(
+            mode == "wal",
+            "the run store cannot use WAL mode (it says `{mode}`)"
+        );
+        // With WAL, NORMAL loses nothing a process crash (`kill -9`) could lose; only a power
+        // cut can take back the last commits.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let data = path.parent().unwrap_or(Path::new("."));
+        migrate(&mut conn, data)
+            .with_context(|| format!("failed to migrate the run store `{}`", path.display()))?;
+        Ok(Sqlite {
+            conn: Mutex::new(conn),
+            path: path.to_owned(),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut conn).with_context(|| format!("run store `{}`", self.path.display()))
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.with(|c| c.query_row("SELECT count(*) FROM runs", [], |_| Ok(())))
+    }
+
+    pub async fn close(&self) -> Result<()> {
+        self.with(|c| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)"))
+    }
+
+    pub async fn mark_interrupted(&self, replica: &str) -> Result<usize> {
+        self.with(|c| {
+            c.execute(
+                &format!(
+                    "UPDATE runs SET outcome = 'interrupted', finished_at = {NOW},
+                     error = 'the server stopped before the call ended'
+                     WHERE outcome IS NULL AND (replica = ?1 OR replica IS NULL)"
+                ),
+                [replica],
+            )
+        })
+    }
+
+    pub async fn heartbeat(&self, replica: &str, silent: Duration) -> Result<usize> {
+        let silent = silent.as_millis() as i64;
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO replicas (name, seen_at_ms) VALUES (?1, {NOW_MS})
+                     ON CONFLICT (name) DO UPDATE SET seen_at_ms = excluded.seen_at_ms"
+                ),
+                [replica],
+            )?;
+            let marked = tx.execute(
+                &format!(
+                    "UPDATE runs SET outcome = 'interrupted', finished_at = {NOW},
+                     error = 'its replica stopped before the call ended'
+                     WHERE outcome IS NULL AND replica IN
+                     (SELECT name FROM replicas WHERE seen_at_ms < {NOW_MS} - ?1)"
+                ),
+                [silent],
+            )?;
+            tx.execute(
+                &format!("DELETE FROM admissions WHERE at_ms < {NOW_MS} - ?1"),
+                [MINUTE_MS],
+            )?;
+            tx.commit()?;
+            Ok(marked)
+        })
+    }
+
+    pub async fn insert_bundle(&self, b: &NewBundle<'_>) -> Result<bool> {
+        let functions = serde_json::to_string(b.functions)?;
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO bundle_files (version, data) VALUES (?1, ?2)",
+                params![b.version, b.file],
+            )?;
+            let n = tx.execute(
+                &format!(
+                    "INSERT OR IGNORE INTO bundles
+                     (tenant, version, functions, label, notebook, size, deployed_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, {NOW})"
+                ),
+                params![
+                    b.tenant,
+                    b.version,
+                    functions,
+                    b.label,
+                    b.notebook,
+                    b.file.len() as i64
+                ],
+            )?;
+            tx.commit()?;
+            Ok(n == 1)
+        })
+    }
+
+    pub async fn bundle_file(&self, version: &str) -> Result<Option<Vec<u8>>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT data FROM bundle_files WHERE version = ?1",
+                [version],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    pub async fn bundles(&self, tenant: &str) -> Result<Vec<BundleRow>> {
+        self.with(|c| {
+            let mut s = c.prepare(
+                "SELECT version, functions, label, notebook, size, deployed_at FROM bundles
+                 WHERE tenant = ?1 ORDER BY deployed_at DESC, version",
+            )?;
+            s.query_map([tenant], bundle_row)?.collect()
+        })
+    }
+
+    pub async fn bundle(&self, tenant: &str, version: &str) -> Result<Option<BundleRow>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT version, functions, label, notebook, size, deployed_at FROM bundles
+                 WHERE tenant = ?1 AND version = ?2",
+                [tenant, version],
+                bundle_row,
+            )
+            .optional()
+        })
+    }
+
+    pub async fn versions(&self) -> Result<Vec<String>> {
+        self.with(|c| {
+            let mut s = c.prepare("SELECT DISTINCT version FROM bundles")?;
+            s.query_map([], |r| r.get(0))?.collect()
+        })
+    }
+
+    pub async fn move_alias(
+        &self,
+        tenant: &str,
+        alias: &str,
+        version: &str,
+    ) -> Result<Option<String>> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let previous: Option<String> = tx
+                .query_row(
+                    "SELECT version FROM aliases WHERE tenant = ?1 AND name = ?2",
+                    [tenant, alias],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO aliases (tenant, name, version, moved_at) VALUES (?1, ?2, ?3, {NOW})
+                     ON CONFLICT (tenant, name) DO UPDATE SET version = ?3, moved_at = {NOW}"
+                ),
+                [tenant, alias, version],
+            )?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO alias_moves (tenant, alias, from_version, to_version, moved_at)
+                     VALUES (?1, ?2, ?3, ?4, {NOW})"
+                ),
+                params![tenant, alias, previous, version],
+            )?;
+            tx.commit()?;
+            Ok(previous)
+        })
+    }
+
+    pub async fn alias(&self, tenant: &str, alias: &str) -> Result<Option<String>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT version FROM aliases WHERE tenant = ?1 AND name = ?2",
+                [tenant, alias],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    pub async fn aliases(&self, tenant: &str) -> Result<Vec<AliasRow>> {
+        self.with(|c| {
+            let mut s = c.prepare(
+                "SELECT name, version, moved_at FROM aliases WHERE tenant = ?1 ORDER BY name",
+            )?;
+            s.query_map([tenant], |r| {
+                Ok(AliasRow {
+                    alias: r.get(0)?,
+                    version: r.get(1)?,
+                    moved_at: r.get(2)?,
+                })
+            })?
+            .collect()
+        })
+    }
+
+    pub async fn alias_history(&self, tenant: &str, alias: &str) -> Result<Vec<MoveRow>> {
+        self.with(|c| {
+            let mut s = c.prepare(
+                "SELECT alias, tenant, from_version, to_version, moved_at FROM alias_moves
+                 WHERE tenant = ?1 AND alias = ?2 ORDER BY id",
+            )?;
+            s.query_map([tenant, alias], |r| {
+                Ok(MoveRow {
+                    alias: r.get(0)?,
+                    tenant: r.get(1)?,
+                    from: r.get(2)?,
+                    to: r.get(3)?,
+                    moved_at: r.get(4)?,
+                })
+            })?
+            .collect()
+        })
+    }
+
+    pub async fn admit(&self, tenant: &str, quota: u32) -> Result<Option<u64>> {
+        self.with(|c| {
+            // IMMEDIATE takes the write lock first: two admissions never count the same window.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let (count, oldest, now): (i64, Option<i64>, i64) = tx.query_row(
+                &format!(
+                    "SELECT count(*), min(at_ms), {NOW_MS} FROM admissions
+                     WHERE tenant = ?1 AND at_ms > {NOW_MS} - ?2"
+                ),
+                params![tenant, MINUTE_MS],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            if count >= i64::from(quota) {
+                let wait = oldest.map_or(MINUTE_MS, |t| t + MINUTE_MS - now);
+                return Ok(Some(wait.max(1) as u64));
+            }
+            tx.execute(
+                "INSERT INTO admissions (tenant, at_ms) VALUES (?1, ?2)",
+                params![tenant, now],
+            )?;
+            tx.commit()?;
+            Ok(None)
+        })
+    }
+
+    pub async fn returned_run(&self, tenant: &str, key: &str) -> Result<Option<RunRow>> {
+        self.with(|c| {
+            c.query_row(
+                &format!(
+                    "SELECT {RUN_COLUMNS} FROM runs WHERE tenant = ?1 AND idempotency_key = ?2
+                     AND outcome = 'returned'"
+                ),
+                [tenant, key],
+                run_row,
+            )
+            .optional()
+        })
+    }
+
+    pub async fn start_run(&self, run: &NewRun<'_>) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                &format!(
+                    "INSERT INTO runs (id, tenant, alias, bundle_version, function, idempotency_key,
+                     received_at, input_sha256, host_version, runtime_sha256, replica)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, {NOW}, ?7, ?8, ?9, ?10)"
+                ),
+                params![
+                    run.id,
+                    run.tenant,
+                    run.alias,
+                    run.bundle_version,
+                    run.function,
+                    run.idempotency_key,
+                    run.input_sha256,
+                    env!("CARGO_PKG_VERSION"),
+                    run.runtime_sha256,
+                    run.replica,
+                ],
+            )
+        })
+        .map(drop)
+    }
+
+    pub async fn run_started(&self, id: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                &format!("UPDATE runs SET started_at = {NOW} WHERE id = ?1"),
+                [id],
+            )
+        })
+        .map(drop)
+    }
+
+    pub async fn finish_run(&self, id: &str, f: &Finished<'_>) -> Result<Completed> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            // A retried call may have returned first under the same key: then this one is
+            // the duplicate, and the earlier result stands.
+            let earlier: Option<String> = if f.outcome == "returned" {
+                tx.query_row(
+                    "SELECT e.id FROM runs e JOIN runs r ON e.tenant = r.tenant
+                     AND e.idempotency_key = r.idempotency_key
+                     WHERE r.id = ?1 AND e.outcome = 'returned'",
+                    [id],
+                    |r| r.get(0),
+                )
+                .optional()?
+            } else {
+                None
+            };
+            let (outcome, error) = match &earlier {
+                Some(e) => (
+                    "duplicate",
+                    Some(format!(
+                        "run {e} with the same Idempotency-Key returned first: its result was the answer"
+                    )),
+                ),
+                None => (f.outcome, f.error.map(str::to_owned)),
+            };
+            if let Some((data, _)) = f.trace {
+                tx.execute(
+                    "INSERT INTO traces (run, data) VALUES (?1, ?2)",
+                    params![id, data],
+                )?;
+            }
+            tx.execute(
+                &format!(
+                    "UPDATE runs SET finished_at = {NOW}, duration_ms = ?2, outcome = ?3,
+                     http_status = ?4, result = ?5, result_sha256 = ?6, error = ?7,
+                     trace_sha256 = ?8, trace_size = ?9
+                     WHERE id = ?1"
+                ),
+                params![
+                    id,
+                    f.duration_ms,
+                    outcome,
+                    f.http_status,
+                    f.result,
+                    f.result_sha256,
+                    error,
+                    f.trace.map(|t| t.1),
+                    f.trace.map(|t| t.0.len() as i64),
+                ],
+            )?;
+            tx.commit()?;
+            Ok(earlier.map_or(Completed::Recorded, Completed::Duplicate))
+        })
+    }
+
+    pub async fn runs(&self, tenant: &str, f: &RunFilter) -> Result<Vec<RunRow>> {
+        self.with(|c| {
+            let mut s = c.prepare(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE tenant = ?1
+                 AND (?2 IS NULL OR function = ?2) AND (?3 IS NULL OR alias = ?3)
+                 AND (?4 IS NULL OR bundle_version = ?4) AND (?5 IS NULL OR outcome = ?5)
+                 AND (?6 IS NULL OR received_at >= ?6) AND (?7 IS NULL OR id < ?7)
+                 ORDER BY id DESC LIMIT ?8"
+            ))?;
+            s.query_map(
+                params![
+                    tenant,
+                    f.function,
+                    f.alias,
+                    f.version,
+                    f.outcome,
+                    f.since,
+                    f.after,
+                    f.limit()
+                ],
+                run_row,
+            )?
+            .collect()
+        })
+    }
+
+    pub async fn run(&self, tenant: &str, id: &str) -> Result<Option<RunRow>> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE tenant = ?1 AND id = ?2"),
+                [tenant, id],
+                run_row,
+            )
+            .optional()
+        })
+    }
+
+    pub async fn trace(&self, tenant: &str, id: &str) -> Result<Option<Vec<u8>>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT t.data FROM traces t JOIN runs r ON r.id = t.run
+                 WHERE r.tenant = ?1 AND t.run = ?2",
+                [tenant, id],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    pub async fn usage(&self, tenant: &str) -> Result<u64> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT (SELECT coalesce(sum(size), 0) FROM bundles WHERE tenant = ?1)
+                      + (SELECT coalesce(sum(trace_size), 0) FROM runs
+                         WHERE tenant = ?1 AND trace_pruned = 0)",
+                [tenant],
+                |r| r.get(0),
+            )
+        })
+    }
+
+    pub async fn traces(&self, tenant: &str, age: Option<Duration>) -> Result<Vec<(String, u64)>> {
+        let before = age.map(|a| format!("-{} seconds", a.as_secs()));
+        self.with(|c| {
+            let mut s = c.prepare(
+                "SELECT id, trace_size FROM runs
+                 WHERE tenant = ?1 AND trace_size IS NOT NULL AND trace_pruned = 0
+                 AND (?2 IS NULL OR finished_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?2))
+                 ORDER BY id",
+            )?;
+            s.query_map(params![tenant, before], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
+        })
+    }
+
+    pub async fn prune(&self, id: &str) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM traces WHERE run = ?1", [id])?;
+            tx.execute("UPDATE runs SET trace_pruned = 1 WHERE id = ?1", [id])?;
+            tx.commit()
+        })
+    }
+}
+
+fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
+    let result: Option<String> = r.get(13)?;
+    Ok(RunRow {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        alias: r.get(2)?,
+        bundle_version: r.get(3)?,
+        function: r.get(4)?,
+        idempotency_key: r.get(5)?,
+        received_at: r.get(6)?,
+        started_at: r.get(7)?,
+        finished_at: r.get(8)?,
+        duration_ms: r.get(9)?,
+        outcome: r.get(10)?,
+        http_status: r.get(11)?,
+        input_sha256: r.get(12)?,
+        // Stored by the server as JSON text; anything else would be a corrupted row.
+        result: result.and_then(|t| serde_json::from_str(&t).ok()),
+        result_sha256: r.get(14)?,
+        error: r.get(15)?,
+        trace_sha256: r.get(16)?,
+        trace_size: r.get(17)?,
+        trace_pruned: r.get(18)?,
+        host_version: r.get(19)?,
+        runtime_sha256: r.get(20)?,
+        replica: r.get(21)?,
+    })
+}
+
+fn bundle_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BundleRow> {
+    let functions: String = r.get(1)?;
+    Ok(BundleRow {
+        version: r.get(0)?,
+        functions: serde_json::from_str(&functions).unwrap_or_default(),
+        label: r.get(2)?,
+        notebook: r.get(3)?,
+        size: r.get(4)?,
+        deployed_at: r.get(5)?,
+    })
+}
+
+/// Applies the migrations the file has not had, each in its own transaction (SQLite's
+/// write lock keeps two servers on one file from both applying one). A file from before
+/// version 2 kept bundle files and traces in the data folder: they move into the file.
+fn migrate(conn: &mut Connection, data: &Path) -> Result<()> {
+    let done: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    check_version(done)?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let now: usize = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if now > i {
+            continue; // another process applied it while this one waited for the lock
+        }
+        tx.execute_batch(&Dialect::Sqlite.sql(sql))?;
+        if i == 1 {
+            import_files(&tx, data)?;
+        }
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// Moves a version-1 data folder's files into the store: `bundles/VERSION.bundle.json` and
+/// `traces/TENANT/RUN.trace`. A file a row names but that is missing leaves the trace
+/// marked pruned (it is gone either way). The files stay where they were: nothing reads them
+/// any more, and removing them is left to the operator.
+fn import_files(tx: &rusqlite::Transaction<'_>, data: &Path) -> Result<()> {
+    let versions: Vec<String> = tx
+        .prepare("SELECT DISTINCT version FROM bundles")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for version in versions {
+        let path = data.join("bundles").join(format!("{version}.bundle.json"));
+        if let Ok(bytes) = std::fs::read(&path) {
+            tx.execute(
+                "INSERT OR IGNORE INTO bundle_files (version, data) VALUES (?1, ?2)",
+                params![version, bytes],
+            )?;
+        }
+    }
+    let traces: Vec<(String, String)> = tx
+        .prepare("SELECT id, tenant FROM runs WHERE trace_size IS NOT NULL AND trace_pruned = 0")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (id, tenant) in traces {
+        let path = data
+            .join("traces")
+            .join(&tenant)
+            .join(format!("{id}.trace"));
+        match std::fs::read(&path) {
+            Ok(bytes) => tx.execute(
+                "INSERT INTO traces (run, data) VALUES (?1, ?2)",
+                params![id, bytes],
+            )?,
+            Err(_) => tx.execute("UPDATE runs SET trace_pruned = 1 WHERE id = ?1", [&id])?,
+        };
+    }
+    Ok(())
+}
