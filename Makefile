@@ -62,9 +62,11 @@ demo-serve:
 	$(HOST) replay $(SERVE_DATA)/call.trace
 
 # The tests compile the runtime once into their own cache folder (target/tmp/suite-cache), so
-# they need no `prepare`, and never touch the user's ~/.cache/host.
+# they need no `prepare`, and never touch the user's ~/.cache/host. tests/with-postgres gives
+# them a PostgreSQL: HOST_TEST_POSTGRES, else one on 127.0.0.1:5432, else a throwaway server
+# (Debian's binaries, or PyPI's pgserver wheel) stopped when the tests end.
 test: build runtime
-	$(CARGO) test --release --locked
+	PYTHON=$(PYTHON) tests/with-postgres $(CARGO) test --release --locked
 
 # The baselines users run today need pandas and papermill natively, in a private venv.
 BENCH_VENV := $(RUNTIME_ROOT)/bench-venv

@@ -25,6 +25,8 @@ mod limits;
 mod notebooks;
 /// `host run --record` and `host replay`: round trips, tampering, divergence, what-if.
 mod replay;
+/// Several `host serve` replicas on one PostgreSQL, under faults (issue 13).
+mod replicas;
 /// What the sandbox lets the function see: grants, escapes, environment, network.
 mod sandbox;
 /// `host serve`: deploys, calls, tenants, the run store, lifecycle, over real HTTP.

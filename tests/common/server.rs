@@ -296,39 +296,8 @@ impl Server {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Answer {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .new_agent();
-        let url = format!("{}{path}", self.url);
-        let mut builder = ureq::http::Request::builder().method(method).uri(&url);
-        if let Some(t) = token {
-            builder = builder.header("Authorization", format!("Bearer {t}"));
-        }
-        for (k, v) in headers {
-            builder = builder.header(*k, *v);
-        }
-        let request = builder.body(body.unwrap_or_default().to_vec()).unwrap();
-        let mut response = agent
-            .run(request)
-            .unwrap_or_else(|e| panic!("{method} {url}: {e}\n{}", self.log()));
-        let status = response.status().as_u16();
-        let headers = response
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
-            .collect();
-        let body = response
-            .body_mut()
-            .with_config()
-            .limit(1 << 30)
-            .read_to_vec()
-            .unwrap();
-        Answer {
-            status,
-            headers,
-            body,
-        }
+        send(&self.url, method, path, token, headers, body)
+            .unwrap_or_else(|e| panic!("{method} {}{path}: {e}\n{}", self.url, self.log()))
     }
 
     /// The rows of `sql` in the server's run store, whichever it is, every value as text
@@ -381,4 +350,47 @@ pub fn token(seed: &str) -> (String, String) {
 /// A temporary folder for a server's data and config.
 pub fn workdir() -> TempDir {
     tempfile::tempdir().unwrap()
+}
+
+/// One HTTP request to the server at `url`; an error when none could be made (a server that
+/// is gone), for clients that retry elsewhere.
+pub fn send(
+    url: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<Answer, String> {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let url = format!("{url}{path}");
+    let mut builder = ureq::http::Request::builder().method(method).uri(&url);
+    if let Some(t) = token {
+        builder = builder.header("Authorization", format!("Bearer {t}"));
+    }
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let request = builder.body(body.unwrap_or_default().to_vec()).unwrap();
+    let mut response = agent.run(request).map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_vec()
+        .map_err(|e| e.to_string())?;
+    Ok(Answer {
+        status,
+        headers,
+        body,
+    })
 }

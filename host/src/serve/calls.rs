@@ -290,7 +290,7 @@ impl Accepted {
             .as_ref()
             .map(|t| hex::encode(Sha256::digest(t.as_bytes())));
         let message = record.error.as_ref().map(ApiError::message);
-        let completed = app
+        let completed = match app
             .store
             .finish_run(
                 &self.id,
@@ -307,7 +307,16 @@ impl Accepted {
                         .map(|(data, sha)| (data.as_slice(), sha.as_str())),
                 },
             )
-            .await?;
+            .await
+        {
+            Ok(completed) => completed,
+            Err(e) => {
+                // The store failed as the call ended: the client gets a 503, and the row
+                // says so once the store answers again.
+                app.unfinished(&self.id);
+                return Err(e.into());
+            }
+        };
         if let Completed::Duplicate(earlier) = completed {
             let row = app.store.run(tenant.name(), &earlier).await?;
             record.result = match row {

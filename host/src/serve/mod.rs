@@ -82,6 +82,9 @@ pub struct App {
     pub replica: String,
     /// The async runtime, for the workers' (plain threads') store calls.
     rt: tokio::runtime::Handle,
+    /// Runs whose rows could not be completed because the store failed: marked when it
+    /// answers again, so no row stays unfinished while its replica lives on.
+    unfinished: std::sync::Mutex<Vec<String>>,
     /// Set once the interpreter is compiled: until then `/readyz` and calls answer 503.
     runner: OnceLock<Runner>,
     /// Deployed bundles by version, pre-initialised.
@@ -139,6 +142,14 @@ impl App {
             .await?
             .with_context(|| format!("the store has no bundle file for version {version}"))?;
         write_cache_file(&path, &file)
+    }
+
+    /// Notes a run whose row the store failed to complete.
+    fn unfinished(&self, id: &str) {
+        self.unfinished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(id.to_owned());
     }
 
     /// Runs a store call from a worker thread (not an async one).
@@ -274,6 +285,7 @@ pub fn serve(options: &Options) -> Result<()> {
             store,
             replica,
             rt: tokio::runtime::Handle::current(),
+            unfinished: std::sync::Mutex::new(Vec::new()),
             runner: OnceLock::new(),
             ready: RwLock::new(HashMap::new()),
             data: config.data.clone(),
@@ -296,6 +308,9 @@ pub fn serve(options: &Options) -> Result<()> {
 /// before they mark its unfinished runs interrupted.
 const HEARTBEAT: Duration = Duration::from_secs(2);
 const SILENT: Duration = Duration::from_secs(15);
+/// The error of a run whose end the store could not record.
+const STORE_FAILED: &str =
+    "the run store failed as the call ended: the client was answered 503, and its trace is lost";
 
 async fn run(app: Arc<App>, listener: tokio::net::TcpListener, options: &Options) -> Result<()> {
     let warm = app.clone();
@@ -355,6 +370,17 @@ impl App {
                 let marked = self.store.heartbeat(&self.replica, SILENT).await?;
                 if marked > 0 {
                     eprintln!("host: {marked} call(s) of a stopped replica marked interrupted");
+                }
+                let unfinished =
+                    std::mem::take(&mut *self.unfinished.lock().unwrap_or_else(|e| e.into_inner()));
+                for (i, id) in unfinished.iter().enumerate() {
+                    if let Err(e) = self.store.interrupt(id, STORE_FAILED).await {
+                        self.unfinished
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .extend(unfinished[i..].iter().cloned());
+                        return Err(e);
+                    }
                 }
                 if self.runner.get().is_some() {
                     for version in self.store.versions().await? {

@@ -484,6 +484,11 @@ impl Store {
         each!(self, b => b.finish_run(id, f).await)
     }
 
+    /// Marks one unfinished run interrupted (answered 503), saying why.
+    pub async fn interrupt(&self, id: &str, error: &str) -> Result<()> {
+        each!(self, b => b.interrupt(id, error).await)
+    }
+
     /// A page of a tenant's runs, newest first.
     pub async fn runs(&self, tenant: &str, f: &RunFilter) -> Result<Vec<RunRow>> {
         each!(self, b => b.runs(tenant, f).await)

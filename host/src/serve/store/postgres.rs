@@ -492,6 +492,18 @@ impl Postgres {
         Ok(earlier.map_or(Completed::Recorded, Completed::Duplicate))
     }
 
+    pub async fn interrupt(&self, id: &str, error: &str) -> Result<()> {
+        self.execute(
+            &format!(
+                "UPDATE runs SET outcome = 'interrupted', http_status = 503,
+                 finished_at = {NOW}, error = $2 WHERE id = $1 AND outcome IS NULL"
+            ),
+            &[&id, &error],
+        )
+        .await
+        .map(drop)
+    }
+
     pub async fn runs(&self, tenant: &str, f: &RunFilter) -> Result<Vec<RunRow>> {
         let rows = self
             .query(
@@ -556,14 +568,12 @@ impl Postgres {
         let age = age.map(|a| a.as_secs_f64());
         let rows = self
             .query(
-                &format!(
-                    "SELECT id, trace_size FROM runs
-                     WHERE tenant = $1 AND trace_size IS NOT NULL AND trace_pruned = 0
-                     AND ($2::float8 IS NULL OR finished_at < to_char(
-                         (clock_timestamp() - make_interval(secs => $2)) AT TIME ZONE 'UTC',
-                         'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'))
-                     ORDER BY id"
-                ),
+                "SELECT id, trace_size FROM runs
+                 WHERE tenant = $1 AND trace_size IS NOT NULL AND trace_pruned = 0
+                 AND ($2::float8 IS NULL OR finished_at < to_char(
+                     (clock_timestamp() - make_interval(secs => $2)) AT TIME ZONE 'UTC',
+                     'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'))
+                 ORDER BY id",
                 &[&tenant, &age],
             )
             .await?;

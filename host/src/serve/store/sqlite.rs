@@ -382,6 +382,19 @@ impl Sqlite {
         })
     }
 
+    pub async fn interrupt(&self, id: &str, error: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                &format!(
+                    "UPDATE runs SET outcome = 'interrupted', http_status = 503,
+                     finished_at = {NOW}, error = ?2 WHERE id = ?1 AND outcome IS NULL"
+                ),
+                [id, error],
+            )
+        })
+        .map(drop)
+    }
+
     pub async fn runs(&self, tenant: &str, f: &RunFilter) -> Result<Vec<RunRow>> {
         self.with(|c| {
             let mut s = c.prepare(&format!(
