@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::server::{Server, token, workdir};
-use crate::common::{Fixture, host};
+use crate::common::{Fixture, cache_dir, host};
 
 /// One notebook, several behaviours: each test deploys what it needs.
 const FUNCTIONS: &str = r#"
@@ -1026,5 +1026,37 @@ fn a_client_that_hangs_up_mid_call_still_leaves_the_complete_row() {
     assert_eq!(
         rows(&server),
         vec![("spin".to_owned(), Some("returned".to_owned()), Some(200))]
+    );
+}
+
+#[test]
+fn a_bundle_is_pre_initialised_under_its_tenants_limits_not_the_defaults() {
+    let dir = workdir();
+    let (t, digest) = token("roomy");
+    let cfg = config(
+        dir.path(),
+        "max_memory = \"2G\"",
+        &[format!(
+            "name = \"roomy\"\ntokens_sha256 = [\"{digest}\"]\nmemory = \"1536M\""
+        )],
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&cfg));
+    // The definitions need more than a call's default 1G, less than the tenant's 1536M.
+    let nb = notebook("BUFFER = bytearray(1100 << 20)\n\ndef size():\n    return len(BUFFER)\n");
+    let version = server.deploy(&t, &nb.notebook, &["size"]);
+    let shown = server.get(&format!("/v1/bundles/{version}"), Some(&t));
+    assert!(shown.expect(200)["image"].is_string(), "{}", shown.text());
+    assert_eq!(
+        server.call(&t, &version, "size", json!([])).expect(200)["result"],
+        json!(1100 << 20)
+    );
+    // Reloaded after a restart with its image gone from the cache, it is built again under
+    // limits that fit the tenant's calls.
+    std::fs::remove_dir_all(cache_dir().join("images")).unwrap();
+    let server = server.restart();
+    assert!(!server.log().contains("not loaded"), "{}", server.log());
+    assert_eq!(
+        server.call(&t, &version, "size", json!([])).expect(200)["result"],
+        json!(1100 << 20)
     );
 }

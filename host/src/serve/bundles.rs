@@ -52,7 +52,13 @@ pub async fn deploy(
     let deployed = ticket
         .run(move || -> Result<(bool, Value), ApiError> {
             let runner = worker.runner()?;
-            let (ready, file) = runner.deploy(&name, &bytes, &functions, label.as_deref())?;
+            let (ready, file) = runner.deploy(
+                &name,
+                &bytes,
+                &functions,
+                label.as_deref(),
+                &tenant.config.limits,
+            )?;
             let path = worker.bundle_path(ready.version());
             if !path.exists() {
                 write_cache_file(&path, &file)?;

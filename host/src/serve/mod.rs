@@ -276,7 +276,7 @@ async fn run(app: Arc<App>, listen: SocketAddr, options: &Options) -> Result<()>
 
 /// Compiles the interpreter and loads every deployed bundle, then marks the server ready.
 fn start_runner(app: &App, runtime: Option<&Path>, cache_dir: Option<PathBuf>) -> Result<()> {
-    let runner = Runner::start(runtime, cache_dir)?;
+    let runner = Runner::start(runtime, cache_dir, auth::widest_limits(&app.tenants))?;
     for version in app.store.versions()? {
         match runner.load(&app.bundle_path(&version)) {
             Ok(ready) => app.keep(Arc::new(ready)),
