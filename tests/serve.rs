@@ -1060,3 +1060,43 @@ fn a_bundle_is_pre_initialised_under_its_tenants_limits_not_the_defaults() {
         json!(1100 << 20)
     );
 }
+
+#[test]
+fn storage_is_charged_the_stored_bundle_not_the_deploy_body() {
+    let dir = workdir();
+    let (t, digest) = token("lean");
+    let cfg = config(
+        dir.path(),
+        "",
+        &[format!(
+            "name = \"lean\"\ntokens_sha256 = [\"{digest}\"]\nstorage = \"32K\""
+        )],
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&cfg));
+    // 200 KiB of exploration that the bundle does not keep.
+    let exploration = format!("preview = '{}'\n", "x".repeat(200 << 10));
+    let nb = Fixture::code(&["def double(x):\n    return x * 2\n", &exploration]);
+    assert!(std::fs::metadata(&nb.notebook).unwrap().len() > 32 << 10);
+    let version = server.deploy(&t, &nb.notebook, &["double"]);
+    let stored = std::fs::metadata(
+        server
+            .data
+            .join("bundles")
+            .join(format!("{version}.bundle.json")),
+    )
+    .unwrap()
+    .len();
+    let charged: u64 = server
+        .db()
+        .query_row(
+            "SELECT size FROM bundles WHERE tenant = 'lean' AND version = ?1",
+            [&version],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(charged, stored, "the tenant is charged the stored file");
+    assert_eq!(
+        server.call(&t, &version, "double", json!([4])).expect(200)["result"],
+        json!(8)
+    );
+}

@@ -43,7 +43,10 @@ pub async fn deploy(
         }
     }
     let bytes = body::read(request, tenant.config.max_body, app.body_timeout).await?;
-    app.check_storage(&tenant, bytes.len() as u64)?;
+    // A tenant already full gets its 507 before the build; what is charged is the bundle
+    // file the server keeps (a notebook's outputs and exploration cells are not kept), known
+    // only once the bundle is made.
+    app.check_storage(&tenant, 0)?;
     let ticket = app
         .pool
         .reserve(tenant.index)
@@ -59,6 +62,11 @@ pub async fn deploy(
                 label.as_deref(),
                 &tenant.config.limits,
             )?;
+            let had = worker
+                .store
+                .bundle(tenant.name(), ready.version())?
+                .is_some();
+            worker.check_storage(&tenant, if had { 0 } else { file.len() as u64 })?;
             let path = worker.bundle_path(ready.version());
             if !path.exists() {
                 write_cache_file(&path, &file)?;
