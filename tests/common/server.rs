@@ -71,9 +71,16 @@ impl Answer {
 }
 
 impl Server {
-    /// `host serve` on `data` (made if missing), with `config` when given.
+    /// `host serve` on `data` (made if missing), with `config` when given, once ready.
     pub fn start(data: &Path, config: Option<&Path>) -> Server {
-        let cache = super::cache_dir();
+        let server = Server::launch(data, config, &super::cache_dir());
+        server.wait_ready();
+        server
+    }
+
+    /// `host serve` on `data` with `cache` as its cache folder, as soon as it listens (it
+    /// may not be ready yet: with an empty cache it compiles the runtime first).
+    pub fn launch(data: &Path, config: Option<&Path>, cache: &Path) -> Server {
         let mut args = vec![
             "serve".to_owned(),
             "--listen".into(),
@@ -88,7 +95,7 @@ impl Server {
         }
         let mut child = Command::new(env!("CARGO_BIN_EXE_host"))
             .args(&args)
-            .env("HOST_CACHE_DIR", &cache)
+            .env("HOST_CACHE_DIR", cache)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -115,19 +122,18 @@ impl Server {
                 panic!("host serve did not listen:\n{}", log.lock().unwrap());
             }
         };
-        let server = Server {
+        Server {
             child,
             url,
             data: data.to_owned(),
             config: config.map(Path::to_owned),
             log,
             reader: Some(reader),
-        };
-        server.wait_ready();
-        server
+        }
     }
 
-    fn wait_ready(&self) {
+    /// Polls `/readyz` until it answers 200.
+    pub fn wait_ready(&self) {
         let started = Instant::now();
         loop {
             if self.get("/readyz", None).status == 200 {
@@ -154,6 +160,11 @@ impl Server {
     /// SIGTERM, and the exit code once it exited.
     pub fn stop(&mut self) -> i32 {
         self.signal(libc::SIGTERM);
+        self.exit_code()
+    }
+
+    /// The exit code, once the process exited (after a signal sent with [`Server::signal`]).
+    pub fn exit_code(&mut self) -> i32 {
         let status = self.wait();
         status
             .code()

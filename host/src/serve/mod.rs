@@ -255,6 +255,12 @@ async fn run(app: Arc<App>, listen: SocketAddr, options: &Options) -> Result<()>
         let (running, queued) = draining.pool.load();
         eprintln!("host: shutting down: {running} call(s) running, {queued} queued");
         signalled.notify_one();
+        // Still listening until the calls in flight are done: new requests get a 503 that
+        // says why (and `/readyz` turns 503, so a load balancer moves on) rather than a
+        // refused connection; the grace period below bounds the wait.
+        while draining.pool.load() != (0, 0) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     });
     let grace = options.grace;
     let server = std::future::IntoFuture::into_future(server);
