@@ -68,7 +68,8 @@ demo-serve:
 test: build runtime
 	PYTHON=$(PYTHON) tests/with-postgres $(CARGO) test --release --locked
 
-# The baselines users run today need pandas and papermill natively, in a private venv.
+# The baselines users run today need pandas and papermill natively, in a private venv; the
+# serving baselines (host/benches/native_server.py) need only pandas.
 BENCH_VENV := $(RUNTIME_ROOT)/bench-venv
 $(BENCH_VENV)/.installed:
 	$(PYTHON) -m venv $(BENCH_VENV)
@@ -77,7 +78,7 @@ $(BENCH_VENV)/.installed:
 	touch $@
 
 bench: prepare $(BENCH_VENV)/.installed
-	BENCH_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(CARGO) bench --locked --bench calls
+	BENCH_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(CARGO) bench --locked --bench calls --bench serve
 	PYTHON=$(PYTHON) tests/with-postgres $(CARGO) bench --locked --bench replicas
 
 # libFuzzer on everything host parses from outside (fuzz/fuzz_targets/), one target after

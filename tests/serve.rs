@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::server::{Server, token, workdir};
-use crate::common::{Fixture, host};
+use crate::common::{Fixture, cache_dir, host};
 
 /// One notebook, several behaviours: each test deploys what it needs.
 const FUNCTIONS: &str = r#"
@@ -1023,6 +1023,185 @@ fn a_client_that_hangs_up_mid_call_still_leaves_the_complete_row() {
     assert_eq!(
         rows(&server),
         vec![("spin".to_owned(), Some("returned".to_owned()), Some(200))]
+    );
+}
+
+#[test]
+fn a_bundle_is_pre_initialised_under_its_tenants_limits_not_the_defaults() {
+    let dir = workdir();
+    let (t, digest) = token("roomy");
+    let cfg = config(
+        dir.path(),
+        "max_memory = \"2G\"",
+        &[format!(
+            "name = \"roomy\"\ntokens_sha256 = [\"{digest}\"]\nmemory = \"1536M\""
+        )],
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&cfg));
+    // The definitions need more than a call's default 1G, less than the tenant's 1536M.
+    let nb = notebook("BUFFER = bytearray(1100 << 20)\n\ndef size():\n    return len(BUFFER)\n");
+    let version = server.deploy(&t, &nb.notebook, &["size"]);
+    let shown = server.get(&format!("/v1/bundles/{version}"), Some(&t));
+    assert!(shown.expect(200)["image"].is_string(), "{}", shown.text());
+    assert_eq!(
+        server.call(&t, &version, "size", json!([])).expect(200)["result"],
+        json!(1100 << 20)
+    );
+    // Reloaded after a restart with its image gone from the cache, it is built again under
+    // limits that fit the tenant's calls.
+    std::fs::remove_dir_all(cache_dir().join("images")).unwrap();
+    let server = server.restart();
+    assert!(!server.log().contains("not loaded"), "{}", server.log());
+    assert_eq!(
+        server.call(&t, &version, "size", json!([])).expect(200)["result"],
+        json!(1100 << 20)
+    );
+}
+
+#[test]
+fn storage_is_charged_the_stored_bundle_not_the_deploy_body() {
+    let dir = workdir();
+    let (t, digest) = token("lean");
+    let cfg = config(
+        dir.path(),
+        "",
+        &[format!(
+            "name = \"lean\"\ntokens_sha256 = [\"{digest}\"]\nstorage = \"32K\""
+        )],
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&cfg));
+    // 200 KiB of exploration that the bundle does not keep.
+    let exploration = format!("preview = '{}'\n", "x".repeat(200 << 10));
+    let nb = Fixture::code(&["def double(x):\n    return x * 2\n", &exploration]);
+    assert!(std::fs::metadata(&nb.notebook).unwrap().len() > 32 << 10);
+    let version = server.deploy(&t, &nb.notebook, &["double"]);
+    let stored = std::fs::metadata(
+        server
+            .data
+            .join("bundles")
+            .join(format!("{version}.bundle.json")),
+    )
+    .unwrap()
+    .len();
+    let charged: u64 = server.sql(&format!(
+        "SELECT size FROM bundles WHERE tenant = 'lean' AND version = '{version}'"
+    ))[0][0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(charged, stored, "the tenant is charged the stored file");
+    assert_eq!(
+        server.call(&t, &version, "double", json!([4])).expect(200)["result"],
+        json!(8)
+    );
+}
+
+#[test]
+fn readyz_and_calls_answer_503_until_the_runtime_is_compiled() {
+    let dir = workdir();
+    // An empty cache: the server compiles the runtime before it is ready, which takes far
+    // longer than the requests below.
+    let server = Server::launch(
+        &dir.path().join("data"),
+        None,
+        &dir.path().join("cache"),
+        &[],
+    );
+    let tok = server.default_token();
+    assert_eq!(server.get("/healthz", None).status, 200, "alive at once");
+    let starting = server.get("/readyz", None).expect(503);
+    assert_eq!(starting["error"]["kind"], json!("unavailable"));
+    assert!(
+        starting["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("compiled"),
+        "{starting}"
+    );
+    let call = server.call(&tok, "prod", "f", json!([]));
+    assert_eq!(call.expect(503)["error"]["kind"], json!("unavailable"));
+    server.wait_ready();
+    assert_eq!(server.get("/readyz", None).status, 200);
+    assert!(rows(&server).is_empty(), "a refused call leaves no row");
+}
+
+#[test]
+fn while_draining_new_calls_get_503_and_the_call_in_flight_finishes() {
+    let dir = workdir();
+    let gate = dir.path().join("gate");
+    std::fs::create_dir(&gate).unwrap();
+    let (t, digest) = token("drain");
+    let cfg = config(
+        dir.path(),
+        "",
+        &[format!(
+            "name = \"d\"\ntokens_sha256 = [\"{digest}\"]\ngrants = [\"{}:/gate:ro\"]",
+            gate.display()
+        )],
+    );
+    let mut server = Server::start(&dir.path().join("data"), Some(&cfg));
+    let nb = notebook(
+        "import os, time\n\ndef hold():\n    while not os.path.exists('/gate/open'):\n        \
+         time.sleep(0.02)\n    return 'released'\n\ndef double(x):\n    return x * 2\n",
+    );
+    let version = server.deploy(&t, &nb.notebook, &["hold", "double"]);
+    let url = server.url.clone();
+    let (t2, version2) = (t.clone(), version.clone());
+    // Held in flight until the test opens the gate: no race with the shutdown.
+    let held = std::thread::spawn(move || {
+        let agent = ureq::Agent::new_with_defaults();
+        let mut response = agent
+            .post(&format!("{url}/v1/call/{version2}/hold"))
+            .header("Authorization", format!("Bearer {t2}"))
+            .send(r#"{"args": []}"#)
+            .expect("the call in flight is answered");
+        (
+            response.status().as_u16(),
+            response.body_mut().read_to_string().unwrap(),
+        )
+    });
+    let started = Instant::now();
+    while rows(&server).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the call never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.signal(libc::SIGTERM);
+    while !server.log().contains("shutting down") {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "SIGTERM was not seen:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let readyz = server.get("/readyz", None).expect(503);
+    assert_eq!(readyz["error"]["kind"], json!("unavailable"));
+    let refused = server.call(&t, &version, "double", json!([1]));
+    let error = refused.expect(503);
+    assert_eq!(error["error"]["kind"], json!("unavailable"));
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shutting down"),
+        "{error}"
+    );
+    std::fs::write(gate.join("open"), "").unwrap();
+    let (status, body) = held.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["result"],
+        json!("released")
+    );
+    assert_eq!(server.exit_code(), 0, "{}", server.log());
+    assert_eq!(
+        rows(&server),
+        vec![("hold".to_owned(), Some("returned".to_owned()), Some(200))],
+        "the refused call left no row"
     );
 }
 

@@ -8,7 +8,10 @@
 //! (d) the same call in a native CPython subprocess and through papermill.
 //!
 //! The native baselines need `BENCH_PYTHON` (a Python with pandas and papermill; `make bench`
-//! makes one); without it they are skipped.
+//! makes one); without it they are skipped. The same calls through `host serve` over HTTP are
+//! the other bench program's (`serve.rs`).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use common::{Stats, cores, ms, ratio, run, sample, stats, verdict};
 use host::bundle::Select;
 use host::cli::{DEFAULT_MAX_INPUT, read_arguments};
 use host::{
@@ -506,29 +510,6 @@ fn changed_notebook(host_bin: &Path, repo: &Path, work: &Path) -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Stats {
-    n: usize,
-    p50: Duration,
-    p99: Duration,
-}
-
-fn sample(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<Stats> {
-    let mut times = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        f()?;
-        times.push(t.elapsed());
-    }
-    times.sort();
-    let at = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
-    Ok(Stats {
-        n,
-        p50: at(0.50),
-        p99: at(0.99),
-    })
-}
-
 /// Runs each of `fs` once per round, `n` rounds, and gives each one's statistics.
 fn interleaved<const K: usize>(n: usize, fs: [&dyn Fn() -> Result<()>; K]) -> Result<[Stats; K]> {
     let mut times: [Vec<Duration>; K] = std::array::from_fn(|_| Vec::with_capacity(n));
@@ -540,16 +521,6 @@ fn interleaved<const K: usize>(n: usize, fs: [&dyn Fn() -> Result<()>; K]) -> Re
         }
     }
     Ok(times.map(stats))
-}
-
-fn stats(mut times: Vec<Duration>) -> Stats {
-    times.sort();
-    let at = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
-    Stats {
-        n: times.len(),
-        p50: at(0.50),
-        p99: at(0.99),
-    }
 }
 
 /// Calls per second with one thread per core, each calling in a loop for `length`.
@@ -583,35 +554,4 @@ fn baseline(repo: &Path, script: &str, args: &[&Path], n: usize) -> Result<Optio
     };
     let script = repo.join("host/benches").join(script);
     sample(n, || run(Command::new(&python).arg(&script).args(args))).map(Some)
-}
-
-fn run(command: &mut Command) -> Result<()> {
-    let out = command
-        .output()
-        .with_context(|| format!("failed to start {command:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{command:?} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
-}
-
-fn ratio(slow: Duration, fast: Duration) -> f64 {
-    slow.as_secs_f64() / fast.as_secs_f64()
-}
-
-fn verdict(met: bool) -> &'static str {
-    if met { "met" } else { "NOT met" }
 }

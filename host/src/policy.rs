@@ -144,6 +144,17 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// Each limit the larger of the two: room for a call under either.
+    pub fn widest(self, other: Limits) -> Limits {
+        Limits {
+            memory: self.memory.max(other.memory),
+            timeout: self.timeout.max(other.timeout),
+            output: self.output.max(other.output),
+        }
+    }
+}
+
 /// What one call may see and use.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {

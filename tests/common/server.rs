@@ -109,14 +109,22 @@ impl Answer {
 }
 
 impl Server {
-    /// `host serve` on `data` (made if missing), with `config` when given.
+    /// `host serve` on `data` (made if missing), with `config` when given, once ready.
     pub fn start(data: &Path, config: Option<&Path>) -> Server {
         Server::start_with(data, config, &[])
     }
 
-    /// A server started with more arguments (`--store URL`, `--replica NAME`, ...).
+    /// A server started with more arguments (`--store URL`, `--replica NAME`, ...), once
+    /// ready.
     pub fn start_with(data: &Path, config: Option<&Path>, extra: &[String]) -> Server {
-        let cache = super::cache_dir();
+        let server = Server::launch(data, config, &super::cache_dir(), extra);
+        server.wait_ready();
+        server
+    }
+
+    /// `host serve` on `data` with `cache` as its cache folder, as soon as it listens (it
+    /// may not be ready yet: with an empty cache it compiles the runtime first).
+    pub fn launch(data: &Path, config: Option<&Path>, cache: &Path, extra: &[String]) -> Server {
         let mut args = vec![
             "serve".to_owned(),
             "--listen".into(),
@@ -140,7 +148,7 @@ impl Server {
         args.extend(extra.iter().cloned());
         let mut child = Command::new(env!("CARGO_BIN_EXE_host"))
             .args(&args)
-            .env("HOST_CACHE_DIR", &cache)
+            .env("HOST_CACHE_DIR", cache)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -167,7 +175,7 @@ impl Server {
                 panic!("host serve did not listen:\n{}", log.lock().unwrap());
             }
         };
-        let server = Server {
+        Server {
             child,
             url,
             data: data.to_owned(),
@@ -176,12 +184,11 @@ impl Server {
             extra: extra.to_vec(),
             log,
             reader: Some(reader),
-        };
-        server.wait_ready();
-        server
+        }
     }
 
-    fn wait_ready(&self) {
+    /// Polls `/readyz` until it answers 200.
+    pub fn wait_ready(&self) {
         let started = Instant::now();
         loop {
             if self.get("/readyz", None).status == 200 {
@@ -212,6 +219,11 @@ impl Server {
     /// SIGTERM, and the exit code once it exited.
     pub fn stop(&mut self) -> i32 {
         self.signal(libc::SIGTERM);
+        self.exit_code()
+    }
+
+    /// The exit code, once the process exited (after a signal sent with [`Server::signal`]).
+    pub fn exit_code(&mut self) -> i32 {
         let status = self.wait();
         status
             .code()

@@ -12,6 +12,17 @@ use subtle::ConstantTimeEq;
 use super::App;
 use super::config::Tenant;
 use super::error::ApiError;
+use crate::policy::Limits;
+
+/// Limits wide enough for any tenant's calls: what a bundle reloaded without knowing its
+/// callers is pre-initialised under.
+pub fn widest_limits(tenants: &[Arc<TenantState>]) -> Limits {
+    tenants
+        .iter()
+        .map(|t| t.config.limits)
+        .reduce(Limits::widest)
+        .unwrap_or_default()
+}
 
 /// A tenant as the server runs it.
 pub struct TenantState {

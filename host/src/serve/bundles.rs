@@ -44,6 +44,10 @@ pub async fn deploy(
         }
     }
     let bytes = body::read(request, tenant.config.max_body, app.body_timeout).await?;
+    // A tenant already full gets its 507 before the build; what is charged is the bundle
+    // file the server keeps (a notebook's outputs and exploration cells are not kept), known
+    // only once the bundle is made.
+    app.check_storage(&tenant, 0).await?;
     let ticket = app
         .pool
         .reserve(tenant.index)
@@ -52,9 +56,19 @@ pub async fn deploy(
     let deployed = ticket
         .run(move || -> Result<(bool, Value), ApiError> {
             let runner = worker.runner()?;
-            let (ready, file) = runner.deploy(&name, &bytes, &functions, label.as_deref())?;
+            let (ready, file) = runner.deploy(
+                &name,
+                &bytes,
+                &functions,
+                label.as_deref(),
+                &tenant.config.limits,
+            )?;
             // What the tenant keeps is the stored bundle file, not the body it sent.
-            worker.block_on(worker.check_storage(&tenant, file.len() as u64))?;
+            let had = worker
+                .block_on(worker.store.bundle(tenant.name(), ready.version()))?
+                .is_some();
+            let incoming = if had { 0 } else { file.len() as u64 };
+            worker.block_on(worker.check_storage(&tenant, incoming))?;
             let path = worker.bundle_path(ready.version());
             if !path.exists() {
                 write_cache_file(&path, &file)?;

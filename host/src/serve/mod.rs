@@ -336,6 +336,12 @@ async fn run(app: Arc<App>, listener: tokio::net::TcpListener, options: &Options
         let (running, queued) = draining.pool.load();
         eprintln!("host: shutting down: {running} call(s) running, {queued} queued");
         signalled.notify_one();
+        // Still listening until the calls in flight are done: new requests get a 503 that
+        // says why (and `/readyz` turns 503, so a load balancer moves on) rather than a
+        // refused connection; the grace period below bounds the wait.
+        while draining.pool.load() != (0, 0) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     });
     let grace = options.grace;
     let server = std::future::IntoFuture::into_future(server);
@@ -423,7 +429,7 @@ fn hostname() -> String {
 
 /// Compiles the interpreter and loads every deployed bundle, then marks the server ready.
 fn start_runner(app: &App, runtime: Option<&Path>, cache_dir: Option<PathBuf>) -> Result<()> {
-    let runner = Runner::start(runtime, cache_dir)?;
+    let runner = Runner::start(runtime, cache_dir, auth::widest_limits(&app.tenants))?;
     for version in app.block_on(app.store.versions())? {
         let loaded = app
             .block_on(app.fetch(&version))

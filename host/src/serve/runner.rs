@@ -25,6 +25,11 @@ pub struct Runner {
     // Kept alive for the sandbox's sake: the sandbox's module lives in its engine.
     _engine: Engine,
     sandbox: Sandbox,
+    /// What a stored bundle is pre-initialised under when the server loads it again (after a
+    /// restart, or when its image left the cache): the widest of the tenants' limits, as the
+    /// server cannot tell which tenants will call it, and an image built under less would
+    /// refuse a bundle whose load some tenant's calls have room for.
+    reload: Limits,
 }
 
 /// A deployed bundle, pre-initialised: what calls run.
@@ -60,14 +65,20 @@ impl Runner {
         Runtime::locate(runtime).map(drop)
     }
 
-    /// Loads (compiling once per machine) the interpreter: seconds to a minute.
-    pub fn start(runtime: Option<&Path>, cache_dir: Option<PathBuf>) -> Result<Runner> {
+    /// Loads (compiling once per machine) the interpreter: seconds to a minute. `reload` is
+    /// what stored bundles are pre-initialised under again (see [`Runner::load`]).
+    pub fn start(
+        runtime: Option<&Path>,
+        cache_dir: Option<PathBuf>,
+        reload: Limits,
+    ) -> Result<Runner> {
         let runtime = Runtime::locate(runtime)?;
         let engine = Engine::new(cache_dir)?;
         let sandbox = Sandbox::new(&engine, &runtime)?;
         Ok(Runner {
             _engine: engine,
             sandbox,
+            reload,
         })
     }
 
@@ -77,14 +88,19 @@ impl Runner {
     }
 
     /// Makes a bundle from a notebook's or a bundle file's bytes, as `host bundle` would, and
-    /// pre-initialises it. `name` names the notebook in tracebacks; `functions` empty means
-    /// every function that can be extracted. Returns it with the bundle file's bytes.
+    /// pre-initialises it under `limits`, the deploying tenant's: its imports and definitions
+    /// are the notebook's code, run as the tenant's calls will run them (a load that needs
+    /// more than the default 1G is fine for a tenant allowed 2G, and one allowed 256M cannot
+    /// make the server spend more at deploy). `name` names the notebook in tracebacks;
+    /// `functions` empty means every function that can be extracted. Returns it with the
+    /// bundle file's bytes.
     pub fn deploy(
         &self,
         name: &str,
         bytes: &[u8],
         functions: &[String],
         label: Option<&str>,
+        limits: &Limits,
     ) -> Result<(Ready, Vec<u8>)> {
         let path = Path::new(name);
         let only: Vec<&str> = functions.iter().map(String::as_str).collect();
@@ -104,21 +120,22 @@ impl Runner {
             Bundle::from_notebook(&self.sandbox, &notebook, select, label)?
         };
         let file = serde_json::to_vec_pretty(&bundle)?;
-        Ok((self.prepare(bundle)?, file))
+        Ok((self.prepare(bundle, limits)?, file))
     }
 
     /// A bundle the server stored at deploy, ready again (after a restart, or on another
-    /// replica).
+    /// replica): its image from the cache, or built again under the widest tenant limits the
+    /// server started with.
     pub fn load(&self, path: &Path) -> Result<Ready> {
         match Bundle::read(path, None)? {
-            Opened::Bundle(bundle) => self.prepare(*bundle),
+            Opened::Bundle(bundle) => self.prepare(*bundle, &self.reload),
             Opened::Notebook(_) => Err(bad_input(format!("`{}` is not a bundle", path.display()))),
         }
     }
 
-    fn prepare(&self, bundle: Bundle) -> Result<Ready> {
+    fn prepare(&self, bundle: Bundle, limits: &Limits) -> Result<Ready> {
         Ok(Ready {
-            prepared: Prepared::new(&self.sandbox, bundle)?,
+            prepared: Prepared::with_limits(&self.sandbox, bundle, limits)?,
         })
     }
 

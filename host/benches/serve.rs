@@ -1,0 +1,452 @@
+//! `make bench`, serving: the pandas and the trivial function of notebooks/churn.ipynb
+//! through a real `host serve` on loopback, at 1, 2 and 8 concurrent clients with keep-alive
+//! (p50, p99, calls per second), next to
+//!
+//! (a) host's in-process call, from the same pre-initialised image, not recorded;
+//! (b) a native Python HTTP server that imports the notebook's functions, with no isolation;
+//! (c) the same server running each call in a fresh `python` process, the isolation users
+//!     get today (`native_server.py` is both);
+//!
+//! then the ratios issue 12 sets targets for. Every call through `host serve` is recorded and
+//! logged, as in production: its trace on disk and its row in SQLite before the answer.
+//!
+//! The native servers need `BENCH_PYTHON` (a Python with pandas; `make bench` makes one);
+//! without it they are skipped.
+
+// Shared with calls.rs, which uses what this program does not.
+#[allow(dead_code)]
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use common::{Stats, cores, ms, stats, verdict};
+use host::bundle::Select;
+use host::{
+    Arguments, Bundle, Engine, Notebook, Outcome, Policy, Prepared, Request, Runtime, Sandbox,
+};
+use sha2::{Digest, Sha256};
+
+/// Concurrent clients, each with its own keep-alive connection.
+const CLIENTS: [usize; 3] = [1, 2, 8];
+/// How long each client count is measured, per server; a fresh process per call is slow
+/// enough to need longer for a few dozen calls.
+const LENGTH: Duration = Duration::from_secs(5);
+const FRESH_LENGTH: Duration = Duration::from_secs(10);
+/// The bench tenant's token: the server only ever sees its digest.
+const TOKEN: &str = "bench-token-0123456789abcdef0123456789abcdef";
+
+fn main() -> Result<()> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let notebook_path = repo.join("notebooks/churn.ipynb");
+    let pandas_body = std::fs::read(repo.join("notebooks/churn-input.json"))?;
+    let cases = [
+        Case {
+            name: "pandas  process(records)",
+            function: "process",
+            body: pandas_body,
+        },
+        Case {
+            name: "trivial to_units(cents)",
+            function: "to_units",
+            body: br#"{"args": [12345]}"#.to_vec(),
+        },
+    ];
+    println!(
+        "host serve benchmark on {} cores: notebooks/churn.ipynb over HTTP on loopback, keep-alive, {} s per client count\n",
+        cores(),
+        LENGTH.as_secs()
+    );
+
+    let work = tempfile::tempdir()?;
+    let in_process = in_process(&notebook_path, &cases)?;
+    let server = Served::host(&repo, work.path())?;
+    let python = std::env::var_os("BENCH_PYTHON").map(PathBuf::from);
+    let natives = match &python {
+        Some(python) => Some((
+            Served::native(python, &repo, &notebook_path, false)?,
+            Served::native(python, &repo, &notebook_path, true)?,
+        )),
+        None => None,
+    };
+    for (case, in_process) in cases.iter().zip(in_process) {
+        let version = server.deploy(&notebook_path, case.function)?;
+        let served = server.levels(
+            &format!("/v1/call/{version}/{}", case.function),
+            case,
+            LENGTH,
+        )?;
+        let natives = match &natives {
+            Some((plain, fresh)) => {
+                let path = format!("/call/{}", case.function);
+                Some((
+                    plain.levels(&path, case, LENGTH)?,
+                    fresh.levels(&path, case, FRESH_LENGTH)?,
+                ))
+            }
+            None => None,
+        };
+        print(case, &in_process, &served, natives.as_ref());
+    }
+    Ok(())
+}
+
+struct Case {
+    name: &'static str,
+    function: &'static str,
+    /// The request body: `{"args": [...]}`.
+    body: Vec<u8>,
+}
+
+/// (a): each case's function called in this process from its bundle's image, as `host serve`
+/// calls it, but without HTTP, recording or the run store: one thread per client.
+fn in_process(notebook_path: &Path, cases: &[Case]) -> Result<Vec<Vec<Level>>> {
+    let engine = Engine::new(None)?;
+    let sandbox = Sandbox::new(&engine, &Runtime::locate(None)?)?;
+    let notebook = Notebook::read(notebook_path)?;
+    let policy = Policy::default();
+    cases
+        .iter()
+        .map(|case| {
+            let bundle =
+                Bundle::from_notebook(&sandbox, &notebook, Select::Only(&[case.function]), None)?;
+            let prepared = Prepared::new(&sandbox, bundle)?;
+            let arguments: Arguments = serde_json::from_slice(&case.body)?;
+            let request = Request {
+                function: case.function,
+                arguments: &arguments,
+                policy: &policy,
+                record: false,
+            };
+            let call = |_: &mut ()| -> Result<()> {
+                match host::call::call(&sandbox, &prepared, &request)?.outcome {
+                    Outcome::Returned(_) => Ok(()),
+                    other => bail!("the call did not return: {other:?}"),
+                }
+            };
+            CLIENTS
+                .iter()
+                .map(|&clients| level(clients, LENGTH, || (), call))
+                .collect()
+        })
+        .collect()
+}
+
+/// A server process on a loopback port, killed when dropped.
+struct Served {
+    child: Child,
+    url: String,
+    /// Sent with every request.
+    authorization: Option<String>,
+    /// What the server wrote to stderr, for errors.
+    log: Arc<Mutex<String>>,
+}
+
+/// Calls at one client count.
+struct Level {
+    clients: usize,
+    stats: Stats,
+    per_second: f64,
+}
+
+impl Served {
+    /// `host serve` (target/release/host) on a new data folder, with one tenant allowed 8
+    /// calls at once so the tenant's limit is not what is measured, on `workers` = cores.
+    fn host(repo: &Path, work: &Path) -> Result<Served> {
+        let config = work.join("host.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[tenant]]\nname = \"bench\"\ntokens_sha256 = [\"{}\"]\nconcurrency = 8\nqueue = 16\n",
+                hex::encode(Sha256::digest(TOKEN))
+            ),
+        )?;
+        let mut command = Command::new(repo.join("target/release/host"));
+        command
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .arg("--data")
+            .arg(work.join("serve-data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().context("failed to start host serve")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let (url, log) = listening(stderr, "host: listening on ")?;
+        let served = Served {
+            child,
+            url,
+            authorization: Some(format!("Bearer {TOKEN}")),
+            log,
+        };
+        let started = Instant::now();
+        while served.get("/readyz")? != 200 {
+            ensure!(
+                started.elapsed() < Duration::from_secs(600),
+                "host serve was not ready in 10 minutes:\n{}",
+                served.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(served)
+    }
+
+    /// `native_server.py` under `python`: (b), or (c) with `fresh`.
+    fn native(python: &Path, repo: &Path, notebook_path: &Path, fresh: bool) -> Result<Served> {
+        let mut command = Command::new(python);
+        command
+            .arg(repo.join("host/benches/native_server.py"))
+            .arg(notebook_path)
+            .args(fresh.then_some("--fresh"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("failed to start {command:?}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (url, log) = listening(stdout, "listening on ")?;
+        Ok(Served {
+            child,
+            url,
+            authorization: None,
+            log,
+        })
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent()
+    }
+
+    fn get(&self, path: &str) -> Result<u16> {
+        let response = Self::agent().get(format!("{}{path}", self.url)).call()?;
+        Ok(response.status().as_u16())
+    }
+
+    /// POSTs `body` to `path` on `agent`'s connection; the answer's body when it is a 200.
+    fn post(&self, agent: &ureq::Agent, path: &str, body: &[u8]) -> Result<Vec<u8>> {
+        let mut request = agent.post(format!("{}{path}", self.url));
+        if let Some(authorization) = &self.authorization {
+            request = request.header("Authorization", authorization);
+        }
+        let mut response = request.send(body)?;
+        let status = response.status().as_u16();
+        let answer = response.body_mut().read_to_vec()?;
+        ensure!(
+            status == 200 || status == 201,
+            "POST {path}: {status} {}\n{}",
+            String::from_utf8_lossy(&answer),
+            self.log()
+        );
+        Ok(answer)
+    }
+
+    /// Deploys `function` of the notebook; its version.
+    fn deploy(&self, notebook: &Path, function: &str) -> Result<String> {
+        let answer = self.post(
+            &Self::agent(),
+            &format!("/v1/bundles?function={function}&name=churn.ipynb"),
+            &std::fs::read(notebook)?,
+        )?;
+        let answer: serde_json::Value = serde_json::from_slice(&answer)?;
+        answer["version"]
+            .as_str()
+            .map(str::to_owned)
+            .context("the deploy answered no version")
+    }
+
+    /// The case's calls at each client count.
+    fn levels(&self, path: &str, case: &Case, length: Duration) -> Result<Vec<Level>> {
+        CLIENTS
+            .iter()
+            .map(|&clients| {
+                level(clients, length, Self::agent, |agent| {
+                    self.post(agent, path, &case.body).map(drop)
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Calls at `clients` concurrent clients: a thread each, which makes its client (its own
+/// keep-alive connection) and calls with it in a loop for `length`, after one call that is
+/// not measured (it opens the connection); all start measuring at once.
+fn level<C>(
+    clients: usize,
+    length: Duration,
+    client: impl Fn() -> C + Sync,
+    call: impl Fn(&mut C) -> Result<()> + Sync,
+) -> Result<Level> {
+    let start = Barrier::new(clients);
+    let started = Mutex::new(None);
+    let runs = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..clients)
+            .map(|_| {
+                s.spawn(|| -> Result<(Vec<Duration>, Instant)> {
+                    let mut client = client();
+                    call(&mut client)?;
+                    if start.wait().is_leader() {
+                        *started.lock().unwrap() = Some(Instant::now());
+                    }
+                    let until = Instant::now() + length;
+                    let mut times = Vec::new();
+                    while Instant::now() < until {
+                        let t = Instant::now();
+                        call(&mut client)?;
+                        times.push(t.elapsed());
+                    }
+                    Ok((times, Instant::now()))
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("a client thread panicked"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let started = started.into_inner().unwrap().context("no client started")?;
+    let ended = runs.iter().map(|(_, end)| *end).max().unwrap_or(started);
+    let times: Vec<Duration> = runs.into_iter().flat_map(|(times, _)| times).collect();
+    let calls = times.len();
+    ensure!(calls > 0, "no call finished in {length:?}");
+    Ok(Level {
+        clients,
+        stats: stats(times),
+        per_second: calls as f64 / (ended - started).as_secs_f64(),
+    })
+}
+
+/// Reads a server's output until its `prefix` line gives its URL, then keeps reading it
+/// into a log in the background, so the server never blocks on a full pipe.
+fn listening(
+    output: impl std::io::Read + Send + 'static,
+    prefix: &'static str,
+) -> Result<(String, Arc<Mutex<String>>)> {
+    let mut lines = BufReader::new(output).lines();
+    let log = Arc::new(Mutex::new(String::new()));
+    let url = loop {
+        let line = lines
+            .next()
+            .with_context(|| {
+                format!(
+                    "the server ended before listening:\n{}",
+                    log.lock().unwrap()
+                )
+            })?
+            .context("failed to read the server's output")?;
+        log.lock().unwrap().push_str(&format!("{line}\n"));
+        if let Some(url) = line.strip_prefix(prefix) {
+            break url.trim().to_owned();
+        }
+    };
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            sink.lock().unwrap().push_str(&format!("{line}\n"));
+        }
+    });
+    Ok((url, log))
+}
+
+fn print(
+    case: &Case,
+    in_process: &[Level],
+    served: &[Level],
+    natives: Option<&(Vec<Level>, Vec<Level>)>,
+) {
+    println!("== {}", case.name);
+    println!(
+        "                                              clients       p50       p99   calls/s  (calls)"
+    );
+    let rows = |what: &str, levels: &[Level]| {
+        for (i, level) in levels.iter().enumerate() {
+            println!(
+                "  {:<42} {:>3} {:>9} {:>9} {:>9.1}  ({})",
+                if i == 0 { what } else { "" },
+                level.clients,
+                ms(level.stats.p50),
+                ms(level.stats.p99),
+                level.per_second,
+                level.stats.n
+            );
+        }
+    };
+    rows("host serve (each call recorded and logged)", served);
+    rows("(a) in-process call, no HTTP, not recorded", in_process);
+    if let Some((plain, fresh)) = natives {
+        rows("(b) native Python server, no isolation", plain);
+        rows("(c) native server, fresh python per call", fresh);
+    } else {
+        println!("  (b), (c) skipped: set BENCH_PYTHON to a Python with pandas (make bench does)");
+    }
+    fn at(levels: &[Level], clients: usize) -> &Level {
+        levels
+            .iter()
+            .find(|l| l.clients == clients)
+            .expect("every client count is measured")
+    }
+    let added = (at(served, 1).stats.p50.as_secs_f64() - at(in_process, 1).stats.p50.as_secs_f64())
+        * 1000.0;
+    println!(
+        "  HTTP and logging add {added:+.2} ms to the in-process p50 (1 client; target <= 1.5 ms: {})",
+        verdict(added <= 1.5)
+    );
+    let scaling = |levels: &[Level]| at(levels, 2).per_second / at(levels, 1).per_second;
+    println!(
+        "  2 clients give {:.2}x the calls/s of 1 client (target >= 1.7x: {}; in-process {:.2}x)",
+        scaling(served),
+        verdict(scaling(served) >= 1.7),
+        scaling(in_process)
+    );
+    if let Some((plain, fresh)) = natives {
+        let ratios = |other: &[Level]| {
+            CLIENTS
+                .iter()
+                .map(|&c| at(served, c).per_second / at(other, c).per_second)
+                .collect::<Vec<_>>()
+        };
+        let shown = |ratios: &[f64]| {
+            ratios
+                .iter()
+                .map(|r| format!("{r:.1}x"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        println!(
+            "  host serve calls/s vs (b) at 1 / 2 / 8 clients: {}",
+            shown(&ratios(plain))
+        );
+        let versus_fresh = ratios(fresh);
+        let target = if case.function == "process" {
+            let worst = versus_fresh.iter().copied().fold(f64::INFINITY, f64::min);
+            format!(" (target >= 10x for pandas: {})", verdict(worst >= 10.0))
+        } else {
+            String::new()
+        };
+        println!(
+            "  host serve calls/s vs (c) at 1 / 2 / 8 clients: {}{target}",
+            shown(&versus_fresh)
+        );
+    }
+    println!();
+}
