@@ -12,6 +12,9 @@ use crate::common::Fixture;
 use crate::common::pg::{TestDb, Throwaway, base_url};
 use crate::common::server::{Answer, Server, send, token};
 
+/// The schema version this host's migrations end at.
+const MIGRATIONS: usize = 3;
+
 const FUNCTIONS: &str = r#"
 import time
 
@@ -83,7 +86,7 @@ fn replicas_on_one_postgres_behave_as_one_service() {
     let r = replicas(&dir, &config, &db.url, 3);
     assert_eq!(
         db.query("SELECT version FROM schema_version"),
-        vec![vec![Some("2".to_owned())]],
+        vec![vec![Some(MIGRATIONS.to_string())]],
         "one schema, migrated once"
     );
 
@@ -186,10 +189,12 @@ fn replicas_on_one_postgres_behave_as_one_service() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("newer than this host's (2): use a newer host"),
+        stderr.contains(&format!(
+            "newer than this host's ({MIGRATIONS}): use a newer host"
+        )),
         "{stderr}"
     );
-    db.query("UPDATE schema_version SET version = 2");
+    db.query(&format!("UPDATE schema_version SET version = {MIGRATIONS}"));
 }
 
 #[test]

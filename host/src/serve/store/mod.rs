@@ -8,7 +8,7 @@
 //! the row that points at it, and one backup holds everything (docs/deploy.md says why
 //! this beats a shared folder or object storage at the volumes measured).
 //!
-//! Schema (version 2):
+//! Schema (version 2, then 3 below):
 //!
 //! - `bundles(tenant, version, functions, label, notebook, size, deployed_at)`: the bundles a
 //!   tenant deployed; `size` (of the stored bundle file) counts towards the tenant's
@@ -36,6 +36,22 @@
 //! - `admissions(tenant, at_ms)`: when each tenant's calls of the last minute were admitted,
 //!   for `calls_per_minute` across replicas.
 //! - `replicas(name, seen_at_ms)`: each replica's last heartbeat.
+//!
+//! Version 3 adds what deploying from evidence needs (issue 14):
+//!
+//! - `aliases.canary_version`, `canary_percent` (0-100), `canary_sticky` (`key` or `input`:
+//!   what keeps a client on one side) and `shadow_version`; `alias_moves` records the same
+//!   with each move, and `evaluation` (the evaluation that let a gated move through).
+//! - `runs.side` (`primary`, `canary` or `shadow`, for calls through an alias that splits or
+//!   shadows) and `runs.shadow_of` (a shadow run's primary run).
+//! - `evaluations(id, tenant, candidate, against, baseline, function, selection, tolerance,
+//!   status, total, done, same, changed, newly_failing, fixed, not_replayable, error,
+//!   created_at, finished_at, replica)`: a candidate version run on logged calls of
+//!   `against` (an alias or version as asked; `baseline` the version it resolved to);
+//!   `selection` is the JSON of what was asked (`last`, `since`, `runs`); `status` is
+//!   `running`, `done` or `failed`.
+//! - `evaluation_runs(evaluation, run, class, detail)`: each run's class (`same`,
+//!   `changed`, `newly_failing`, `fixed`, `not_replayable`) and its report entry (JSON).
 //!
 //! Times are the database's own, taken when each statement runs, so rows from every replica
 //! sort and compare on one clock.
@@ -128,6 +144,49 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE TABLE replicas (
         name TEXT PRIMARY KEY,
         seen_at_ms {big} NOT NULL
+    );
+    ",
+    "
+    ALTER TABLE aliases ADD COLUMN canary_version TEXT;
+    ALTER TABLE aliases ADD COLUMN canary_percent {real};
+    ALTER TABLE aliases ADD COLUMN canary_sticky TEXT;
+    ALTER TABLE aliases ADD COLUMN shadow_version TEXT;
+    ALTER TABLE alias_moves ADD COLUMN canary_version TEXT;
+    ALTER TABLE alias_moves ADD COLUMN canary_percent {real};
+    ALTER TABLE alias_moves ADD COLUMN shadow_version TEXT;
+    ALTER TABLE alias_moves ADD COLUMN evaluation TEXT;
+    ALTER TABLE runs ADD COLUMN side TEXT;
+    ALTER TABLE runs ADD COLUMN shadow_of TEXT;
+    CREATE INDEX runs_by_shadow ON runs (shadow_of) WHERE shadow_of IS NOT NULL;
+    CREATE TABLE evaluations (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        candidate TEXT NOT NULL,
+        against TEXT NOT NULL,
+        baseline TEXT,
+        function TEXT,
+        selection TEXT NOT NULL,
+        tolerance {real},
+        status TEXT NOT NULL,
+        total {big} NOT NULL DEFAULT 0,
+        done {big} NOT NULL DEFAULT 0,
+        same {big} NOT NULL DEFAULT 0,
+        changed {big} NOT NULL DEFAULT 0,
+        newly_failing {big} NOT NULL DEFAULT 0,
+        fixed {big} NOT NULL DEFAULT 0,
+        not_replayable {big} NOT NULL DEFAULT 0,
+        error TEXT,
+        created_at TEXT NOT NULL,
+        finished_at TEXT,
+        replica TEXT
+    );
+    CREATE INDEX evaluations_by_tenant ON evaluations (tenant, id);
+    CREATE TABLE evaluation_runs (
+        evaluation TEXT NOT NULL,
+        run TEXT NOT NULL,
+        class TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        PRIMARY KEY (evaluation, run)
     );
     ",
 ];
