@@ -27,6 +27,8 @@ mod notebooks;
 mod replay;
 /// Several `host serve` replicas on one PostgreSQL, under faults (issue 13).
 mod replicas;
+/// Rolling out through aliases: canary, shadow, moves gated on an evaluation (issue 14).
+mod rollout;
 /// What the sandbox lets the function see: grants, escapes, environment, network.
 mod sandbox;
 /// `host serve`: deploys, calls, tenants, the run store, lifecycle, over real HTTP.

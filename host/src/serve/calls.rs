@@ -26,7 +26,7 @@ use super::auth::{Caller, TenantState, admit};
 use super::bundles::busy;
 use super::error::ApiError;
 use super::runner::recorded_result;
-use super::store::{Completed, Finished, NewRun, RESULT_CAP, RunRow};
+use super::store::{Completed, Finished, NewRun, RESULT_CAP, RunRow, Sticky};
 use super::{App, body};
 use crate::door::Arguments;
 
@@ -79,13 +79,21 @@ pub async fn call(
         .pool
         .reserve(tenant.index)
         .ok_or_else(|| busy(tenant.name()))?;
-    let target = resolve(&app, &tenant, &target, &function).await;
-    if let Ok((_, version)) = &target {
-        app.fetch(version).await?;
+    let resolved = resolve(
+        &app,
+        &tenant,
+        &target,
+        &function,
+        key.as_deref(),
+        &input_sha256,
+    )
+    .await;
+    if let Ok(r) = &resolved {
+        app.fetch(&r.version).await?;
     }
-    let (alias, version) = match &target {
-        Ok((alias, version)) => (alias.as_deref(), Some(version.as_str())),
-        Err(_) => (None, None),
+    let (alias, version, side) = match &resolved {
+        Ok(r) => (r.alias.as_deref(), Some(r.version.as_str()), r.side),
+        Err(_) => (None, None, None),
     };
     let id = uuid::Uuid::now_v7().to_string();
     app.store
@@ -99,6 +107,8 @@ pub async fn call(
             input_sha256: &input_sha256,
             runtime_sha256: &runtime_sha256,
             replica: &app.replica,
+            side,
+            shadow_of: None,
         })
         .await?;
     let version = version.map(str::to_owned);
@@ -106,25 +116,46 @@ pub async fn call(
         app: app.clone(),
         tenant: tenant.clone(),
         id: id.clone(),
-        function,
+        function: function.clone(),
         received,
     };
-    let record = match (target, arguments(&bytes)) {
-        (Err(e), _) | (_, Err(e)) => accepted.finish(Record::failed(e)).await,
+    let arguments = arguments(&bytes);
+    let (record, shadow) = match (resolved, arguments) {
+        (Err(e), _) | (_, Err(e)) => (accepted.finish(Record::failed(e)).await, None),
         // The worker completes the row itself: a client that hangs up mid-call drops this
         // handler, never the call's record.
-        (Ok((_, version)), Ok(arguments)) => ticket
-            .run(move || {
-                let record = execute(&accepted, &version, &arguments);
-                accepted.app.block_on(accepted.finish(record))
-            })
-            .await
-            .unwrap_or_else(|_| {
-                Err(ApiError::internal(&anyhow::anyhow!(
-                    "the call's worker panicked"
-                )))
-            }),
+        (Ok(resolved), Ok(arguments)) => {
+            let arguments = Arc::new(arguments);
+            let shadow = resolved.shadow.clone().map(|v| (v, arguments.clone()));
+            let version = resolved.version;
+            let record = ticket
+                .run(move || {
+                    let record = execute(&accepted, &version, &arguments);
+                    accepted.app.block_on(accepted.finish(record))
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ApiError::internal(&anyhow::anyhow!(
+                        "the call's worker panicked"
+                    )))
+                });
+            (record, shadow)
+        }
     };
+    // The shadow runs after the answer is on its way, never delays or changes it.
+    if let (Some((shadow_version, arguments)), Ok(_)) = (shadow, &record) {
+        let shadow = Shadow {
+            app: app.clone(),
+            tenant: tenant.clone(),
+            alias: target.clone(),
+            version: shadow_version,
+            function,
+            input_sha256,
+            runtime_sha256,
+            primary: id.clone(),
+        };
+        tokio::spawn(shadow.run(arguments));
+    }
     let record = record.map_err(|mut e| {
         e.run = Some(id.clone());
         e
@@ -141,6 +172,79 @@ pub async fn call(
             e.run = Some(id);
             Err(e)
         }
+    }
+}
+
+/// A call to run again on its alias's shadow version: logged beside the primary's run, never
+/// answered, and charged to the tenant like any call (its quota, its queue, its limits). When
+/// the tenant has no room for it, it is skipped and counted in
+/// `host_shadow_skipped_total`: a shadow never takes a place a real call needs.
+struct Shadow {
+    app: Arc<App>,
+    tenant: Arc<TenantState>,
+    alias: String,
+    version: String,
+    function: String,
+    input_sha256: String,
+    runtime_sha256: String,
+    primary: String,
+}
+
+impl Shadow {
+    async fn run(self, arguments: Arc<Arguments>) {
+        let skipped = |why: &str| {
+            metrics::counter!(
+                "host_shadow_skipped_total",
+                "tenant" => self.tenant.name().to_owned(),
+                "why" => why.to_owned()
+            )
+            .increment(1);
+        };
+        if admit(&self.app, &self.tenant).await.is_err() {
+            return skipped("quota");
+        }
+        let Some(ticket) = self.app.pool.reserve(self.tenant.index) else {
+            return skipped("busy");
+        };
+        if self.app.fetch(&self.version).await.is_err() {
+            return skipped("store");
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        let started = self
+            .app
+            .store
+            .start_run(&NewRun {
+                id: &id,
+                tenant: self.tenant.name(),
+                alias: Some(&self.alias),
+                bundle_version: Some(&self.version),
+                function: &self.function,
+                // Not the primary's key: a shadow's result must never answer a retry.
+                idempotency_key: None,
+                input_sha256: &self.input_sha256,
+                runtime_sha256: &self.runtime_sha256,
+                replica: &self.app.replica,
+                side: Some("shadow"),
+                shadow_of: Some(&self.primary),
+            })
+            .await;
+        if started.is_err() {
+            return skipped("store");
+        }
+        let accepted = Accepted {
+            app: self.app.clone(),
+            tenant: self.tenant.clone(),
+            id,
+            function: self.function.clone(),
+            received: Instant::now(),
+        };
+        let version = self.version.clone();
+        let _ = ticket
+            .run(move || {
+                let record = execute(&accepted, &version, &arguments);
+                let _ = accepted.app.block_on(accepted.finish(record));
+            })
+            .await;
     }
 }
 
@@ -221,22 +325,62 @@ async fn stored_result(app: &App, run: &RunRow) -> Result<Value, ApiError> {
     Ok(recorded_result(&trace)?)
 }
 
-/// The alias (when the target is one of the tenant's aliases) and the version to call; 404
-/// when the target is neither an alias nor a version of this tenant, or the version does
-/// not offer the function.
+/// What a call resolved to.
+struct Resolved {
+    /// The alias called, when the target was one.
+    alias: Option<String>,
+    /// The version that runs the call.
+    version: String,
+    /// `primary` or `canary`, when the alias splits or shadows its calls.
+    side: Option<&'static str>,
+    /// The version to run the call again on, unanswered.
+    shadow: Option<String>,
+}
+
+/// The version to call (the alias's, or its canary's for this call's share), and the
+/// shadow to run it again on; 404 when the target is neither an alias nor a version of this
+/// tenant, or the version does not offer the function. A canary splits on the call's
+/// `Idempotency-Key` (or, without one, and for `sticky: input`, on its input's sha256).
 async fn resolve(
     app: &App,
     tenant: &TenantState,
     target: &str,
     function: &str,
-) -> Result<(Option<String>, String), ApiError> {
-    let (alias, version) = match app.store.alias(tenant.name(), target).await? {
-        Some(version) => (Some(target.to_owned()), version),
-        None => (None, target.to_owned()),
+    key: Option<&str>,
+    input_sha256: &str,
+) -> Result<Resolved, ApiError> {
+    let sticky = |s: Sticky| match (s, key) {
+        (Sticky::Key, Some(key)) => key,
+        _ => input_sha256,
     };
+    let resolved = match app.store.alias(tenant.name(), target).await? {
+        Some(alias) => {
+            let (version, side) = match &alias.canary {
+                Some(c) if in_canary(target, sticky(c.sticky), c.percent) => {
+                    (c.version.clone(), Some("canary"))
+                }
+                Some(_) => (alias.version.clone(), Some("primary")),
+                None if alias.shadow.is_some() => (alias.version.clone(), Some("primary")),
+                None => (alias.version.clone(), None),
+            };
+            Resolved {
+                alias: Some(target.to_owned()),
+                version,
+                side,
+                shadow: alias.shadow,
+            }
+        }
+        None => Resolved {
+            alias: None,
+            version: target.to_owned(),
+            side: None,
+            shadow: None,
+        },
+    };
+    let version = &resolved.version;
     let bundle = app
         .store
-        .bundle(tenant.name(), &version)
+        .bundle(tenant.name(), version)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no alias or version `{target}`")))?;
     if !bundle.functions.iter().any(|f| f == function) {
@@ -245,10 +389,19 @@ async fn resolve(
             bundle.notebook,
             bundle.functions.join(", ")
         ));
-        e.bundle = Some(version);
+        e.bundle = Some(version.clone());
         return Err(e);
     }
-    Ok((alias, version))
+    Ok(resolved)
+}
+
+/// Whether a call falls in a canary's `percent`: by a hash of the alias and the sticky
+/// value, so the same key (or input) lands on the same side every time, and the shares
+/// come out near the percentage over many calls.
+fn in_canary(alias: &str, sticky: &str, percent: f64) -> bool {
+    let digest = Sha256::digest(format!("{alias}\n{sticky}").as_bytes());
+    let bucket = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) % 10_000;
+    (bucket as f64) < percent * 100.0
 }
 
 /// The body: `{"args": [...], "kwargs": {...}}`, both optional; an empty body is no arguments.

@@ -201,6 +201,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/aliases", get(aliases::list))
         .route("/v1/aliases/{name}", put(aliases::move_alias))
         .route("/v1/aliases/{name}/history", get(aliases::history))
+        .route("/v1/aliases/{name}/compare", get(aliases::compare))
         .route("/v1/call/{target}/{function}", post(calls::call))
         .route("/v1/runs", get(runs::list))
         .route("/v1/runs/{id}", get(runs::show))

@@ -263,3 +263,11 @@ pub fn recorded_result(trace: &[u8]) -> Result<Value> {
         .cloned()
         .context("the stored trace's call did not return")
 }
+
+/// Where two results differ, one line each (`[0].spend: 280.49 -> 290.49`), as
+/// `host replay --notebook` shows them.
+pub fn differences(old: &Value, new: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    crate::replay::diff(old, new, "", &mut out);
+    out
+}

@@ -60,7 +60,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub mod postgres;
 pub mod sqlite;
@@ -286,11 +286,89 @@ pub struct BundleRow {
     pub deployed_at: String,
 }
 
+/// Where an alias sends calls: its version, and optionally a canary that takes a share of
+/// them and a shadow that runs each of them again, unanswered.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AliasTarget {
+    pub version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<String>,
+}
+
+/// A canary: `percent` of an alias's calls go to `version` instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Canary {
+    pub version: String,
+    pub percent: f64,
+    #[serde(default)]
+    pub sticky: Sticky,
+}
+
+/// What keeps a client on one side of a canary: its `Idempotency-Key` (falling back to the
+/// input when a call has none), or the input itself (the same input, the same side).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sticky {
+    #[default]
+    Key,
+    Input,
+}
+
+impl Sticky {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sticky::Key => "key",
+            Sticky::Input => "input",
+        }
+    }
+
+    pub fn parse(text: Option<&str>) -> Sticky {
+        match text {
+            Some("input") => Sticky::Input,
+            _ => Sticky::Key,
+        }
+    }
+}
+
+impl AliasTarget {
+    /// An alias that only points at `version`.
+    pub fn plain(version: &str) -> AliasTarget {
+        AliasTarget {
+            version: version.to_owned(),
+            canary: None,
+            shadow: None,
+        }
+    }
+
+    /// Rebuilt from the columns the backends store.
+    fn from_columns(
+        version: String,
+        canary_version: Option<String>,
+        canary_percent: Option<f64>,
+        canary_sticky: Option<String>,
+        shadow: Option<String>,
+    ) -> AliasTarget {
+        AliasTarget {
+            version,
+            canary: canary_version.map(|version| Canary {
+                version,
+                percent: canary_percent.unwrap_or(0.0),
+                sticky: Sticky::parse(canary_sticky.as_deref()),
+            }),
+            shadow,
+        }
+    }
+}
+
 /// An alias, as `GET /v1/aliases` lists it.
 #[derive(Debug, Serialize)]
 pub struct AliasRow {
     pub alias: String,
-    pub version: String,
+    #[serde(flatten)]
+    pub target: AliasTarget,
     pub moved_at: String,
 }
 
@@ -301,6 +379,13 @@ pub struct MoveRow {
     pub tenant: String,
     pub from: Option<String>,
     pub to: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<String>,
+    /// The evaluation a gated move was let through on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<String>,
     pub moved_at: String,
 }
 
@@ -326,6 +411,10 @@ pub struct NewRun<'a> {
     pub input_sha256: &'a str,
     pub runtime_sha256: &'a str,
     pub replica: &'a str,
+    /// Which side of an alias's canary or shadow served it.
+    pub side: Option<&'a str>,
+    /// A shadow run's primary run.
+    pub shadow_of: Option<&'a str>,
 }
 
 /// How a call ended.
@@ -375,12 +464,14 @@ pub struct RunRow {
     pub host_version: String,
     pub runtime_sha256: String,
     pub replica: Option<String>,
+    pub side: Option<String>,
+    pub shadow_of: Option<String>,
 }
 
 const RUN_COLUMNS: &str = "id, tenant, alias, bundle_version, function, idempotency_key,
     received_at, started_at, finished_at, duration_ms, outcome, http_status, input_sha256,
     result, result_sha256, error, trace_sha256, trace_size, trace_pruned, host_version,
-    runtime_sha256, replica";
+    runtime_sha256, replica, side, shadow_of";
 
 /// `GET /v1/runs`'s filters, all optional.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -390,6 +481,8 @@ pub struct RunFilter {
     pub alias: Option<String>,
     pub version: Option<String>,
     pub outcome: Option<String>,
+    /// `primary`, `canary` or `shadow`.
+    pub side: Option<String>,
     /// Runs received at or after this time (RFC 3339, as the rows show times).
     pub since: Option<String>,
     /// At most this many runs (default 100, at most 1000).
@@ -403,6 +496,34 @@ impl RunFilter {
         self.limit.unwrap_or(100).min(1000)
     }
 }
+
+/// An evaluation's summary, as a gated alias move sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvaluationSummary {
+    pub id: String,
+    pub candidate: String,
+    pub baseline: Option<String>,
+    pub status: String,
+    pub total: u64,
+    pub same: u64,
+    pub changed: u64,
+    pub newly_failing: u64,
+    pub fixed: u64,
+    pub not_replayable: u64,
+    pub finished_at: Option<String>,
+}
+
+/// What [`Store::gate`] found.
+#[derive(Debug)]
+pub enum Gate {
+    /// A passing evaluation.
+    Passed(EvaluationSummary),
+    /// None passes; the latest of this candidate against this baseline, if any.
+    Refused(Option<EvaluationSummary>),
+}
+
+const EVALUATION_COLUMNS: &str = "id, candidate, baseline, status, total, same, changed,
+    newly_failing, fixed, not_replayable, finished_at";
 
 /// The window of `calls_per_minute`.
 pub const MINUTE_MS: i64 = 60_000;
@@ -493,17 +614,19 @@ impl Store {
     /// Points a tenant's alias at `version` and records the move, in one transaction: two
     /// moves at once are both recorded, in the order they took effect. Returns the version
     /// it pointed at before.
+    /// `evaluation` is the evaluation a gated move was let through on.
     pub async fn move_alias(
         &self,
         tenant: &str,
         alias: &str,
-        version: &str,
+        target: &AliasTarget,
+        evaluation: Option<&str>,
     ) -> Result<Option<String>> {
-        each!(self, b => b.move_alias(tenant, alias, version).await)
+        each!(self, b => b.move_alias(tenant, alias, target, evaluation).await)
     }
 
     /// Where a tenant's alias points.
-    pub async fn alias(&self, tenant: &str, alias: &str) -> Result<Option<String>> {
+    pub async fn alias(&self, tenant: &str, alias: &str) -> Result<Option<AliasTarget>> {
         each!(self, b => b.alias(tenant, alias).await)
     }
 
@@ -521,6 +644,20 @@ impl Store {
     /// replica: `None` when admitted, else the milliseconds until a place frees up.
     pub async fn admit(&self, tenant: &str, quota: u32) -> Result<Option<u64>> {
         each!(self, b => b.admit(tenant, quota).await)
+    }
+
+    /// The latest finished evaluation of `candidate` against `baseline` (a version) with at
+    /// most `max_changed` changed and `max_failing` newly failing runs, if there is one;
+    /// else the latest of any outcome, for the refusal to show.
+    pub async fn gate(
+        &self,
+        tenant: &str,
+        candidate: &str,
+        baseline: &str,
+        max_changed: u64,
+        max_failing: u64,
+    ) -> Result<Gate> {
+        each!(self, b => b.gate(tenant, candidate, baseline, max_changed, max_failing).await)
     }
 
     /// The run of a tenant's that returned for this `Idempotency-Key`, if one did.

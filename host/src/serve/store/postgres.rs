@@ -17,8 +17,9 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    AliasRow, BundleRow, Completed, Dialect, Finished, MIGRATIONS, MINUTE_MS, MoveRow, NewBundle,
-    NewRun, RUN_COLUMNS, RunFilter, RunRow, check_version, redact,
+    AliasRow, AliasTarget, BundleRow, Canary, Completed, Dialect, EVALUATION_COLUMNS,
+    EvaluationSummary, Finished, Gate, MIGRATIONS, MINUTE_MS, MoveRow, NewBundle, NewRun,
+    RUN_COLUMNS, RunFilter, RunRow, check_version, redact,
 };
 
 const NOW: &str =
@@ -262,16 +263,35 @@ impl Postgres {
         &self,
         tenant: &str,
         alias: &str,
-        version: &str,
+        target: &AliasTarget,
+        evaluation: Option<&str>,
     ) -> Result<Option<String>> {
+        let canary = target.canary.as_ref();
+        let (cv, cp, cs) = (
+            canary.map(|c| c.version.as_str()),
+            canary.map(|c| c.percent),
+            canary.map(|c| c.sticky.as_str()),
+        );
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         tx.execute(
             &format!(
-                "INSERT INTO aliases (tenant, name, version, moved_at) VALUES ($1, $2, $3, {NOW})
-                 ON CONFLICT (tenant, name) DO UPDATE SET version = $3, moved_at = {NOW}"
+                "INSERT INTO aliases (tenant, name, version, moved_at, canary_version,
+                 canary_percent, canary_sticky, shadow_version)
+                 VALUES ($1, $2, $3, {NOW}, $4, $5, $6, $7)
+                 ON CONFLICT (tenant, name) DO UPDATE SET version = $3, moved_at = {NOW},
+                 canary_version = $4, canary_percent = $5, canary_sticky = $6,
+                 shadow_version = $7"
             ),
-            &[&tenant, &alias, &version],
+            &[
+                &tenant,
+                &alias,
+                &target.version,
+                &cv,
+                &cp,
+                &cs,
+                &target.shadow,
+            ],
         )
         .await?;
         // The upsert holds the alias's row lock until commit, so a move that took effect
@@ -286,30 +306,46 @@ impl Postgres {
             .map(|r| r.get(0));
         tx.execute(
             &format!(
-                "INSERT INTO alias_moves (tenant, alias, from_version, to_version, moved_at)
-                 VALUES ($1, $2, $3, $4, {NOW})"
+                "INSERT INTO alias_moves (tenant, alias, from_version, to_version, moved_at,
+                 canary_version, canary_percent, shadow_version, evaluation)
+                 VALUES ($1, $2, $3, $4, {NOW}, $5, $6, $7, $8)"
             ),
-            &[&tenant, &alias, &previous, &version],
+            &[
+                &tenant,
+                &alias,
+                &previous,
+                &target.version,
+                &cv,
+                &cp,
+                &target.shadow,
+                &evaluation,
+            ],
         )
         .await?;
         tx.commit().await?;
         Ok(previous)
     }
 
-    pub async fn alias(&self, tenant: &str, alias: &str) -> Result<Option<String>> {
+    pub async fn alias(&self, tenant: &str, alias: &str) -> Result<Option<AliasTarget>> {
         let row = self
             .query_opt(
-                "SELECT version FROM aliases WHERE tenant = $1 AND name = $2",
+                "SELECT version, canary_version, canary_percent, canary_sticky, shadow_version
+                 FROM aliases WHERE tenant = $1 AND name = $2",
                 &[&tenant, &alias],
             )
             .await?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(
+            row.map(|r| {
+                AliasTarget::from_columns(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
+            }),
+        )
     }
 
     pub async fn aliases(&self, tenant: &str) -> Result<Vec<AliasRow>> {
         let rows = self
             .query(
-                "SELECT name, version, moved_at FROM aliases WHERE tenant = $1 ORDER BY name",
+                "SELECT name, version, moved_at, canary_version, canary_percent, canary_sticky,
+                 shadow_version FROM aliases WHERE tenant = $1 ORDER BY name",
                 &[&tenant],
             )
             .await?;
@@ -317,7 +353,7 @@ impl Postgres {
             .iter()
             .map(|r| AliasRow {
                 alias: r.get(0),
-                version: r.get(1),
+                target: AliasTarget::from_columns(r.get(1), r.get(3), r.get(4), r.get(5), r.get(6)),
                 moved_at: r.get(2),
             })
             .collect())
@@ -326,7 +362,8 @@ impl Postgres {
     pub async fn alias_history(&self, tenant: &str, alias: &str) -> Result<Vec<MoveRow>> {
         let rows = self
             .query(
-                "SELECT alias, tenant, from_version, to_version, moved_at FROM alias_moves
+                "SELECT alias, tenant, from_version, to_version, moved_at, canary_version,
+                 canary_percent, shadow_version, evaluation FROM alias_moves
                  WHERE tenant = $1 AND alias = $2 ORDER BY id",
                 &[&tenant, &alias],
             )
@@ -339,6 +376,13 @@ impl Postgres {
                 from: r.get(2),
                 to: r.get(3),
                 moved_at: r.get(4),
+                canary: r.get::<_, Option<String>>(5).map(|version| Canary {
+                    version,
+                    percent: r.get::<_, Option<f64>>(6).unwrap_or(0.0),
+                    sticky: Default::default(),
+                }),
+                shadow: r.get(7),
+                evaluation: r.get(8),
             })
             .collect())
     }
@@ -376,6 +420,47 @@ impl Postgres {
         Ok(None)
     }
 
+    pub async fn gate(
+        &self,
+        tenant: &str,
+        candidate: &str,
+        baseline: &str,
+        max_changed: u64,
+        max_failing: u64,
+    ) -> Result<Gate> {
+        let passed = self
+            .query_opt(
+                &format!(
+                    "SELECT {EVALUATION_COLUMNS} FROM evaluations
+                     WHERE tenant = $1 AND candidate = $2 AND baseline = $3
+                     AND status = 'done' AND changed <= $4 AND newly_failing <= $5
+                     ORDER BY id DESC LIMIT 1"
+                ),
+                &[
+                    &tenant,
+                    &candidate,
+                    &baseline,
+                    &(max_changed as i64),
+                    &(max_failing as i64),
+                ],
+            )
+            .await?;
+        if let Some(row) = passed {
+            return Ok(Gate::Passed(evaluation_summary(&row)));
+        }
+        let latest = self
+            .query_opt(
+                &format!(
+                    "SELECT {EVALUATION_COLUMNS} FROM evaluations
+                     WHERE tenant = $1 AND candidate = $2 AND baseline = $3
+                     ORDER BY id DESC LIMIT 1"
+                ),
+                &[&tenant, &candidate, &baseline],
+            )
+            .await?;
+        Ok(Gate::Refused(latest.as_ref().map(evaluation_summary)))
+    }
+
     pub async fn returned_run(&self, tenant: &str, key: &str) -> Result<Option<RunRow>> {
         let row = self
             .query_opt(
@@ -393,8 +478,9 @@ impl Postgres {
         self.execute(
             &format!(
                 "INSERT INTO runs (id, tenant, alias, bundle_version, function, idempotency_key,
-                 received_at, input_sha256, host_version, runtime_sha256, replica)
-                 VALUES ($1, $2, $3, $4, $5, $6, {NOW}, $7, $8, $9, $10)"
+                 received_at, input_sha256, host_version, runtime_sha256, replica, side,
+                 shadow_of)
+                 VALUES ($1, $2, $3, $4, $5, $6, {NOW}, $7, $8, $9, $10, $11, $12)"
             ),
             &[
                 &run.id,
@@ -407,6 +493,8 @@ impl Postgres {
                 &env!("CARGO_PKG_VERSION"),
                 &run.runtime_sha256,
                 &run.replica,
+                &run.side,
+                &run.shadow_of,
             ],
         )
         .await
@@ -514,6 +602,7 @@ impl Postgres {
                      AND ($5::text IS NULL OR outcome = $5)
                      AND ($6::text IS NULL OR received_at >= $6)
                      AND ($7::text IS NULL OR id < $7)
+                     AND ($9::text IS NULL OR side = $9)
                      ORDER BY id DESC LIMIT $8"
                 ),
                 &[
@@ -525,6 +614,7 @@ impl Postgres {
                     &f.since,
                     &f.after,
                     &i64::from(f.limit()),
+                    &f.side,
                 ],
             )
             .await?;
@@ -621,6 +711,25 @@ fn run_row(r: &Row) -> RunRow {
         host_version: r.get(19),
         runtime_sha256: r.get(20),
         replica: r.get(21),
+        side: r.get(22),
+        shadow_of: r.get(23),
+    }
+}
+
+fn evaluation_summary(r: &Row) -> EvaluationSummary {
+    let count = |i: usize| r.get::<_, i64>(i) as u64;
+    EvaluationSummary {
+        id: r.get(0),
+        candidate: r.get(1),
+        baseline: r.get(2),
+        status: r.get(3),
+        total: count(4),
+        same: count(5),
+        changed: count(6),
+        newly_failing: count(7),
+        fixed: count(8),
+        not_replayable: count(9),
+        finished_at: r.get(10),
     }
 }
 

@@ -13,8 +13,9 @@ use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    AliasRow, BundleRow, Completed, Dialect, Finished, MIGRATIONS, MINUTE_MS, MoveRow, NewBundle,
-    NewRun, RUN_COLUMNS, RunFilter, RunRow, check_version,
+    AliasRow, AliasTarget, BundleRow, Canary, Completed, Dialect, EVALUATION_COLUMNS,
+    EvaluationSummary, Finished, Gate, MIGRATIONS, MINUTE_MS, MoveRow, NewBundle, NewRun,
+    RUN_COLUMNS, RunFilter, RunRow, check_version,
 };
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
@@ -176,8 +177,15 @@ impl Sqlite {
         &self,
         tenant: &str,
         alias: &str,
-        version: &str,
+        target: &AliasTarget,
+        evaluation: Option<&str>,
     ) -> Result<Option<String>> {
+        let canary = target.canary.as_ref();
+        let (cv, cp, cs) = (
+            canary.map(|c| c.version.as_str()),
+            canary.map(|c| c.percent),
+            canary.map(|c| c.sticky.as_str()),
+        );
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let previous: Option<String> = tx
@@ -189,29 +197,52 @@ impl Sqlite {
                 .optional()?;
             tx.execute(
                 &format!(
-                    "INSERT INTO aliases (tenant, name, version, moved_at) VALUES (?1, ?2, ?3, {NOW})
-                     ON CONFLICT (tenant, name) DO UPDATE SET version = ?3, moved_at = {NOW}"
+                    "INSERT INTO aliases (tenant, name, version, moved_at, canary_version,
+                     canary_percent, canary_sticky, shadow_version)
+                     VALUES (?1, ?2, ?3, {NOW}, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (tenant, name) DO UPDATE SET version = ?3, moved_at = {NOW},
+                     canary_version = ?4, canary_percent = ?5, canary_sticky = ?6,
+                     shadow_version = ?7"
                 ),
-                [tenant, alias, version],
+                params![tenant, alias, target.version, cv, cp, cs, target.shadow],
             )?;
             tx.execute(
                 &format!(
-                    "INSERT INTO alias_moves (tenant, alias, from_version, to_version, moved_at)
-                     VALUES (?1, ?2, ?3, ?4, {NOW})"
+                    "INSERT INTO alias_moves (tenant, alias, from_version, to_version, moved_at,
+                     canary_version, canary_percent, shadow_version, evaluation)
+                     VALUES (?1, ?2, ?3, ?4, {NOW}, ?5, ?6, ?7, ?8)"
                 ),
-                params![tenant, alias, previous, version],
+                params![
+                    tenant,
+                    alias,
+                    previous,
+                    target.version,
+                    cv,
+                    cp,
+                    target.shadow,
+                    evaluation
+                ],
             )?;
             tx.commit()?;
             Ok(previous)
         })
     }
 
-    pub async fn alias(&self, tenant: &str, alias: &str) -> Result<Option<String>> {
+    pub async fn alias(&self, tenant: &str, alias: &str) -> Result<Option<AliasTarget>> {
         self.with(|c| {
             c.query_row(
-                "SELECT version FROM aliases WHERE tenant = ?1 AND name = ?2",
+                "SELECT version, canary_version, canary_percent, canary_sticky, shadow_version
+                 FROM aliases WHERE tenant = ?1 AND name = ?2",
                 [tenant, alias],
-                |r| r.get(0),
+                |r| {
+                    Ok(AliasTarget::from_columns(
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                    ))
+                },
             )
             .optional()
         })
@@ -220,12 +251,19 @@ impl Sqlite {
     pub async fn aliases(&self, tenant: &str) -> Result<Vec<AliasRow>> {
         self.with(|c| {
             let mut s = c.prepare(
-                "SELECT name, version, moved_at FROM aliases WHERE tenant = ?1 ORDER BY name",
+                "SELECT name, version, moved_at, canary_version, canary_percent, canary_sticky,
+                 shadow_version FROM aliases WHERE tenant = ?1 ORDER BY name",
             )?;
             s.query_map([tenant], |r| {
                 Ok(AliasRow {
                     alias: r.get(0)?,
-                    version: r.get(1)?,
+                    target: AliasTarget::from_columns(
+                        r.get(1)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ),
                     moved_at: r.get(2)?,
                 })
             })?
@@ -236,16 +274,25 @@ impl Sqlite {
     pub async fn alias_history(&self, tenant: &str, alias: &str) -> Result<Vec<MoveRow>> {
         self.with(|c| {
             let mut s = c.prepare(
-                "SELECT alias, tenant, from_version, to_version, moved_at FROM alias_moves
+                "SELECT alias, tenant, from_version, to_version, moved_at, canary_version,
+                 canary_percent, shadow_version, evaluation FROM alias_moves
                  WHERE tenant = ?1 AND alias = ?2 ORDER BY id",
             )?;
             s.query_map([tenant, alias], |r| {
+                let canary: Option<String> = r.get(5)?;
                 Ok(MoveRow {
                     alias: r.get(0)?,
                     tenant: r.get(1)?,
                     from: r.get(2)?,
                     to: r.get(3)?,
                     moved_at: r.get(4)?,
+                    canary: canary.map(|version| Canary {
+                        version,
+                        percent: r.get::<_, Option<f64>>(6).ok().flatten().unwrap_or(0.0),
+                        sticky: Default::default(),
+                    }),
+                    shadow: r.get(7)?,
+                    evaluation: r.get(8)?,
                 })
             })?
             .collect()
@@ -277,6 +324,51 @@ impl Sqlite {
         })
     }
 
+    pub async fn gate(
+        &self,
+        tenant: &str,
+        candidate: &str,
+        baseline: &str,
+        max_changed: u64,
+        max_failing: u64,
+    ) -> Result<Gate> {
+        self.with(|c| {
+            let passed = c
+                .query_row(
+                    &format!(
+                        "SELECT {EVALUATION_COLUMNS} FROM evaluations
+                         WHERE tenant = ?1 AND candidate = ?2 AND baseline = ?3
+                         AND status = 'done' AND changed <= ?4 AND newly_failing <= ?5
+                         ORDER BY id DESC LIMIT 1"
+                    ),
+                    params![
+                        tenant,
+                        candidate,
+                        baseline,
+                        max_changed as i64,
+                        max_failing as i64
+                    ],
+                    evaluation_summary,
+                )
+                .optional()?;
+            if let Some(e) = passed {
+                return Ok(Gate::Passed(e));
+            }
+            let latest = c
+                .query_row(
+                    &format!(
+                        "SELECT {EVALUATION_COLUMNS} FROM evaluations
+                         WHERE tenant = ?1 AND candidate = ?2 AND baseline = ?3
+                         ORDER BY id DESC LIMIT 1"
+                    ),
+                    params![tenant, candidate, baseline],
+                    evaluation_summary,
+                )
+                .optional()?;
+            Ok(Gate::Refused(latest))
+        })
+    }
+
     pub async fn returned_run(&self, tenant: &str, key: &str) -> Result<Option<RunRow>> {
         self.with(|c| {
             c.query_row(
@@ -296,8 +388,9 @@ impl Sqlite {
             c.execute(
                 &format!(
                     "INSERT INTO runs (id, tenant, alias, bundle_version, function, idempotency_key,
-                     received_at, input_sha256, host_version, runtime_sha256, replica)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, {NOW}, ?7, ?8, ?9, ?10)"
+                     received_at, input_sha256, host_version, runtime_sha256, replica, side,
+                     shadow_of)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, {NOW}, ?7, ?8, ?9, ?10, ?11, ?12)"
                 ),
                 params![
                     run.id,
@@ -310,6 +403,8 @@ impl Sqlite {
                     env!("CARGO_PKG_VERSION"),
                     run.runtime_sha256,
                     run.replica,
+                    run.side,
+                    run.shadow_of,
                 ],
             )
         })
@@ -402,6 +497,7 @@ impl Sqlite {
                  AND (?2 IS NULL OR function = ?2) AND (?3 IS NULL OR alias = ?3)
                  AND (?4 IS NULL OR bundle_version = ?4) AND (?5 IS NULL OR outcome = ?5)
                  AND (?6 IS NULL OR received_at >= ?6) AND (?7 IS NULL OR id < ?7)
+                 AND (?9 IS NULL OR side = ?9)
                  ORDER BY id DESC LIMIT ?8"
             ))?;
             s.query_map(
@@ -413,7 +509,8 @@ impl Sqlite {
                     f.outcome,
                     f.since,
                     f.after,
-                    f.limit()
+                    f.limit(),
+                    f.side
                 ],
                 run_row,
             )?
@@ -506,6 +603,24 @@ fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
         host_version: r.get(19)?,
         runtime_sha256: r.get(20)?,
         replica: r.get(21)?,
+        side: r.get(22)?,
+        shadow_of: r.get(23)?,
+    })
+}
+
+fn evaluation_summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<EvaluationSummary> {
+    Ok(EvaluationSummary {
+        id: r.get(0)?,
+        candidate: r.get(1)?,
+        baseline: r.get(2)?,
+        status: r.get(3)?,
+        total: r.get(4)?,
+        same: r.get(5)?,
+        changed: r.get(6)?,
+        newly_failing: r.get(7)?,
+        fixed: r.get(8)?,
+        not_replayable: r.get(9)?,
+        finished_at: r.get(10)?,
     })
 }
 
