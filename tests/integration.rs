@@ -11,6 +11,8 @@ mod attacks;
 mod bundles;
 /// Arguments in, JSON out, exceptions and exit codes.
 mod calling;
+/// `host evaluate`: a candidate run on recorded calls, each classed against its recording.
+mod evaluate;
 /// `host run` on the example notebooks in `notebooks/`, as `make demo` runs them.
 mod examples;
 /// Which statements are kept, the dependency closure, and the refusals.

@@ -438,7 +438,12 @@ pub fn short(hash: &str) -> &str {
 
 /// The current UTC time as RFC 3339, to the second.
 pub(crate) fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
+    rfc3339(std::time::SystemTime::now())
+}
+
+/// A time as UTC RFC 3339 to the second: `2026-09-01T12:00:00Z`.
+pub fn rfc3339(at: std::time::SystemTime) -> String {
+    let secs = at
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);

@@ -20,6 +20,9 @@ pub enum Exit {
     Internal = 4,
     /// `host replay`: the replay went another way than the recording.
     Diverged = 5,
+    /// `host evaluate`: more runs changed or newly failing than `--max-changed` or
+    /// `--max-failing` allow.
+    Regressed = 6,
 }
 
 /// Input the user gave that host cannot use. The message says what to change.

@@ -22,7 +22,8 @@
 //!   [`bundle`] (the kept source and its manifest) → [`preinit`] (imports and definitions run
 //!   once, their memory kept as an image) → [`trace`] (the file a recorded call is kept in) →
 //!   [`call`] (arguments in, value out) → [`replay`] (a trace run again, exactly or against
-//!   an updated notebook).
+//!   an updated notebook) → [`evaluate`] (a candidate bundle run on many traces at once, each
+//!   run classed against its recording).
 //! - [`serve`]: `host serve`, the multi-tenant HTTP service on the library: deploys, aliases,
 //!   calls logged with their traces in a run store.
 //! - [`cli`]: the `host` command, a thin user of all the above. Nothing below it prints to
@@ -111,6 +112,8 @@ pub mod notebook;
 pub mod preinit;
 pub mod replay;
 pub mod trace;
+
+pub mod evaluate;
 
 pub mod serve;
 

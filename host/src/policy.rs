@@ -293,6 +293,26 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     Ok(s.parse::<Timeout>()?.0)
 }
 
+/// Parses a period such as `24h`, `7d`, or anything [`parse_duration`] reads (`30m`): how far
+/// back to look, or how long to keep.
+pub fn parse_period(text: &str) -> Result<Duration> {
+    let t = text.trim();
+    for (unit, seconds) in [("d", 86_400), ("h", 3_600)] {
+        if let Some(n) = t.strip_suffix(unit) {
+            return n
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| n.checked_mul(seconds))
+                .map(Duration::from_secs)
+                .ok_or_else(|| {
+                    bad_input(format!("`{text}` is not a duration (e.g. 30d, 12h, 90m)"))
+                });
+        }
+    }
+    parse_duration(t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,18 +47,15 @@ pub enum Mode {
     /// No import runs: each is checked against a trace and answered from it.
     Replay(Replaying),
     /// Imports run for real (an updated notebook, on the recorded files), except clock readings
-    /// and random bytes, served from a recording while they last.
+    /// and random bytes, served from a recording while they last; the file system calls are
+    /// kept, to tell what the run read that the recording does not hold.
     WhatIf(Served),
 }
 
 impl Mode {
     /// A mode that records, from nothing.
     pub fn record() -> Mode {
-        Mode::Record(Recording {
-            events: Vec::new(),
-            blobs: Blobs::default(),
-            files: RuntimeFiles::default(),
-        })
+        Mode::Record(Recording::default())
     }
 
     /// A mode that replays `events`, whose bytes are in `blobs`.
@@ -78,6 +75,7 @@ impl Mode {
 }
 
 /// What a recording run kept.
+#[derive(Default)]
 pub struct Recording {
     pub events: Vec<Event>,
     pub blobs: Blobs,
@@ -93,11 +91,65 @@ pub struct Replaying {
     pub divergence: Option<Divergence>,
 }
 
-/// The clock readings (per clock) and random bytes a what-if run is served.
+/// The clock readings (per clock) and random bytes a what-if run is served, and what the run
+/// got that the recording did not hold.
+#[derive(Default)]
 pub struct Served {
     pub clocks: HashMap<i64, VecDeque<Vec<u8>>>,
     pub random: VecDeque<u8>,
+    /// How many clock readings and random draws were answered live, the recording's used up:
+    /// the run's result may then depend on the moment it ran.
+    pub live: Live,
+    /// The run's file system calls ([`FILE_CALLS`]), kept as a recording keeps them.
+    pub files: Recording,
 }
+
+/// Clock readings and random draws a what-if run got live, past the recording's.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Live {
+    pub clock: usize,
+    pub random: usize,
+}
+
+impl std::fmt::Display for Live {
+    /// `2 clock readings and 1 random draw were live, past the recording's`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        let parts: Vec<String> = [(self.clock, "clock reading"), (self.random, "random draw")]
+            .into_iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, what)| count(n, what))
+            .collect();
+        write!(
+            f,
+            "{} {} live, past the recording's",
+            parts.join(" and "),
+            if self.clock + self.random == 1 {
+                "was"
+            } else {
+                "were"
+            }
+        )
+    }
+}
+
+impl Live {
+    /// Whether every clock reading and random draw came from the recording.
+    pub fn none(&self) -> bool {
+        self.clock == 0 && self.random == 0
+    }
+}
+
+/// The calls that say which files a run read, and where: what a what-if run keeps.
+pub const FILE_CALLS: &[&str] = &[
+    "fd_prestat_dir_name",
+    "path_open",
+    "path_filestat_get",
+    "fd_read",
+    "fd_pread",
+    "fd_seek",
+    "fd_readdir",
+];
 
 /// A run's tracing state: its mode, and the real WASI functions behind the traced ones (the
 /// exports of a shim instance, found once per run).
@@ -609,7 +661,12 @@ fn wasi_call<T: Traced>(
     if normalize && result == 0 {
         normalize_metadata(name, args, memory.data_mut(&mut *caller));
     }
-    if let Mode::Record(_) = caller.data_mut().tracing().mode {
+    let keep = match caller.data_mut().tracing().mode {
+        Mode::Record(_) => true,
+        Mode::WhatIf(_) => FILE_CALLS.contains(&name),
+        _ => false,
+    };
+    if keep {
         // The memory and the store's data at once: what the call wrote is recorded straight
         // from guest memory, not copied first.
         let (data, state) = memory.data_and_store_mut(&mut *caller);
@@ -723,20 +780,33 @@ fn serve<T: Traced>(
     name: &str,
     args: &[Val],
 ) -> Option<(u32, Vec<u8>)> {
-    let Mode::WhatIf(Served { clocks, random }) = &mut caller.data_mut().tracing().mode else {
+    let Mode::WhatIf(Served {
+        clocks,
+        random,
+        live,
+        ..
+    }) = &mut caller.data_mut().tracing().mode
+    else {
         return None;
     };
-    match name {
-        "clock_time_get" => Some((
-            arg(args, 2) as u32,
-            clocks.get_mut(&arg(args, 0))?.pop_front()?,
-        )),
+    let served = match name {
+        "clock_time_get" => clocks
+            .get_mut(&arg(args, 0))
+            .and_then(VecDeque::pop_front)
+            .map(|reading| (arg(args, 2) as u32, reading)),
         "random_get" => {
             let len = arg(args, 1) as usize;
             (random.len() >= len).then(|| (arg(args, 0) as u32, random.drain(..len).collect()))
         }
-        _ => None,
+        _ => return None,
+    };
+    if served.is_none() {
+        match name {
+            "clock_time_get" => live.clock += 1,
+            _ => live.random += 1,
+        }
     }
+    served
 }
 
 /// One import call as it ran, before it is kept as an [`Event`].
@@ -770,50 +840,53 @@ impl Tracing {
             sent,
             exit,
         } = observed;
-        if let Mode::Record(Recording {
+        let recording = match &mut self.mode {
+            Mode::Record(recording) => recording,
+            Mode::WhatIf(Served { files, .. }) if FILE_CALLS.contains(&call) => files,
+            _ => return,
+        };
+        let Recording {
             events,
             blobs,
             files,
-        }) = &mut self.mode
-        {
-            let writes = match files.observe(call, &args, result, path.as_deref(), &writes) {
-                // Reads of the runtime's own files: where they came from, not their bytes.
-                Some((file, mut offset)) => {
-                    let last = writes.len().saturating_sub(1);
-                    let mut out = Vec::with_capacity(writes.len());
-                    for (i, (at, bytes)) in writes.into_iter().enumerate() {
-                        if i == last {
-                            out.push((at, blobs.put(bytes)));
-                        } else {
-                            out.push((
-                                at,
-                                Data::Runtime {
-                                    file: file.clone(),
-                                    offset,
-                                    len: bytes.len() as u32,
-                                },
-                            ));
-                            offset += bytes.len() as u64;
-                        }
+        } = recording;
+        let writes = match files.observe(call, &args, result, path.as_deref(), &writes) {
+            // Reads of the runtime's own files: where they came from, not their bytes.
+            Some((file, mut offset)) => {
+                let last = writes.len().saturating_sub(1);
+                let mut out = Vec::with_capacity(writes.len());
+                for (i, (at, bytes)) in writes.into_iter().enumerate() {
+                    if i == last {
+                        out.push((at, blobs.put(bytes)));
+                    } else {
+                        out.push((
+                            at,
+                            Data::Runtime {
+                                file: file.clone(),
+                                offset,
+                                len: bytes.len() as u32,
+                            },
+                        ));
+                        offset += bytes.len() as u64;
                     }
-                    out
                 }
-                None => writes
-                    .into_iter()
-                    .map(|(at, bytes)| (at, blobs.put(bytes)))
-                    .collect(),
-            };
-            let sent = sent.map(|b| blobs.put(b));
-            events.push(Event {
-                call: call.to_owned(),
-                args,
-                result,
-                path,
-                writes,
-                sent,
-                exit,
-            });
-        }
+                out
+            }
+            None => writes
+                .into_iter()
+                .map(|(at, bytes)| (at, blobs.put(bytes)))
+                .collect(),
+        };
+        let sent = sent.map(|b| blobs.put(b));
+        events.push(Event {
+            call: call.to_owned(),
+            args,
+            result,
+            path,
+            writes,
+            sent,
+            exit,
+        });
     }
 
     /// A divergence at the event just replayed, whose answer does not fit the guest.

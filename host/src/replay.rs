@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::bundle::{Bundle, Select, short};
@@ -12,9 +13,9 @@ use crate::error::bad_input;
 use crate::notebook::Notebook;
 use crate::policy::{Grant, Limits, Policy, check_guest_paths};
 use crate::preinit::Prepared;
-use crate::record::{Blobs, Data, Divergence, Mode, Replaying, Served};
+use crate::record::{Blobs, Data, Divergence, Event, Live, Mode, Replaying, Served};
 use crate::sandbox::Sandbox;
-use crate::trace::{Header, Trace};
+use crate::trace::{GrantRecord, Header, Trace};
 
 /// What an exact replay found.
 pub struct Replayed {
@@ -160,27 +161,43 @@ fn prepare(sandbox: &Sandbox, h: &Header, limits: &Limits) -> Result<Prepared> {
     }
 }
 
-/// What a what-if run found: the recorded outcome and the updated notebook's.
+/// What a what-if run found: the recorded outcome and the candidate's.
 pub struct WhatIf {
     pub recorded: Value,
     pub result: CallResult,
-    /// The new bundle's version.
+    /// The candidate bundle's version.
     pub version: String,
-    /// Where the two outcomes differ, one line each (`result[0].spend: 280.49 -> 290.49`).
-    pub differences: Vec<String>,
+    /// Where the two outcomes differ, exactly (`returned[0].spend: 280.49 -> 290.49`).
+    pub differences: Vec<Difference>,
+    /// What the candidate read of its grants that the recording does not hold, one sentence
+    /// each (`it opens `/data/new.csv`, which the recorded call never opened`): the files
+    /// are rebuilt from the recording's reads, so the candidate saw a missing file, or zeros,
+    /// where production would have given it content. Empty when every read was recorded.
+    pub unrecorded: Vec<String>,
+    /// The clock readings and random draws the candidate got live, the recording's used up.
+    pub live: Live,
 }
 
-/// Runs `notebook`'s version of the recorded function on the recorded inputs: the same
-/// arguments and environment, the files the recording read (rebuilt in temporary directories
-/// at the same guest paths), and its clock readings and random bytes as far as they go.
+/// Runs `notebook`'s version of the recorded function on the recorded inputs (see
+/// [`what_if_prepared`]).
 pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<WhatIf> {
+    let function = trace.header.function.as_str();
+    let limits = trace.header.limits.limits()?;
+    let bundle = Bundle::from_notebook(sandbox, notebook, Select::Only(&[function]), None)?;
+    let candidate = Prepared::with_limits(sandbox, bundle, &limits)?;
+    what_if_prepared(sandbox, trace, &candidate)
+}
+
+/// Runs `candidate`'s version of the recorded function on the recorded inputs: the same
+/// arguments, environment and limits, the files the recording read (rebuilt in temporary
+/// directories at the same guest paths), and its clock readings and random bytes as far as
+/// they go. One prepared candidate serves any number of traces, from any threads.
+pub fn what_if_prepared(sandbox: &Sandbox, trace: &Trace, candidate: &Prepared) -> Result<WhatIf> {
     let h = &trace.header;
     let function = h.function.as_str();
     let limits = h.limits.limits()?;
-    let bundle = Bundle::from_notebook(sandbox, notebook, Select::Only(&[function]), None)?;
-    let version = bundle.version.clone();
-    let prepared = Prepared::with_limits(sandbox, bundle, &limits)?;
-    let blobs = trace.blobs(&sandbox.runtime().stdlib_dir());
+    let stdlib = sandbox.runtime().stdlib_dir();
+    let blobs = trace.blobs(&stdlib);
     trace.check_data(&blobs)?;
     // The grants come from the trace: held to what `--grant` accepts before a folder is made.
     check_guest_paths(h.grants.iter().map(|g| g.guest.as_str())).context("the trace's grants")?;
@@ -204,20 +221,34 @@ pub fn what_if(sandbox: &Sandbox, trace: &Trace, notebook: &Notebook) -> Result<
         limits,
     };
     let mode = Mode::WhatIf(served(trace, &blobs)?);
-    let (result, _) = call::execute(sandbox, &policy, &prepared, function, &h.arguments, mode)?;
+    let (result, mode) = call::execute(sandbox, &policy, candidate, function, &h.arguments, mode)?;
+    drop(dirs);
+    let Mode::WhatIf(Served {
+        files: mut seen,
+        live,
+        ..
+    }) = mode
+    else {
+        anyhow::bail!("the what-if run lost its tracer");
+    };
+    seen.blobs.runtime = Some(stdlib);
+    let seen = RecordedFiles::from_events(&seen.events, &seen.blobs)
+        .context("following the candidate's file reads")?;
     let mut differences = Vec::new();
     diff(
         &trace.outputs.outcome,
         &result.outcome.to_json(),
         "",
+        Tolerance::EXACT,
         &mut differences,
     );
-    drop(dirs);
     Ok(WhatIf {
         recorded: trace.outputs.outcome.clone(),
         result,
-        version,
+        version: candidate.bundle.version.clone(),
         differences,
+        unrecorded: files.unrecorded(&seen, &h.grants),
+        live,
     })
 }
 
@@ -236,8 +267,15 @@ pub fn served(trace: &Trace, blobs: &Blobs) -> Result<Served> {
             _ => {}
         }
     }
-    Ok(Served { clocks, random })
+    Ok(Served {
+        clocks,
+        random,
+        ..Served::default()
+    })
 }
+
+/// WASI's file type of a regular file.
+const REGULAR_FILE: u8 = 4;
 
 /// How far into a file a rebuilt read may reach. The rebuilt files are sparse (only what was
 /// read is written), so this bounds offsets, not memory: what a real file system allows.
@@ -249,6 +287,16 @@ const MAX_FILE_END: u64 = 1 << 40;
 pub struct RecordedFiles {
     files: BTreeMap<String, Vec<(u64, Vec<u8>)>>,
     dirs: BTreeSet<String>,
+    /// Every path the call opened or looked up, whatever the answer (a file it found missing
+    /// is missing in the rebuilt folder too).
+    touched: BTreeSet<String>,
+    /// The directories whose listing the call read.
+    listed: BTreeSet<String>,
+    /// The paths the call created or truncated: what it reads of them is its own writing.
+    created: BTreeSet<String>,
+    /// The size of each regular file whose metadata the call read (Python's `open` does):
+    /// a rebuilt file has it, so its end is where the recording found it.
+    sizes: BTreeMap<String, u64>,
 }
 
 /// A descriptor the recording opened: the guest path it names, and the preopened directory
@@ -264,22 +312,32 @@ impl RecordedFiles {
     /// names a path out of its grant, or a read far past any file's end, is refused naming the
     /// event.
     pub fn from_trace(trace: &Trace, blobs: &Blobs) -> Result<RecordedFiles> {
+        Self::from_events(&trace.events, blobs)
+    }
+
+    /// [`RecordedFiles::from_trace`] on a run's events: a trace's, or those a what-if run kept.
+    pub fn from_events(events: &[Event], blobs: &Blobs) -> Result<RecordedFiles> {
         let mut out = RecordedFiles::default();
         let mut open: HashMap<i64, OpenFd> = HashMap::new();
         let mut positions: HashMap<i64, u64> = HashMap::new();
-        for (index, e) in trace
-            .events
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.result == 0)
-        {
+        for (index, e) in events.iter().enumerate() {
+            let fd = e.args.first().copied().unwrap_or(-1);
+            if e.result != 0 {
+                // A path the call looked for and did not find is part of what it saw.
+                if let (Some(dir), Some(path)) = (open.get(&fd), &e.path)
+                    && matches!(e.call.as_str(), "path_open" | "path_filestat_get")
+                    && let Ok(full) = join(&dir.path, path)
+                {
+                    out.touched.insert(full);
+                }
+                continue;
+            }
             let refuse = |why: String| {
                 bad_input(format!(
                     "the trace's event {index} ({}) is refused: {why}",
                     e.call
                 ))
             };
-            let fd = e.args.first().copied().unwrap_or(-1);
             let bytes = |i: usize| -> Result<Vec<u8>> {
                 e.writes
                     .get(i)
@@ -317,9 +375,15 @@ impl RecordedFiles {
                     let new_fd = bytes(0)?
                         .get(..4)
                         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-                    if e.args.get(4).is_some_and(|flags| flags & 2 != 0) {
+                    // WASI's oflags: CREAT 1, DIRECTORY 2, EXCL 4, TRUNC 8.
+                    let oflags = e.args.get(4).copied().unwrap_or(0);
+                    if oflags & 2 != 0 {
                         out.dirs.insert(full.clone());
                     }
+                    if oflags & (1 | 8) != 0 {
+                        out.created.insert(full.clone());
+                    }
+                    out.touched.insert(full.clone());
                     if let Some(new_fd) = new_fd {
                         let opened = OpenFd {
                             root: dir.root,
@@ -370,11 +434,35 @@ impl RecordedFiles {
                         positions.insert(fd, u64::from_le_bytes(position));
                     }
                 }
+                "path_filestat_get" | "fd_filestat_get" => {
+                    let path = match (open.get(&fd), &e.path) {
+                        (Some(dir), Some(path)) => join(&dir.path, path).map_err(refuse)?,
+                        (Some(file), None) => file.path.clone(),
+                        (None, _) => continue,
+                    };
+                    if e.path.is_some() {
+                        out.touched.insert(path.clone());
+                    }
+                    // filestat: dev u64, ino u64, filetype u8 (+7), nlink u64, size u64, ...
+                    let stat = bytes(0)?;
+                    let regular = stat.get(16) == Some(&REGULAR_FILE);
+                    if let Some(size) = stat.get(32..40).filter(|_| regular) {
+                        let size = u64::from_le_bytes(size.try_into().expect("8 bytes"));
+                        if size > MAX_FILE_END {
+                            return Err(refuse(format!(
+                                "it gives `{path}` a size of {size} bytes, past any file's end"
+                            )));
+                        }
+                        out.files.entry(path.clone()).or_default();
+                        out.sizes.insert(path, size);
+                    }
+                }
                 "fd_readdir" => {
                     let Some(dir) = open.get(&fd).cloned() else {
                         continue;
                     };
                     out.dirs.insert(dir.path.clone());
+                    out.listed.insert(dir.path.clone());
                     for (name, kind) in dirents(&bytes(0)?) {
                         if name == "." || name == ".." {
                             continue;
@@ -396,6 +484,64 @@ impl RecordedFiles {
             }
         }
         Ok(out)
+    }
+
+    /// What `run` (the files of a what-if run on these) read under `grants` that this
+    /// recording does not hold, one sentence each: a path it never opened, a range of a file
+    /// it never read (the end of a file included), a folder it never listed. What `run`
+    /// created itself is its own.
+    pub fn unrecorded(&self, run: &RecordedFiles, grants: &[GrantRecord]) -> Vec<String> {
+        let relevant = |path: &str| {
+            grants
+                .iter()
+                .any(|g| under(path, g.guest.trim_end_matches('/')))
+                && !run.created.iter().any(|c| under(path, c))
+        };
+        let known = |path: &str| {
+            self.touched.contains(path) || self.files.contains_key(path) || self.dirs.contains(path)
+        };
+        let mut out = Vec::new();
+        for path in run.touched.iter().filter(|p| relevant(p) && !known(p)) {
+            out.push(format!(
+                "it opens `{path}`, which the recorded call never opened"
+            ));
+        }
+        for (path, reads) in run.files.iter().filter(|(p, _)| relevant(p) && known(p)) {
+            let recorded = self.files.get(path).map(Vec::as_slice).unwrap_or_default();
+            let spans = spans(recorded);
+            let ends: BTreeSet<u64> = recorded
+                .iter()
+                .filter(|(_, data)| data.is_empty())
+                .map(|(at, _)| *at)
+                .collect();
+            let missed = reads.iter().find_map(|(at, data)| {
+                if data.is_empty() {
+                    // The end of the file: where the recording found it, or nowhere.
+                    (!ends.contains(at) && self.sizes.get(path) != Some(at)).then(|| {
+                        format!(
+                            "it reads `{path}` to its end at byte {at}, where the recorded call never found its end"
+                        )
+                    })
+                } else {
+                    gap(&spans, *at, at + data.len() as u64).map(|(from, to)| {
+                        format!(
+                            "it reads bytes {from}..{to} of `{path}`, which the recorded call never read"
+                        )
+                    })
+                }
+            });
+            out.extend(missed);
+        }
+        for dir in run
+            .listed
+            .iter()
+            .filter(|d| relevant(d) && !self.listed.contains(*d))
+        {
+            out.push(format!(
+                "it lists the folder `{dir}`, which the recorded call never listed"
+            ));
+        }
+        out
     }
 
     /// Writes what lies under the guest path `guest` into `dir`, through a capability on it:
@@ -424,13 +570,51 @@ impl RecordedFiles {
                 root.create_dir_all(parent).map_err(|e| cannot(path, e))?;
             }
             let file = root.create(&rel).map_err(|e| cannot(path, e))?.into_std();
+            let mut end = 0;
             for (at, data) in ranges {
                 std::os::unix::fs::FileExt::write_all_at(&file, data, *at)
                     .map_err(|e| cannot(path, e))?;
+                end = end.max(at + data.len() as u64);
+            }
+            if let Some(&size) = self.sizes.get(path).filter(|&&size| size > end) {
+                file.set_len(size).map_err(|e| cannot(path, e))?;
             }
         }
         Ok(())
     }
+}
+
+/// The byte ranges `reads` cover, merged where they touch: (from, to), in order.
+fn spans(reads: &[(u64, Vec<u8>)]) -> Vec<(u64, u64)> {
+    let mut all: Vec<(u64, u64)> = reads
+        .iter()
+        .filter(|(_, data)| !data.is_empty())
+        .map(|(at, data)| (*at, at + data.len() as u64))
+        .collect();
+    all.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (from, to) in all {
+        match merged.last_mut() {
+            Some(last) if from <= last.1 => last.1 = last.1.max(to),
+            _ => merged.push((from, to)),
+        }
+    }
+    merged
+}
+
+/// The first stretch of `from..to` that `spans` (merged, in order) leave out.
+fn gap(spans: &[(u64, u64)], from: u64, to: u64) -> Option<(u64, u64)> {
+    let mut at = from;
+    for &(start, end) in spans.iter().filter(|&&(_, end)| end > from) {
+        if start > at {
+            return Some((at, start.min(to)));
+        }
+        at = at.max(end);
+        if at >= to {
+            return None;
+        }
+    }
+    (at < to).then_some((at, to))
 }
 
 /// The entries of a WASI `fd_readdir` buffer: (name, file type), as far as they are whole.
@@ -477,8 +661,116 @@ fn under(path: &str, root: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
-/// One line per difference between two JSON values: `path: old -> new`.
-pub fn diff(old: &Value, new: &Value, path: &str, out: &mut Vec<String>) {
+/// One place where a candidate's value differs from the recorded one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Difference {
+    /// Where, as Python would index it from the root: `result[0].spend`; empty for the whole
+    /// value.
+    pub path: String,
+    /// The recorded value there, absent when the recorded value has no such place.
+    pub recorded: Option<Value>,
+    /// The candidate's value there, absent when it has no such place.
+    pub candidate: Option<Value>,
+}
+
+impl std::fmt::Display for Difference {
+    /// `path: old -> new`, `(absent)` for a side that has no such place.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let side = |v: &Option<Value>| match v {
+            Some(v) => v.to_string(),
+            None => "(absent)".to_owned(),
+        };
+        let place = if self.path.is_empty() {
+            "the whole outcome"
+        } else {
+            &self.path
+        };
+        write!(
+            f,
+            "{place}: {} -> {}",
+            side(&self.recorded),
+            side(&self.candidate)
+        )
+    }
+}
+
+/// How far apart two floats may be and still count as the same: relative to the larger
+/// magnitude (`|a - b| <= tolerance * max(|a|, |b|)`). Zero, the default, is exact.
+#[derive(Debug, Clone, Copy, Default, PartialEq, PartialOrd, Serialize, Deserialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Tolerance(f64);
+
+impl Tolerance {
+    pub const EXACT: Tolerance = Tolerance(0.0);
+
+    /// A relative tolerance, refused unless it is a finite number from 0 to 1.
+    pub fn new(relative: f64) -> Result<Tolerance> {
+        if !(0.0..=1.0).contains(&relative) {
+            return Err(bad_input(format!(
+                "a relative tolerance is a number from 0 to 1 (1e-9, 0.001), not {relative}"
+            )));
+        }
+        Ok(Tolerance(relative))
+    }
+
+    pub fn relative(self) -> f64 {
+        self.0
+    }
+
+    /// Whether two JSON values count as the same leaf: equal, or numbers one of which is a
+    /// float, within the tolerance.
+    fn same(self, a: &Value, b: &Value) -> bool {
+        if a == b {
+            return true;
+        }
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) if self.0 > 0.0 && (x.is_f64() || y.is_f64()) => {
+                let (Some(x), Some(y)) = (x.as_f64(), y.as_f64()) else {
+                    return false;
+                };
+                (x - y).abs() <= self.0 * x.abs().max(y.abs())
+            }
+            _ => false,
+        }
+    }
+}
+
+impl TryFrom<f64> for Tolerance {
+    type Error = anyhow::Error;
+
+    fn try_from(relative: f64) -> Result<Tolerance> {
+        Tolerance::new(relative)
+    }
+}
+
+impl From<Tolerance> for f64 {
+    fn from(t: Tolerance) -> f64 {
+        t.0
+    }
+}
+
+impl std::str::FromStr for Tolerance {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Tolerance> {
+        let relative: f64 = s.trim().parse().map_err(|_| {
+            bad_input(format!(
+                "`{s}` is not a relative tolerance: write a number such as 1e-9 or 0.001"
+            ))
+        })?;
+        Tolerance::new(relative)
+    }
+}
+
+/// Every place where `candidate` differs from `recorded`, found from `path` (the root's
+/// name, or empty) down, with floats compared within `tolerance`.
+pub fn diff(
+    recorded: &Value,
+    candidate: &Value,
+    path: &str,
+    tolerance: Tolerance,
+    out: &mut Vec<Difference>,
+) {
     let key = |k: &str| {
         if path.is_empty() {
             k.to_owned()
@@ -486,36 +778,34 @@ pub fn diff(old: &Value, new: &Value, path: &str, out: &mut Vec<String>) {
             format!("{path}.{k}")
         }
     };
-    match (old, new) {
+    let one = |path: String, recorded: Option<&Value>, candidate: Option<&Value>| Difference {
+        path,
+        recorded: recorded.cloned(),
+        candidate: candidate.cloned(),
+    };
+    match (recorded, candidate) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in a {
                 match b.get(k) {
-                    Some(w) => diff(v, w, &key(k), out),
-                    None => out.push(format!("{}: {v} -> (absent)", key(k))),
+                    Some(w) => diff(v, w, &key(k), tolerance, out),
+                    None => out.push(one(key(k), Some(v), None)),
                 }
             }
             for (k, w) in b.iter().filter(|(k, _)| !a.contains_key(*k)) {
-                out.push(format!("{}: (absent) -> {w}", key(k)));
+                out.push(one(key(k), None, Some(w)));
             }
         }
         (Value::Array(a), Value::Array(b)) => {
             for i in 0..a.len().max(b.len()) {
                 let p = format!("{path}[{i}]");
                 match (a.get(i), b.get(i)) {
-                    (Some(v), Some(w)) => diff(v, w, &p, out),
-                    (Some(v), None) => out.push(format!("{p}: {v} -> (absent)")),
-                    (None, Some(w)) => out.push(format!("{p}: (absent) -> {w}")),
-                    (None, None) => {}
+                    (Some(v), Some(w)) => diff(v, w, &p, tolerance, out),
+                    (v, w) => out.push(one(p, v, w)),
                 }
             }
         }
-        _ if old != new => {
-            let place = if path.is_empty() {
-                "the whole outcome"
-            } else {
-                path
-            };
-            out.push(format!("{place}: {old} -> {new}"));
+        _ if !tolerance.same(recorded, candidate) => {
+            out.push(one(path.to_owned(), Some(recorded), Some(candidate)));
         }
         _ => {}
     }
@@ -533,8 +823,10 @@ mod tests {
             &json!({"returned": [{"a": 1, "b": 2}], "x": 1}),
             &json!({"returned": [{"a": 1, "b": 3}, {"a": 0}], "y": 2}),
             "",
+            Tolerance::EXACT,
             &mut out,
         );
+        let out: Vec<String> = out.iter().map(ToString::to_string).collect();
         assert_eq!(
             out,
             [
@@ -544,6 +836,117 @@ mod tests {
                 "y: (absent) -> 2",
             ]
         );
+    }
+
+    #[test]
+    fn floats_differ_past_the_tolerance_and_other_values_exactly() {
+        let differences = |a: Value, b: Value, relative: f64| {
+            let mut out = Vec::new();
+            diff(
+                &a,
+                &b,
+                "result",
+                Tolerance::new(relative).unwrap(),
+                &mut out,
+            );
+            out.len()
+        };
+        assert_eq!(
+            differences(json!([1.0, 2.0]), json!([1.0, 2.0 + 1e-12]), 0.0),
+            1
+        );
+        assert_eq!(
+            differences(json!([1.0, 2.0]), json!([1.0, 2.0 + 1e-12]), 1e-9),
+            0
+        );
+        assert_eq!(
+            differences(json!({"x": 100.0}), json!({"x": 101.0}), 0.001),
+            1
+        );
+        assert_eq!(
+            differences(json!({"x": 100.0}), json!({"x": 101.0}), 0.01),
+            0
+        );
+        // Integers are not floats: counts and ids stay exact whatever the tolerance.
+        assert_eq!(differences(json!(100), json!(101), 0.5), 1);
+        assert_eq!(differences(json!(1), json!(1.0), 0.0), 1);
+        assert_eq!(differences(json!(1), json!(1.0), 1e-9), 0);
+        assert_eq!(differences(json!("1.0"), json!("1.00"), 0.5), 1);
+        for bad in ["-1", "2", "NaN", "inf", "x"] {
+            let e = bad.parse::<Tolerance>().unwrap_err();
+            assert!(format!("{e:#}").contains("tolerance"), "{bad}: {e:#}");
+        }
+        assert!(serde_json::from_value::<Tolerance>(json!(5.0)).is_err());
+        assert_eq!("1e-9".parse::<Tolerance>().unwrap().relative(), 1e-9);
+    }
+
+    /// What a test says was read of one file: (offset, bytes) each time.
+    type Reads<'a> = &'a [(u64, &'a [u8])];
+
+    /// Files read as (path, reads), each path opened too.
+    fn reading(reads: &[(&str, Reads<'_>)]) -> RecordedFiles {
+        let mut out = RecordedFiles::default();
+        for (path, ranges) in reads {
+            out.touched.insert(path.to_string());
+            let ranges = ranges.iter().map(|(at, d)| (*at, d.to_vec())).collect();
+            out.files.insert(path.to_string(), ranges);
+        }
+        out
+    }
+
+    #[test]
+    fn what_a_run_read_beyond_its_recording_is_named() {
+        let mut recorded = reading(&[
+            ("/data/a.csv", &[(0, b"0123"), (4, b"4567"), (8, b"")]),
+            ("/data/big.csv", &[(0, b"head"), (100, b"tail")]),
+            ("/data/sized.csv", &[(0, b"all")]),
+        ]);
+        recorded.touched.insert("/data/gone.csv".into());
+        recorded.listed.insert("/data".into());
+        recorded.sizes.insert("/data/sized.csv".into(), 3);
+        let grants = [GrantRecord {
+            guest: "/data".into(),
+            writable: true,
+        }];
+        // Within what was read, its end where it was found (by a read, or by its size), a
+        // path found missing, a file outside every grant, a listing read before: nothing.
+        let mut within = reading(&[
+            ("/data/a.csv", &[(2, b"2345"), (8, b"")]),
+            ("/data/sized.csv", &[(0, b"all"), (3, b"")]),
+            ("/usr/local/lib/x.py", &[(0, b"x")]),
+        ]);
+        within.touched.insert("/data/gone.csv".into());
+        within.listed.insert("/data".into());
+        assert_eq!(recorded.unrecorded(&within, &grants), Vec::<String>::new());
+        // What the run wrote itself is its own to read back.
+        let mut own = reading(&[("/data/out/x.csv", &[(0, b"mine"), (4, b"")])]);
+        own.created.insert("/data/out".into());
+        assert_eq!(recorded.unrecorded(&own, &grants), Vec::<String>::new());
+
+        let mut lists = RecordedFiles::default();
+        lists.listed.insert("/data/sub".into());
+        for (run, expected) in [
+            (
+                reading(&[("/data/new.csv", &[])]),
+                "it opens `/data/new.csv`, which the recorded call never opened",
+            ),
+            (
+                reading(&[("/data/big.csv", &[(0, b"head-and-more")])]),
+                "it reads bytes 4..13 of `/data/big.csv`, which the recorded call never read",
+            ),
+            (
+                reading(&[("/data/big.csv", &[(4, b"")])]),
+                "it reads `/data/big.csv` to its end at byte 4",
+            ),
+            (lists, "it lists the folder `/data/sub`"),
+        ] {
+            let said = recorded.unrecorded(&run, &grants);
+            assert_eq!(said.len(), 1, "{said:?}");
+            assert!(said[0].starts_with(expected), "{said:?}");
+        }
+        assert_eq!(gap(&[(0, 4), (100, 104)], 2, 200), Some((4, 100)));
+        assert_eq!(gap(&[(0, 4), (4, 104)], 2, 104), None);
+        assert_eq!(gap(&[(10, 20)], 0, 5), Some((0, 5)));
     }
 
     #[test]
@@ -576,7 +979,7 @@ mod tests {
         ] {
             let files = RecordedFiles {
                 files: [(path.to_owned(), vec![(0, b"x".to_vec())])].into(),
-                dirs: BTreeSet::new(),
+                ..RecordedFiles::default()
             };
             let e = files.write_under("/data", &inner).unwrap_err();
             assert!(
@@ -585,8 +988,8 @@ mod tests {
             );
             assert!(!world.path().join("escaped").exists(), "{path} escaped");
             let dirs = RecordedFiles {
-                files: BTreeMap::new(),
                 dirs: [path.to_owned()].into(),
+                ..RecordedFiles::default()
             };
             assert!(dirs.write_under("/data", &inner).is_err(), "{path}");
             assert!(!world.path().join("escaped").exists(), "{path} escaped");
@@ -597,7 +1000,7 @@ mod tests {
                 vec![(4, b"tail".to_vec()), (0, b"he".to_vec())],
             )]
             .into(),
-            dirs: BTreeSet::new(),
+            ..RecordedFiles::default()
         };
         sparse.write_under("/data", &inner).unwrap();
         assert_eq!(std::fs::read(inner.join("a/b.txt")).unwrap(), b"he\0\0tail");

@@ -212,9 +212,14 @@ impl Trace {
     /// Reads a trace file, refusing one that is not a regular file, larger than a trace can
     /// be, unsigned or wrongly signed when `key` is given, truncated or changed.
     pub fn read(path: &Path, key: Option<&SigningKey>) -> Result<Trace> {
-        let name = format!("trace `{}`", path.display());
         let bytes = read_regular(path, "trace", MAX_INFLATED)?;
-        let body = unsealed(key, &bytes, &name)?;
+        Self::from_file_bytes(&bytes, key, &format!("trace `{}`", path.display()))
+    }
+
+    /// A trace file's bytes from elsewhere (a server's `GET /v1/runs/ID/trace`), checked as
+    /// [`Trace::read`] checks a file; `name` names it in messages.
+    pub fn from_file_bytes(bytes: &[u8], key: Option<&SigningKey>, name: &str) -> Result<Trace> {
+        let body = unsealed(key, bytes, name)?;
         decode(body, MAX_INFLATED).map_err(|why| bad_input(format!("{name} is refused: {why}")))
     }
 

@@ -13,6 +13,7 @@ use crate::runtime::Runtime;
 use crate::sandbox::Sandbox;
 
 mod bundle;
+mod evaluate;
 mod inspect;
 mod prepare;
 mod replay;
@@ -62,6 +63,9 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Re-execute a recorded call from its trace, exactly, or with an updated notebook.
     Replay(replay::ReplayArgs),
+    /// Run a candidate notebook or bundle on recorded calls (trace files, or a server's logged
+    /// runs) and class each run: same, changed, newly failing, fixed, not replayable.
+    Evaluate(Box<evaluate::EvaluateArgs>),
     /// Compile the Python runtime for this machine now, so the first call does not wait.
     Prepare,
     /// Serve deployed notebooks' functions over HTTP to several tenants, logging every call.
@@ -80,6 +84,7 @@ pub fn main(cli: Cli) -> Exit {
         Command::Bundle(args) => bundle::bundle(&cli.global, args),
         Command::Inspect(args) => inspect::inspect(&cli.global, args),
         Command::Replay(args) => replay::replay(&cli.global, args),
+        Command::Evaluate(args) => evaluate::evaluate_command(&cli.global, args),
         Command::Prepare => prepare::prepare(&cli.global),
         Command::Serve(args) => serve::serve(&cli.global, args),
         Command::Token => serve::token(),

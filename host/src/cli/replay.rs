@@ -60,6 +60,17 @@ pub fn replay(global: &GlobalOptions, args: &ReplayArgs) -> Result<Exit> {
                 short(&what_if.version),
                 result.outcome.to_json()
             );
+            for why in &what_if.unrecorded {
+                text.push_str(&format!(
+                    "note: the recording does not hold all the updated function read: {why}\n"
+                ));
+            }
+            if !what_if.live.none() {
+                text.push_str(&format!(
+                    "note: {} (the updated function asked for more than the recorded call)\n",
+                    what_if.live
+                ));
+            }
             if what_if.differences.is_empty() {
                 text.push_str("no difference\n");
             } else {

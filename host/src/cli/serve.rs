@@ -142,29 +142,15 @@ pub fn runs(args: &RunsArgs) -> Result<Exit> {
                     query.push((key, v.clone()));
                 }
             }
-            let body = get(&list.client, "/v1/runs", &query)?;
-            let page: Value =
-                serde_json::from_slice(&body).context("the server's answer is not JSON")?;
+            let page = Client::new(&list.client)?.get_json("/v1/runs", &query)?;
             for run in page["runs"].as_array().into_iter().flatten() {
                 println!("{run}");
             }
         }
         RunsCommand::Pull(pull) => {
-            let run: Value =
-                serde_json::from_slice(&get(&pull.client, &format!("/v1/runs/{}", pull.run), &[])?)
-                    .context("the server's answer is not JSON")?;
-            let expected = run["trace_sha256"]
-                .as_str()
-                .ok_or_else(|| bad_input(format!("run {} has no trace", pull.run)))?
-                .to_owned();
-            let trace = get(&pull.client, &format!("/v1/runs/{}/trace", pull.run), &[])?;
-            let actual = hex::encode(Sha256::digest(&trace));
-            if actual != expected {
-                anyhow::bail!(
-                    "the trace of run {} does not match its row: sha256 {actual}, the row says {expected}",
-                    pull.run
-                );
-            }
+            let client = Client::new(&pull.client)?;
+            let run = client.get_json(&format!("/v1/runs/{}", pull.run), &[])?;
+            let trace = client.trace(&run)?;
             write_private(&pull.output, &trace)?;
             eprintln!(
                 "host: run {} ({} of bundle {}, {}) written to {}: `host replay {}` re-runs it",
@@ -180,41 +166,83 @@ pub fn runs(args: &RunsArgs) -> Result<Exit> {
     Ok(Exit::Success)
 }
 
-/// A GET with the token; the body of a 2xx answer, else the server's error message.
-fn get(client: &ClientArgs, path: &str, query: &[(&str, String)]) -> Result<Vec<u8>> {
-    let token = std::fs::read_to_string(&client.token_file).map_err(|e| {
-        bad_input(format!(
-            "cannot read token file `{}`: {e}",
-            client.token_file.display()
-        ))
-    })?;
-    let url = format!("{}{path}", client.server.trim_end_matches('/'));
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .new_agent();
-    let mut request = agent
-        .get(&url)
-        .header("Authorization", format!("Bearer {}", token.trim()));
-    for (key, value) in query {
-        request = request.query(*key, value);
+/// A server and the token to use there, read once; its connections are kept for the next
+/// request (`host evaluate` pulls hundreds of traces).
+pub(super) struct Client {
+    agent: ureq::Agent,
+    server: String,
+    token: String,
+}
+
+impl Client {
+    pub(super) fn new(args: &ClientArgs) -> Result<Client> {
+        let token = std::fs::read_to_string(&args.token_file).map_err(|e| {
+            bad_input(format!(
+                "cannot read token file `{}`: {e}",
+                args.token_file.display()
+            ))
+        })?;
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        Ok(Client {
+            agent,
+            server: args.server.trim_end_matches('/').to_owned(),
+            token: token.trim().to_owned(),
+        })
     }
-    let mut response = request
-        .call()
-        .map_err(|e| bad_input(format!("cannot reach the server at {url}: {e}")))?;
-    let status = response.status();
-    let mut body = Vec::new();
-    response
-        .body_mut()
-        .as_reader()
-        .read_to_end(&mut body)
-        .with_context(|| format!("failed to read the answer of {url}"))?;
-    if !status.is_success() {
-        let message = serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-        return Err(bad_input(format!("{url}: {status}: {message}")));
+
+    /// A GET with the token; the body of a 2xx answer, else the server's error message.
+    pub(super) fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Vec<u8>> {
+        let url = format!("{}{path}", self.server);
+        let mut request = self
+            .agent
+            .get(&url)
+            .header("Authorization", format!("Bearer {}", self.token));
+        for (key, value) in query {
+            request = request.query(*key, value);
+        }
+        let mut response = request
+            .call()
+            .map_err(|e| bad_input(format!("cannot reach the server at {url}: {e}")))?;
+        let status = response.status();
+        let mut body = Vec::new();
+        response
+            .body_mut()
+            .as_reader()
+            .read_to_end(&mut body)
+            .with_context(|| format!("failed to read the answer of {url}"))?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            return Err(bad_input(format!("{url}: {status}: {message}")));
+        }
+        Ok(body)
     }
-    Ok(body)
+
+    /// [`Client::get`], the answer parsed as JSON.
+    pub(super) fn get_json(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
+        serde_json::from_slice(&self.get(path, query)?)
+            .with_context(|| format!("the server's answer to {path} is not JSON"))
+    }
+
+    /// The trace file of `run` (a row as `GET /v1/runs` shows it), checked against the row's
+    /// `trace_sha256`.
+    pub(super) fn trace(&self, run: &Value) -> Result<Vec<u8>> {
+        let id = run["id"].as_str().unwrap_or_default();
+        let expected = run["trace_sha256"]
+            .as_str()
+            .ok_or_else(|| bad_input(format!("run {id} has no trace")))?;
+        let trace = self.get(&format!("/v1/runs/{id}/trace"), &[])?;
+        let actual = hex::encode(Sha256::digest(&trace));
+        if actual != expected {
+            anyhow::bail!(
+                "the trace of run {id} does not match its row: sha256 {actual}, the row says {expected}"
+            );
+        }
+        Ok(trace)
+    }
 }
