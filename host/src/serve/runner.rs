@@ -268,6 +268,6 @@ pub fn recorded_result(trace: &[u8]) -> Result<Value> {
 /// `host replay --notebook` shows them.
 pub fn differences(old: &Value, new: &Value) -> Vec<String> {
     let mut out = Vec::new();
-    crate::replay::diff(old, new, "", &mut out);
-    out
+    crate::replay::diff(old, new, "", crate::replay::Tolerance::EXACT, &mut out);
+    out.iter().map(ToString::to_string).collect()
 }
