@@ -40,6 +40,8 @@ def fail(x):
 
 #[test]
 fn a_person_browses_runs_aliases_and_an_evaluation_and_reads_a_changed_runs_diff() {
+    // First: without a browser the test fails at once, saying how to get one.
+    let chromium = chromium();
     let dir = workdir();
     let (a_token, a_digest) = token("ui-a");
     let (b_token, b_digest) = token("ui-b");
@@ -149,7 +151,7 @@ fn a_person_browses_runs_aliases_and_an_evaluation_and_reads_a_changed_runs_diff
         ),
     );
 
-    let mut browser = Browser::start(backend);
+    let mut browser = Browser::start(&chromium, backend);
     let ui = |path: &str| format!("{}{path}", server.url);
 
     // Without the cookie, every page leads to the login form; a wrong token is refused.
@@ -394,8 +396,16 @@ struct Browser {
 /// Where Chromium is: `HOST_TEST_CHROMIUM`, else `chromium` (Debian's) or
 /// `chromium-browser` on the PATH. Without one the test fails, saying how to get one.
 fn chromium() -> PathBuf {
+    let how = "install Debian's (`apt-get install chromium`; `make test` does it), or set \
+               HOST_TEST_CHROMIUM to one";
     if let Some(path) = std::env::var_os("HOST_TEST_CHROMIUM") {
-        return PathBuf::from(path);
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "HOST_TEST_CHROMIUM is `{}`, which is not a file: {how}",
+            path.display()
+        );
+        return path;
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     for dir in std::env::split_paths(&path) {
@@ -406,17 +416,13 @@ fn chromium() -> PathBuf {
             }
         }
     }
-    panic!(
-        "the UI test needs a headless Chromium and found none on the PATH: install Debian's \
-         (`apt-get install chromium`; `make test` does it), or set HOST_TEST_CHROMIUM to one"
-    );
+    panic!("the UI test needs a headless Chromium and found none on the PATH: {how}");
 }
 
 impl Browser {
-    fn start(prefix: &'static str) -> Browser {
+    fn start(binary: &Path, prefix: &'static str) -> Browser {
         let profile = tempfile::tempdir().unwrap();
-        let binary = chromium();
-        let mut child = Command::new(&binary)
+        let mut child = Command::new(binary)
             .args([
                 "--headless=new",
                 "--no-sandbox",
