@@ -271,3 +271,30 @@ pub fn differences(old: &Value, new: &Value) -> Vec<String> {
     crate::replay::diff(old, new, "", crate::replay::Tolerance::EXACT, &mut out);
     out.iter().map(ToString::to_string).collect()
 }
+
+/// What a run's trace says about its call, for the UI's run page: the row keeps only the
+/// input's sha256, the trace the arguments themselves.
+pub struct Recorded {
+    /// `{"args": [...], "kwargs": {...}}`, as the call received them.
+    pub arguments: Value,
+    /// How the call ended, as the trace records it (`{"returned": VALUE}`, `{"raised": ...}`).
+    pub outcome: Value,
+}
+
+/// The arguments and outcome of a stored trace's call.
+pub fn recorded_call(trace: &[u8]) -> Result<Recorded> {
+    let trace = Trace::decode(trace).context("a stored trace does not decode")?;
+    Ok(Recorded {
+        arguments: serde_json::to_value(&trace.header.arguments)?,
+        outcome: trace.outputs.outcome,
+    })
+}
+
+/// The Python traceback of an outcome that is a raised exception (`{"raised": ...}`, as
+/// traces and evaluation reports record it), written as `host run` prints it, with notebook
+/// frames as `nb.ipynb, cell 2, line 3`; None for any other outcome.
+pub fn traceback(outcome: &Value) -> Option<String> {
+    let raised = outcome.get("raised")?;
+    let exception: crate::door::GuestException = serde_json::from_value(raised.clone()).ok()?;
+    Some(exception.to_string())
+}
