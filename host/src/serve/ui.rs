@@ -364,18 +364,19 @@ pub async fn runs_page(
         body.push_str(r#"<p class="empty">No runs.</p>"#);
     } else {
         body.push_str(
-            r#"<table id="runs"><thead><tr><th>Run</th><th>Received</th><th>Function</th><th>Version</th><th>Alias</th><th>Outcome</th><th class="num">Duration</th><th>Replica</th></tr></thead><tbody>"#,
+            r#"<table id="runs"><thead><tr><th>Run</th><th>Received</th><th>Function</th><th>Version</th><th>Alias</th><th>Side</th><th>Outcome</th><th class="num">Duration</th><th>Replica</th></tr></thead><tbody>"#,
         );
         for run in &runs {
             let _ = write!(
                 body,
-                r#"<tr><td><a class="run" href="/ui/runs/{id}"><code>{short}</code></a></td><td>{received}</td><td>{function}</td><td>{version}</td><td>{alias}</td><td>{outcome}</td><td class="num">{duration}</td><td>{replica}</td></tr>"#,
+                r#"<tr><td><a class="run" href="/ui/runs/{id}"><code>{short}</code></a></td><td>{received}</td><td>{function}</td><td>{version}</td><td>{alias}</td><td>{side}</td><td>{outcome}</td><td class="num">{duration}</td><td>{replica}</td></tr>"#,
                 id = Esc(encode(&run.id)),
                 short = Esc(&run.id),
                 received = Esc(&run.received_at),
                 function = Esc(&run.function),
                 version = version_cell(run.bundle_version.as_deref(), &labels),
                 alias = Esc(run.alias.as_deref().unwrap_or("")),
+                side = Esc(run.side.as_deref().unwrap_or("")),
                 outcome = outcome_badge(run.outcome.as_deref()),
                 duration = Esc(duration(run.duration_ms)),
                 replica = Esc(run.replica.as_deref().unwrap_or("")),
@@ -440,7 +441,7 @@ pub async fn run_page(
     } else {
         "none: the call ended before its function ran".to_owned()
     };
-    let rows: [(&str, String); 15] = [
+    let rows: [(&str, String); 16] = [
         ("Function", Esc(&run.function).to_string()),
         ("Outcome", outcome_badge(run.outcome.as_deref())),
         (
@@ -454,6 +455,19 @@ pub async fn run_page(
         (
             "Alias",
             Esc(run.alias.as_deref().unwrap_or("(called by version)")).to_string(),
+        ),
+        (
+            "Side",
+            match (&run.side, &run.shadow_of) {
+                (Some(side), Some(primary)) => format!(
+                    r#"{} of <a href="/ui/runs/{}"><code>{}</code></a>"#,
+                    Esc(side),
+                    Esc(encode(primary)),
+                    Esc(primary)
+                ),
+                (Some(side), None) => Esc(side).to_string(),
+                _ => String::new(),
+            },
         ),
         (
             "Replica",
@@ -608,11 +622,31 @@ pub async fn aliases_page(State(app): State<Arc<App>>, Viewer(tenant): Viewer) -
         let moves = app.store.alias_history(tenant.name(), &alias.alias).await?;
         let _ = write!(
             body,
-            r#"<section class="alias"><h2>{name}</h2><p>Points at {version} since {moved}. <a href="/ui/runs{runs}">Its runs</a></p>
+            r#"<section class="alias"><h2>{name}</h2><p>Points at {version} since {moved}.{split} <a href="/ui/runs{runs}">Its runs</a></p>
 <table class="history"><thead><tr><th>#</th><th>Moved</th><th>From</th><th>To</th></tr></thead><tbody>"#,
             name = Esc(&alias.alias),
             version = version_cell(Some(&alias.target.version), &labels),
             moved = Esc(&alias.moved_at),
+            split = {
+                let mut split = String::new();
+                if let Some(c) = &alias.target.canary {
+                    let _ = write!(
+                        split,
+                        " Canary: {} of its calls to {} (sticky per {}).",
+                        Esc(format!("{}%", c.percent)),
+                        version_cell(Some(&c.version), &labels),
+                        Esc(c.sticky.as_str())
+                    );
+                }
+                if let Some(shadow) = &alias.target.shadow {
+                    let _ = write!(
+                        split,
+                        " Shadow: every call again on {}.",
+                        version_cell(Some(shadow), &labels)
+                    );
+                }
+                split
+            },
             runs = Esc(query(&[("alias", Some(&alias.alias))])),
         );
         for (i, m) in moves.iter().enumerate().rev() {
