@@ -51,6 +51,31 @@ pub struct Done {
     pub trace: Vec<u8>,
 }
 
+/// The limit a deploy's pre-initialisation hit, as the error a call hitting it answers
+/// (`kind: "limit"`): the notebook's imports or definitions need more than the tenant's
+/// limits, which is the tenant's to fix, not a bug.
+pub fn deploy_limit(e: &anyhow::Error) -> Option<Value> {
+    let limit = e.chain().find_map(|c| c.downcast_ref::<LimitExceeded>())?;
+    Some(limit_error(
+        limit,
+        format!("the bundle's imports and definitions, run under the tenant's limits: {e:#}"),
+    ))
+}
+
+fn limit_error(limit: &LimitExceeded, message: String) -> Value {
+    json!({"kind": "limit", "limit": limit_name(limit), "message": message})
+}
+
+/// The limit's name in `runs`, errors and metrics.
+fn limit_name(limit: &LimitExceeded) -> &'static str {
+    match limit {
+        LimitExceeded::Memory(_) => "memory",
+        LimitExceeded::Time(_) => "time",
+        LimitExceeded::Output(_) => "output",
+        LimitExceeded::Stack => "stack",
+    }
+}
+
 /// Whether an error is the user's to fix (what `host run` exits 2 for) rather than a bug.
 /// The test is on the library's error type, not the CLI's exit codes, so the server does
 /// not depend on the CLI.
@@ -196,19 +221,9 @@ impl Runner {
                 }));
             }
             Outcome::Limit(limit) => {
-                let name = match limit {
-                    LimitExceeded::Memory(_) => "memory",
-                    LimitExceeded::Time(_) => "time",
-                    LimitExceeded::Output(_) => "output",
-                    LimitExceeded::Stack => "stack",
-                };
                 done.outcome = "limit";
-                done.limit = Some(name);
-                done.error = Some(json!({
-                    "kind": "limit",
-                    "limit": name,
-                    "message": limit.to_string(),
-                }));
+                done.limit = Some(limit_name(&limit));
+                done.error = Some(limit_error(&limit, limit.to_string()));
             }
             Outcome::Crashed(why) => {
                 done.outcome = "raised";
