@@ -19,8 +19,8 @@ use tokio_postgres::types::ToSql;
 use super::{
     AliasRow, AliasTarget, BundleRow, Canary, Completed, Dialect, EVALUATION_COLUMNS,
     EVALUATION_STATE_COLUMNS, EVALUATION_STOPPED, EvaluationState, EvaluationSummary, Finished,
-    Gate, MIGRATIONS, MINUTE_MS, MoveRow, NewBundle, NewEvaluation, NewRun, RUN_COLUMNS,
-    RunFilter, RunRow, check_version, redact,
+    Gate, MIGRATIONS, MINUTE_MS, MoveRow, NewBundle, NewEvaluation, NewRun, RUN_COLUMNS, RunFilter,
+    RunRow, check_version, redact,
 };
 
 const NOW: &str =

@@ -14,9 +14,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     AliasRow, AliasTarget, BundleRow, Canary, Completed, Dialect, EVALUATION_COLUMNS,
-    EVALUATION_STATE_COLUMNS, EVALUATION_STOPPED, EvaluationState,
-    EvaluationSummary, Finished, Gate, MIGRATIONS, MINUTE_MS, MoveRow, NewBundle, NewEvaluation,
-    NewRun, RUN_COLUMNS, RunFilter, RunRow, check_version,
+    EVALUATION_STATE_COLUMNS, EVALUATION_STOPPED, EvaluationState, EvaluationSummary, Finished,
+    Gate, MIGRATIONS, MINUTE_MS, MoveRow, NewBundle, NewEvaluation, NewRun, RUN_COLUMNS, RunFilter,
+    RunRow, check_version,
 };
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
