@@ -502,4 +502,28 @@ fn runs_are_pulled_from_a_real_server_by_alias() {
     );
     let evaluations = server.get("/v1/evaluations", Some(&token)).expect(200);
     assert_eq!(evaluations["evaluations"].as_array().unwrap().len(), 2);
+
+    // A shadow's repeat of a call is not a call of `prod`, here or on the server.
+    server
+        .put(
+            "/v1/aliases/prod",
+            Some(&token),
+            json!({"version": version, "shadow": {"version": deployed}})
+                .to_string()
+                .as_bytes(),
+        )
+        .expect(200);
+    server
+        .call(&token, "prod", "price", json!([2, 10]))
+        .expect(200);
+    let started = std::time::Instant::now();
+    while server
+        .sql("SELECT id FROM runs WHERE side = 'shadow' AND outcome IS NOT NULL")
+        .is_empty()
+    {
+        assert!(started.elapsed().as_secs() < 60, "no shadow run");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(pull(&["--against", "prod"]).summary.total, 6);
+    assert_eq!(pull(&["--against", "prod", "--on-server"]).summary.total, 6);
 }

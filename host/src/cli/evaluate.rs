@@ -322,22 +322,21 @@ fn local_runs(
 /// The server's runs `args` select, with their traces.
 fn server_runs(args: &EvaluateArgs, against: &str, key: Option<&SigningKey>) -> Result<Vec<Run>> {
     let client = Client::new(&args.client)?;
-    // Alias names are never 64 hex digits (the server refuses them), so this is a version.
-    let (filter, column) = if is_version(against) {
-        ("version", "bundle_version")
-    } else {
-        ("alias", "alias")
-    };
+    let calls = Calls::of(&client, against)?;
     let rows = match &args.runs {
         Some(file) => {
             let mut rows = Vec::new();
             for id in read_ids(file)? {
                 let row = client.get_json(&format!("/v1/runs/{id}"), &[])?;
-                if row[column].as_str() != Some(against) {
+                if !calls.has(&row) {
                     return Err(bad_input(format!(
-                        "--runs: run {id} was answered by {} `{}`, not `{against}`",
-                        column.replace('_', " "),
-                        row[column].as_str().unwrap_or("(none)")
+                        "--runs: run {id} (version {}{}) is not a call of {}",
+                        row["bundle_version"].as_str().unwrap_or("(none)"),
+                        row["side"]
+                            .as_str()
+                            .map(|s| format!(", {s} side"))
+                            .unwrap_or_default(),
+                        calls.describe()
                     )));
                 }
                 rows.push(row);
@@ -360,13 +359,7 @@ fn server_runs(args: &EvaluateArgs, against: &str, key: Option<&SigningKey>) -> 
                 Some(_) => args.last,
                 None => Some(args.last.unwrap_or(100)),
             };
-            list(
-                &client,
-                (filter, against),
-                args.function.as_deref(),
-                since,
-                last,
-            )?
+            list(&client, &calls, args.function.as_deref(), since, last)?
         }
     };
     let mut runs = Vec::new();
@@ -395,7 +388,8 @@ fn server_runs(args: &EvaluateArgs, against: &str, key: Option<&SigningKey>) -> 
     }
     if runs.is_empty() {
         return Err(bad_input(format!(
-            "the server has no run of `{against}` to evaluate on{}",
+            "the server has no run of {} to evaluate on{}",
+            calls.describe(),
             args.function
                 .as_deref()
                 .map(|f| format!(" for function `{f}`"))
@@ -405,11 +399,62 @@ fn server_runs(args: &EvaluateArgs, against: &str, key: Option<&SigningKey>) -> 
     Ok(runs)
 }
 
-/// Pages `GET /v1/runs` (newest first) for the finished runs with a trace to replay (or a
+/// The calls of `against` on a server, as `POST /v1/evaluations` takes them too: an alias's
+/// calls answered by the version it points at now (not its canary's, nor a shadow's repeats
+/// of them), or a version's calls (not a shadow's repeats).
+struct Calls {
+    alias: Option<String>,
+    version: String,
+}
+
+impl Calls {
+    fn of(client: &Client, against: &str) -> Result<Calls> {
+        // Alias names are never 64 hex digits (the server refuses them), so this is a version.
+        if is_version(against) {
+            return Ok(Calls {
+                alias: None,
+                version: against.to_owned(),
+            });
+        }
+        let aliases = client.get_json("/v1/aliases", &[])?;
+        let version = aliases["aliases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["alias"] == against)
+            .and_then(|a| a["version"].as_str())
+            .ok_or_else(|| bad_input(format!("the server has no alias `{against}`")))?;
+        Ok(Calls {
+            alias: Some(against.to_owned()),
+            version: version.to_owned(),
+        })
+    }
+
+    /// Whether a run (a row as `GET /v1/runs` shows it) is one of them.
+    fn has(&self, row: &Value) -> bool {
+        let side = row["side"].as_str();
+        row["bundle_version"] == self.version.as_str()
+            && side != Some("shadow")
+            && match &self.alias {
+                Some(alias) => row["alias"] == alias.as_str() && side != Some("canary"),
+                None => true,
+            }
+    }
+
+    /// `prod (version V)` or `version V`, for messages.
+    fn describe(&self) -> String {
+        match &self.alias {
+            Some(alias) => format!("`{alias}` (version {})", self.version),
+            None => format!("version {}", self.version),
+        }
+    }
+}
+
+/// Pages `GET /v1/runs` (newest first) for the finished calls with a trace to replay (or a
 /// pruned one, reported as such), at most `last` of them.
 fn list(
     client: &Client,
-    (filter, against): (&str, &str),
+    calls: &Calls,
     function: Option<&str>,
     since: Option<String>,
     last: Option<usize>,
@@ -419,10 +464,11 @@ fn list(
     loop {
         let wanted = last.map_or(1000, |n| n.saturating_sub(rows.len()));
         let mut query = vec![
-            (filter, against.to_owned()),
+            ("version", calls.version.clone()),
             ("limit", wanted.clamp(1, 1000).to_string()),
         ];
         for (key, value) in [
+            ("alias", calls.alias.clone()),
             ("function", function.map(str::to_owned)),
             ("since", since.clone()),
             ("after", after.take()),
@@ -434,7 +480,7 @@ fn list(
         let page = client.get_json("/v1/runs", &query)?;
         for row in page["runs"].as_array().into_iter().flatten() {
             let replayable = !row["trace_sha256"].is_null() || row["trace_pruned"] == true;
-            if replayable && last.is_none_or(|n| rows.len() < n) {
+            if replayable && calls.has(row) && last.is_none_or(|n| rows.len() < n) {
                 rows.push(row.clone());
             }
         }
