@@ -13,18 +13,17 @@
 //! The native servers need `BENCH_PYTHON` (a Python with pandas; `make bench` makes one);
 //! without it they are skipped.
 
-// Shared with calls.rs, which uses what this program does not.
+// Shared with the other bench programs, which use what this one does not.
 #[allow(dead_code)]
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{Stats, cores, ms, stats, verdict};
+use common::{Stats, agent, cores, listening, ms, stats, verdict};
 use host::bundle::Select;
 use host::{
     Arguments, Bundle, Engine, Notebook, Outcome, Policy, Prepared, Request, Runtime, Sandbox,
@@ -168,34 +167,17 @@ impl Served {
                 hex::encode(Sha256::digest(TOKEN))
             ),
         )?;
-        let mut command = Command::new(repo.join("target/release/host"));
-        command
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--config"])
-            .arg(&config)
-            .arg("--data")
-            .arg(work.join("serve-data"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().context("failed to start host serve")?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let (url, log) = listening(stderr, "host: listening on ")?;
-        let served = Served {
+        let (child, url, log) = common::host_serve(
+            &repo.join("target/release/host"),
+            &config,
+            &work.join("serve-data"),
+        )?;
+        Ok(Served {
             child,
             url,
             authorization: Some(format!("Bearer {TOKEN}")),
             log,
-        };
-        let started = Instant::now();
-        while served.get("/readyz")? != 200 {
-            ensure!(
-                started.elapsed() < Duration::from_secs(600),
-                "host serve was not ready in 10 minutes:\n{}",
-                served.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(served)
+        })
     }
 
     /// `native_server.py` under `python`: (b), or (c) with `fresh`.
@@ -224,18 +206,6 @@ impl Served {
         self.log.lock().unwrap().clone()
     }
 
-    fn agent() -> ureq::Agent {
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .new_agent()
-    }
-
-    fn get(&self, path: &str) -> Result<u16> {
-        let response = Self::agent().get(format!("{}{path}", self.url)).call()?;
-        Ok(response.status().as_u16())
-    }
-
     /// POSTs `body` to `path` on `agent`'s connection; the answer's body when it is a 200.
     fn post(&self, agent: &ureq::Agent, path: &str, body: &[u8]) -> Result<Vec<u8>> {
         let mut request = agent.post(format!("{}{path}", self.url));
@@ -257,7 +227,7 @@ impl Served {
     /// Deploys `function` of the notebook; its version.
     fn deploy(&self, notebook: &Path, function: &str) -> Result<String> {
         let answer = self.post(
-            &Self::agent(),
+            &agent(),
             &format!("/v1/bundles?function={function}&name=churn.ipynb"),
             &std::fs::read(notebook)?,
         )?;
@@ -273,7 +243,7 @@ impl Served {
         CLIENTS
             .iter()
             .map(|&clients| {
-                level(clients, length, Self::agent, |agent| {
+                level(clients, length, agent, |agent| {
                     self.post(agent, path, &case.body).map(drop)
                 })
             })
@@ -338,36 +308,6 @@ fn level<C>(
 
 /// Reads a server's output until its `prefix` line gives its URL, then keeps reading it
 /// into a log in the background, so the server never blocks on a full pipe.
-fn listening(
-    output: impl std::io::Read + Send + 'static,
-    prefix: &'static str,
-) -> Result<(String, Arc<Mutex<String>>)> {
-    let mut lines = BufReader::new(output).lines();
-    let log = Arc::new(Mutex::new(String::new()));
-    let url = loop {
-        let line = lines
-            .next()
-            .with_context(|| {
-                format!(
-                    "the server ended before listening:\n{}",
-                    log.lock().unwrap()
-                )
-            })?
-            .context("failed to read the server's output")?;
-        log.lock().unwrap().push_str(&format!("{line}\n"));
-        if let Some(url) = line.strip_prefix(prefix) {
-            break url.trim().to_owned();
-        }
-    };
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            sink.lock().unwrap().push_str(&format!("{line}\n"));
-        }
-    });
-    Ok((url, log))
-}
-
 fn print(
     case: &Case,
     in_process: &[Level],
