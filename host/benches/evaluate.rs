@@ -1,7 +1,8 @@
 //! `make bench`, evaluating (issue 14): 1,000 logged pandas calls (notebooks/churn.ipynb's
 //! `process`, each on its own generated records) re-executed on a candidate, three ways:
 //!
-//! (a) `host::evaluate::evaluate`, the library `host evaluate` runs, on `THREADS` threads;
+//! (a) `host::evaluate::evaluate`, the library `host evaluate` runs, on `THREADS` threads,
+//!     the traces' decoding included (as `host evaluate --traces` reads them);
 //! (b) `POST /v1/evaluations` on the `host serve` that logged the calls (`workers` =
 //!     `THREADS`), timed until `GET /v1/evaluations/ID` says `done`;
 //! (c) the loop users would write without it: one `host replay TRACE --notebook` process per
@@ -144,6 +145,7 @@ fn main() -> Result<()> {
         ));
     }
     ensure!(traces.len() == CALLS, "{} traces", traces.len());
+    let started = Instant::now();
     let runs: Vec<Run> = traces
         .iter()
         .map(|(id, bytes)| {
@@ -153,11 +155,11 @@ fn main() -> Result<()> {
             })
         })
         .collect::<Result<_>>()?;
+    let decoding = started.elapsed();
     let options = Options {
         tolerance: Tolerance::EXACT,
         threads: NonZeroUsize::new(THREADS).expect("THREADS > 0"),
     };
-    let started = Instant::now();
     let report = evaluate(&sandbox, &candidate, &runs, &options);
     let library = started.elapsed();
     ensure!(
@@ -188,9 +190,10 @@ fn main() -> Result<()> {
         report.summary.same
     );
     println!(
-        "  (a) host::evaluate, {THREADS} threads         {}  ({:.1} ms a run)",
+        "  (a) host::evaluate, {THREADS} threads         {}  ({:.1} ms a run; decoding the traces {:.1} s of it)",
         seconds(library),
-        library.as_secs_f64() * 1000.0 / CALLS as f64
+        library.as_secs_f64() * 1000.0 / CALLS as f64,
+        decoding.as_secs_f64()
     );
     println!(
         "  (b) POST /v1/evaluations, {THREADS} workers   {}  (until GET says done)",
