@@ -412,20 +412,26 @@ fn runs_are_pulled_from_a_real_server_by_alias() {
         "quantity * unit,",
         "quantity * unit * (0.9 if quantity >= 5 else 1),",
     )]);
-    let pull = |extra: &[&str]| -> Report {
+    // `host evaluate CANDIDATE --server URL --token-file FILE --function price EXTRA...`.
+    let on = |candidate: &str, extra: &[&str]| -> Run {
         let mut args = vec![
             "evaluate",
-            candidate.notebook.to_str().unwrap(),
+            candidate,
             "--server",
             &server.url,
             "--token-file",
             token_file.to_str().unwrap(),
             "--function",
             "price",
-            "--json",
         ];
         args.extend_from_slice(extra);
-        let run = host(&args);
+        host(&args)
+    };
+    let pull = |extra: &[&str]| -> Report {
+        let run = on(
+            candidate.notebook.to_str().unwrap(),
+            &[extra, &["--json"]].concat(),
+        );
         assert_eq!(run.code, 0, "{}\n{}", run.stderr, server.log());
         serde_json::from_str(run.stdout.trim()).unwrap()
     };
@@ -459,4 +465,65 @@ fn runs_are_pulled_from_a_real_server_by_alias() {
     let chosen = pull(&["--against", "prod", "--runs", ids_file.to_str().unwrap()]);
     assert_eq!(chosen.runs.len(), 1);
     assert_eq!(chosen.runs[0].run, report.runs[4].run);
+
+    // Evaluated on the server instead, the notebook deployed there first: the same runs,
+    // classed the same, in the same report.
+    let classed = |r: &Report| -> Vec<(String, Class, Vec<String>)> {
+        r.runs
+            .iter()
+            .map(|e| {
+                let differences = e.differences.iter().map(ToString::to_string).collect();
+                (e.run.clone(), e.class, differences)
+            })
+            .collect()
+    };
+    let remote = pull(&["--against", "prod", "--on-server"]);
+    assert_eq!(remote.summary, report.summary);
+    assert_eq!(classed(&remote), classed(&report));
+    assert_eq!(remote.notebook, "nb.ipynb");
+    // A version deployed already is evaluated there; the table and the CI gate are the same.
+    let deployed = server.deploy(&token, &candidate.notebook, &["price"]);
+    let table = on(&deployed, &["--against", "prod", "--max-changed", "0"]);
+    assert_eq!(table.code, 6, "{}\n{}", table.stderr, server.log());
+    for needle in [
+        "runs: 5 (exact): 4 same, 1 changed, 0 newly failing, 0 fixed, 0 not replayable",
+        "result.total: 50 -> 45.0",
+    ] {
+        assert!(
+            table.stdout.contains(needle),
+            "no `{needle}` in:\n{}",
+            table.stdout
+        );
+    }
+    assert!(
+        table.stderr.contains("on the server") && table.stderr.contains("1 runs changed"),
+        "{}",
+        table.stderr
+    );
+    let evaluations = server.get("/v1/evaluations", Some(&token)).expect(200);
+    assert_eq!(evaluations["evaluations"].as_array().unwrap().len(), 2);
+
+    // A shadow's repeat of a call is not a call of `prod`, here or on the server.
+    server
+        .put(
+            "/v1/aliases/prod",
+            Some(&token),
+            json!({"version": version, "shadow": {"version": deployed}})
+                .to_string()
+                .as_bytes(),
+        )
+        .expect(200);
+    server
+        .call(&token, "prod", "price", json!([2, 10]))
+        .expect(200);
+    let started = std::time::Instant::now();
+    while server
+        .sql("SELECT id FROM runs WHERE side = 'shadow' AND outcome IS NOT NULL")
+        .is_empty()
+    {
+        assert!(started.elapsed().as_secs() < 60, "no shadow run");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(pull(&["--against", "prod"]).summary.total, 6);
+    assert_eq!(pull(&["--against", "prod", "--on-server"]).summary.total, 6);
 }

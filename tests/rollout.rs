@@ -279,3 +279,394 @@ fn a_gated_move_is_refused_without_a_passing_evaluation_then_accepted() {
     );
     assert_eq!(call_keyed(&server, &t, 11, None)["result"], json!(23));
 }
+
+/// A refactor of [`V1`]: the same results for every input.
+const V1_REFACTORED: &str = r#"
+def double(x):
+    return x + x
+
+def score(x):
+    return double(x)
+"#;
+
+/// `POST /v1/evaluations` with `body`, answered 202 with its `Location`; then the evaluation
+/// once it is no longer running, with its runs.
+fn evaluate_on(server: &Server, token: &str, body: Value) -> Value {
+    let created = server.post("/v1/evaluations", Some(token), body.to_string().as_bytes());
+    let location = created.header("location").map(str::to_owned);
+    let created = created.expect(202);
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(location.as_deref(), Some(&*format!("/v1/evaluations/{id}")));
+    assert_eq!(created["status"], json!("running"), "{created}");
+    let started = std::time::Instant::now();
+    loop {
+        let state = server
+            .get(&format!("/v1/evaluations/{id}?runs=false"), Some(token))
+            .expect(200);
+        assert!(state.get("runs").is_none(), "{state}");
+        if state["status"] != "running" {
+            break;
+        }
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "still running: {state}\n{}",
+            server.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    server
+        .get(&format!("/v1/evaluations/{id}"), Some(token))
+        .expect(200)
+}
+
+/// Each entry's run and class.
+fn classes(evaluation: &Value) -> BTreeMap<String, String> {
+    evaluation["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["run"].as_str().unwrap().to_owned(),
+                e["class"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn server_side_evaluations_class_the_baseline_runs_and_gate_the_move() {
+    let dir = workdir();
+    let server = Server::start(&dir.path().join("data"), None);
+    let t = server.default_token();
+    let notebooks = [V1, V2, V1_REFACTORED].map(|v| Fixture::code(&[v]));
+    let [v1, v2, v3] = [0, 1, 2].map(|i| server.deploy(&t, &notebooks[i].notebook, &["score"]));
+    put(&server, &t, "prod", json!({"version": v1})).expect(200);
+    let mut runs = BTreeMap::new();
+    for x in [1, 2, 11, 12, 99, 5] {
+        runs.insert(x, call_keyed(&server, &t, x, None)["run"].clone());
+    }
+    // Not calls of `prod`'s version through `prod`: one by version, and a shadow's repeat
+    // (its primary run is one).
+    server.call(&t, &v1, "score", json!([13])).expect(200);
+    put(
+        &server,
+        &t,
+        "prod",
+        json!({"version": v1, "shadow": {"version": v2}}),
+    )
+    .expect(200);
+    runs.insert(3, call_keyed(&server, &t, 3, None)["run"].clone());
+    let started = std::time::Instant::now();
+    while server
+        .sql("SELECT id FROM runs WHERE side = 'shadow' AND outcome IS NOT NULL")
+        .is_empty()
+    {
+        assert!(started.elapsed().as_secs() < 60, "no shadow run");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // A run whose trace is gone is not replayable.
+    let pruned = runs[&5].as_str().unwrap();
+    server.execute(&format!(
+        "DELETE FROM traces WHERE run = '{pruned}';
+         UPDATE runs SET trace_pruned = 1 WHERE id = '{pruned}'"
+    ));
+
+    let gate =
+        |v: &str| json!({"version": v, "require_evaluation": {"max_changed": 0, "max_failing": 0}});
+    let refused = put(&server, &t, "prod", gate(&v2)).expect(409);
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no evaluation of"),
+        "{refused}"
+    );
+
+    let evaluation = evaluate_on(&server, &t, json!({"candidate": v2, "against": "prod"}));
+    assert_eq!(evaluation["status"], json!("done"), "{evaluation:#}");
+    assert_eq!(evaluation["baseline"], json!(v1));
+    assert_eq!(evaluation["notebook"], json!("nb.ipynb"));
+    let counts: Vec<&Value> = [
+        "total",
+        "done",
+        "same",
+        "changed",
+        "newly_failing",
+        "fixed",
+        "not_replayable",
+    ]
+    .iter()
+    .map(|k| &evaluation[k])
+    .collect();
+    assert_eq!(counts, [7, 7, 3, 2, 1, 0, 1], "{evaluation:#}");
+    let class = |x: i64| runs[&x].as_str().unwrap().to_owned();
+    let expected: BTreeMap<String, String> = [
+        (1, "same"),
+        (2, "same"),
+        (3, "same"),
+        (11, "changed"),
+        (12, "changed"),
+        (99, "newly_failing"),
+        (5, "not_replayable"),
+    ]
+    .into_iter()
+    .map(|(x, c)| (class(x), c.to_owned()))
+    .collect();
+    assert_eq!(classes(&evaluation), expected, "exactly the alias's runs");
+    let entry = |x: i64| -> Value {
+        evaluation["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["run"] == runs[&x])
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        entry(11)["differences"],
+        json!([{"path": "result", "recorded": 22, "candidate": 23}])
+    );
+    assert!(
+        entry(99)["failure"]
+            .as_str()
+            .unwrap()
+            .contains("ValueError: 99 is not a score"),
+        "{}",
+        entry(99)
+    );
+    assert!(
+        entry(5)["reason"].as_str().unwrap().contains("pruned"),
+        "{}",
+        entry(5)
+    );
+    let id = evaluation["id"].as_str().unwrap();
+    let changed = server
+        .get(&format!("/v1/evaluations/{id}?class=changed"), Some(&t))
+        .expect(200);
+    let changed: Vec<String> = classes(&changed).into_keys().collect();
+    assert_eq!(changed, [class(11), class(12)]);
+    let stored = server.sql(&format!(
+        "SELECT count(*) FROM evaluation_runs WHERE evaluation = '{id}'"
+    ));
+    assert_eq!(stored[0][0].as_deref(), Some("7"));
+
+    // The gate shows the failing evaluation, and lets through a refactor's, which changes
+    // nothing (the pruned run is not counted against it).
+    let refused = put(&server, &t, "prod", gate(&v2)).expect(409);
+    assert_eq!(refused["error"]["evaluation"]["id"], json!(id));
+    assert_eq!(refused["error"]["evaluation"]["changed"], json!(2));
+    let refactor = evaluate_on(
+        &server,
+        &t,
+        json!({"candidate": v3, "against": "prod", "function": "score"}),
+    );
+    let counts: Vec<&Value> = ["same", "changed", "newly_failing", "not_replayable"]
+        .iter()
+        .map(|k| &refactor[k])
+        .collect();
+    assert_eq!(counts, [6, 0, 0, 1], "{refactor:#}");
+    let moved = put(&server, &t, "prod", gate(&v3)).expect(200);
+    assert_eq!(moved["evaluation"], refactor["id"]);
+    assert_eq!(call_keyed(&server, &t, 11, None)["bundle"], json!(v3));
+    // Newest first.
+    let list = server.get("/v1/evaluations", Some(&t)).expect(200);
+    let ids: Vec<&Value> = list["evaluations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["id"])
+        .collect();
+    assert_eq!(ids, [&refactor["id"], &evaluation["id"]]);
+}
+
+#[test]
+fn server_side_evaluations_class_the_baseline_runs_and_gate_the_move_on_sqlite() {
+    server_side_evaluations_class_the_baseline_runs_and_gate_the_move();
+}
+
+#[test]
+fn server_side_evaluations_class_the_baseline_runs_and_gate_the_move_on_postgres() {
+    on_postgres(server_side_evaluations_class_the_baseline_runs_and_gate_the_move);
+}
+
+#[test]
+fn evaluations_are_the_tenants_own_and_bad_requests_say_why() {
+    let dir = workdir();
+    let (a, a_digest) = crate::common::server::token("eval-a");
+    let (b, b_digest) = crate::common::server::token("eval-b");
+    let config = dir.path().join("host.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[tenant]]\nname = \"a\"\ntokens_sha256 = [\"{a_digest}\"]\n\
+             [[tenant]]\nname = \"b\"\ntokens_sha256 = [\"{b_digest}\"]\n"
+        ),
+    )
+    .unwrap();
+    let server = Server::start(&dir.path().join("data"), Some(&config));
+    let (n1, n2) = (Fixture::code(&[V1]), Fixture::code(&[V2]));
+    let v1 = server.deploy(&a, &n1.notebook, &["score"]);
+    let v2 = server.deploy(&a, &n2.notebook, &["score"]);
+    put(&server, &a, "prod", json!({"version": v1})).expect(200);
+    let run = call_keyed(&server, &a, 11, None)["run"].clone();
+    let by_version = server.call(&a, &v1, "score", json!([12])).expect(200)["run"].clone();
+    let evaluation = evaluate_on(&server, &a, json!({"candidate": v2, "against": "prod"}));
+    assert_eq!(evaluation["changed"], json!(1), "{evaluation:#}");
+    let id = evaluation["id"].as_str().unwrap();
+
+    // Tenant b sees none of it, even with the same versions deployed.
+    server.deploy(&b, &n1.notebook, &["score"]);
+    server.deploy(&b, &n2.notebook, &["score"]);
+    let missing = server
+        .get(&format!("/v1/evaluations/{id}"), Some(&b))
+        .expect(404);
+    assert_eq!(missing["error"]["kind"], json!("not_found"));
+    let list = server.get("/v1/evaluations", Some(&b)).expect(200);
+    assert_eq!(list["evaluations"], json!([]));
+    let none = server
+        .post(
+            "/v1/evaluations",
+            Some(&b),
+            json!({"candidate": v2, "against": v1})
+                .to_string()
+                .as_bytes(),
+        )
+        .expect(404);
+    assert!(
+        none["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no run of version"),
+        "{none}"
+    );
+    let theirs = server
+        .post(
+            "/v1/evaluations",
+            Some(&b),
+            json!({"candidate": v2, "against": v1, "runs": [run]})
+                .to_string()
+                .as_bytes(),
+        )
+        .expect(404);
+    assert!(
+        theirs["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no run")
+    );
+
+    // Requests that cannot be evaluated, each with its reason.
+    let cases = [
+        (
+            json!({"candidate": v2, "against": "prod", "colour": 1}),
+            400,
+            "unknown field `colour`",
+        ),
+        (json!({"candidate": v2}), 400, "missing field `against`"),
+        (
+            json!({"candidate": v2, "against": "prod", "last": 5, "since": "1h"}),
+            400,
+            "at most one of",
+        ),
+        (
+            json!({"candidate": v2, "against": "prod", "since": "yesterday"}),
+            400,
+            "since:",
+        ),
+        (
+            json!({"candidate": v2, "against": "prod", "tolerance": 2}),
+            400,
+            "a relative tolerance",
+        ),
+        (
+            json!({"candidate": v2, "against": "prod", "last": 0}),
+            400,
+            "last: must be at least 1",
+        ),
+        (
+            json!({"candidate": "0".repeat(64), "against": "prod"}),
+            404,
+            "no bundle",
+        ),
+        (
+            json!({"candidate": v2, "against": "staging"}),
+            404,
+            "no alias or version `staging`",
+        ),
+        (
+            json!({"candidate": v2, "against": "prod", "function": "rank"}),
+            404,
+            "not `rank`",
+        ),
+        (
+            json!({"candidate": v2, "against": "prod", "runs": [by_version]}),
+            400,
+            "is not a call of `prod`",
+        ),
+    ];
+    for (body, status, needle) in cases {
+        let answer = server.post("/v1/evaluations", Some(&a), body.to_string().as_bytes());
+        let error = answer.expect(status);
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{body}: {message}");
+    }
+    let bad = server
+        .get(&format!("/v1/evaluations/{id}?class=odd"), Some(&a))
+        .expect(400);
+    assert!(bad["error"]["message"].as_str().unwrap().contains("`odd`"));
+}
+
+/// A candidate whose every run takes seconds.
+const SLOW: &str = r#"
+def score(x):
+    total = 0
+    for i in range(20_000_000):
+        total += i
+    return x * 2
+"#;
+
+#[test]
+fn an_evaluation_cut_short_by_a_kill_is_marked_failed_at_the_next_start() {
+    let dir = workdir();
+    let server = Server::start(&dir.path().join("data"), None);
+    let t = server.default_token();
+    let (n1, slow) = (Fixture::code(&[V1]), Fixture::code(&[SLOW]));
+    let v1 = server.deploy(&t, &n1.notebook, &["score"]);
+    let candidate = server.deploy(&t, &slow.notebook, &["score"]);
+    put(&server, &t, "prod", json!({"version": v1})).expect(200);
+    for x in 1..=4 {
+        call_keyed(&server, &t, x, None);
+    }
+    let created = server
+        .post(
+            "/v1/evaluations",
+            Some(&t),
+            json!({"candidate": candidate, "against": "prod"})
+                .to_string()
+                .as_bytes(),
+        )
+        .expect(202);
+    let id = created["id"].as_str().unwrap().to_owned();
+    let mut server = server;
+    server.kill();
+    let server = server.restart();
+    assert!(
+        server
+            .log()
+            .contains("1 evaluation(s) were cut short by the last stop: marked failed"),
+        "{}",
+        server.log()
+    );
+    let failed = server
+        .get(&format!("/v1/evaluations/{id}"), Some(&t))
+        .expect(200);
+    assert_eq!(failed["status"], json!("failed"), "{failed:#}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("the server stopped before the evaluation ended"),
+        "{failed:#}"
+    );
+    assert!(failed["done"].as_u64().unwrap() < 4, "{failed:#}");
+}

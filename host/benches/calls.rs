@@ -11,6 +11,8 @@
 //! makes one); without it they are skipped. The same calls through `host serve` over HTTP are
 //! the other bench program's (`serve.rs`).
 
+// Shared with the other bench programs, which use what this one does not.
+#[allow(dead_code)]
 mod common;
 
 use std::path::{Path, PathBuf};

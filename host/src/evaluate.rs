@@ -231,8 +231,14 @@ pub fn evaluate_each(
     }
 }
 
-/// One run on the candidate, classed.
-fn evaluate_run(sandbox: &Sandbox, candidate: &Prepared, run: &Run, tolerance: Tolerance) -> Entry {
+/// One run on the candidate, classed, on the calling thread: for a caller that schedules
+/// runs itself (`host serve` puts each on its worker pool, between calls).
+pub fn evaluate_run(
+    sandbox: &Sandbox,
+    candidate: &Prepared,
+    run: &Run,
+    tolerance: Tolerance,
+) -> Entry {
     let started = Instant::now();
     let mut entry = Entry {
         run: run.id.clone(),

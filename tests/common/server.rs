@@ -343,6 +343,18 @@ impl Server {
         .collect::<Result<_, _>>()
         .unwrap()
     }
+
+    /// Runs statements that change rows on the server's run store, whichever it is: for a
+    /// test to make a state the API cannot (a trace pruned just so).
+    pub fn execute(&self, sql: &str) {
+        match &self.db {
+            Some(db) => drop(db.query(sql)),
+            None => rusqlite::Connection::open(self.data.join("host.db"))
+                .unwrap()
+                .execute_batch(sql)
+                .unwrap(),
+        }
+    }
 }
 
 impl Drop for Server {

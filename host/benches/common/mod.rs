@@ -1,7 +1,10 @@
-//! What both bench programs measure with and print: latency statistics, child processes,
-//! and the way figures and targets are shown.
+//! What the bench programs measure with and print: latency statistics, child processes
+//! (`host serve` among them), and the way figures and targets are shown.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -66,4 +69,86 @@ pub fn ratio(slow: Duration, fast: Duration) -> f64 {
 
 pub fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "NOT met" }
+}
+
+/// Starts `host serve` (the `host` binary) on a loopback port with `config` and `data`, and
+/// waits until it is ready (the first start on a machine compiles the runtime): the process,
+/// its URL, and what it writes to stderr, as it comes.
+pub fn host_serve(
+    host: &Path,
+    config: &Path,
+    data: &Path,
+) -> Result<(Child, String, Arc<Mutex<String>>)> {
+    let mut command = Command::new(host);
+    command
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .arg("--data")
+        .arg(data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().context("failed to start host serve")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let ready = listening(stderr, "host: listening on ").and_then(|(url, log)| {
+        let started = Instant::now();
+        while agent().get(format!("{url}/readyz")).call()?.status() != 200 {
+            if started.elapsed() > Duration::from_secs(600) {
+                bail!(
+                    "host serve was not ready in 10 minutes:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok((url, log))
+    });
+    match ready {
+        Ok((url, log)) => Ok((child, url, log)),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
+/// A client whose answers are never errors for their status: the caller looks at it.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent()
+}
+
+/// Reads a server's `output` until the line that starts with `prefix` (the rest of it is the
+/// URL), then keeps reading it into the log in the background.
+pub fn listening(
+    output: impl std::io::Read + Send + 'static,
+    prefix: &'static str,
+) -> Result<(String, Arc<Mutex<String>>)> {
+    let mut lines = BufReader::new(output).lines();
+    let log = Arc::new(Mutex::new(String::new()));
+    let url = loop {
+        let line = lines
+            .next()
+            .with_context(|| {
+                format!(
+                    "the server ended before listening:\n{}",
+                    log.lock().unwrap()
+                )
+            })?
+            .context("failed to read the server's output")?;
+        log.lock().unwrap().push_str(&format!("{line}\n"));
+        if let Some(url) = line.strip_prefix(prefix) {
+            break url.trim().to_owned();
+        }
+    };
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            sink.lock().unwrap().push_str(&format!("{line}\n"));
+        }
+    });
+    Ok((url, log))
 }

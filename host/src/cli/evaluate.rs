@@ -1,13 +1,15 @@
 //! `host evaluate CANDIDATE`: a candidate notebook or bundle run on recorded calls, local
-//! trace files or a server's logged runs, and each run classed against its recording.
+//! trace files or a server's logged runs, and each run classed against its recording; or a
+//! version deployed on a server (`--on-server`), evaluated there (`POST /v1/evaluations`)
+//! and reported the same way.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
-use std::time::{Instant, SystemTime};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Args};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::serve::{Client, ClientArgs};
 use super::{GlobalOptions, escape_controls, say};
@@ -24,7 +26,8 @@ use crate::trace::Trace;
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("source").required(true).args(["traces", "against"])))]
 pub struct EvaluateArgs {
-    /// The candidate: a notebook (.ipynb) or a bundle file.
+    /// The candidate: a notebook (.ipynb) or a bundle file; or, with --against, a version
+    /// deployed on the server (64 hex digits), evaluated there.
     pub candidate: PathBuf,
     /// Evaluate on these trace files (`host run --record`, `host runs pull`), or on the
     /// `*.trace` files in these folders.
@@ -33,6 +36,11 @@ pub struct EvaluateArgs {
     /// Evaluate on a server's logged runs of this alias, or of this version (64 hex digits).
     #[arg(long, value_name = "ALIAS_OR_VERSION")]
     pub against: Option<String>,
+    /// Evaluate on the server, which keeps the evaluation (a gated alias move can require
+    /// it): a notebook or bundle candidate is deployed there first (no alias moves). A
+    /// deployed version (64 hex digits) is always evaluated there.
+    #[arg(long, requires = "against")]
+    pub on_server: bool,
     #[command(flatten)]
     pub client: ClientArgs,
     /// Only runs of this function; a candidate notebook is bundled with it alone, as
@@ -69,6 +77,14 @@ pub struct EvaluateArgs {
 }
 
 pub fn evaluate_command(global: &GlobalOptions, args: &EvaluateArgs) -> Result<Exit> {
+    let version = args
+        .candidate
+        .to_str()
+        .filter(|c| is_version(c) && !args.candidate.exists());
+    if let (Some(against), true) = (&args.against, args.on_server || version.is_some()) {
+        let report = on_server(args, against, version)?;
+        return conclude(args, &report);
+    }
     let key = SigningKey::from_env()?;
     let runs = match &args.against {
         Some(against) => server_runs(args, against, key.as_ref())?,
@@ -103,11 +119,17 @@ pub fn evaluate_command(global: &GlobalOptions, args: &EvaluateArgs) -> Result<E
         started.elapsed().as_secs_f64(),
         options.threads.get().min(runs.len())
     ));
+    conclude(args, &report)
+}
+
+/// Prints the report (a table, or `--json`), and says whether it passes `--max-changed` and
+/// `--max-failing`.
+fn conclude(args: &EvaluateArgs, report: &Report) -> Result<Exit> {
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        println!("{}", serde_json::to_string(report)?);
     } else {
         // Results, paths and tracebacks are the guest's data: none may drive the terminal.
-        print!("{}", escape_controls(render(&report).as_bytes()));
+        print!("{}", escape_controls(render(report).as_bytes()));
     }
     let s = &report.summary;
     let mut exit = Exit::Success;
@@ -128,6 +150,126 @@ pub fn evaluate_command(global: &GlobalOptions, args: &EvaluateArgs) -> Result<E
         }
     }
     Ok(exit)
+}
+
+/// Whether a candidate names a deployed version rather than a file.
+fn is_version(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// How often the server's evaluation is looked at while it runs.
+const POLL: Duration = Duration::from_millis(500);
+
+/// Evaluates on the server: deploys a file candidate first, asks for the evaluation, follows
+/// its progress until it is done, and reads its report.
+fn on_server(args: &EvaluateArgs, against: &str, version: Option<&str>) -> Result<Report> {
+    let client = Client::new(&args.client)?;
+    let candidate = match version {
+        Some(version) => version.to_owned(),
+        None => deploy(&client, args)?,
+    };
+    let mut request = json!({"candidate": candidate, "against": against});
+    if let Some(function) = &args.function {
+        request["function"] = json!(function);
+    }
+    if let Some(last) = args.last {
+        request["last"] = json!(last);
+    }
+    if let Some(since) = &args.since {
+        request["since"] = json!(since);
+    }
+    if let Some(file) = &args.runs {
+        request["runs"] = json!(read_ids(file)?);
+    }
+    if let Some(tolerance) = args.tolerance {
+        request["tolerance"] = json!(tolerance.relative());
+    }
+    let created = client.post_json("/v1/evaluations", &[], request.to_string().as_bytes())?;
+    let id = created["id"].as_str().unwrap_or_default().to_owned();
+    let path = format!("/v1/evaluations/{id}");
+    say(format_args!(
+        "evaluation {id}: bundle {} on {} runs of {against} (version {}), on the server",
+        short(&candidate),
+        created["total"],
+        created["baseline"].as_str().map(short).unwrap_or_default()
+    ));
+    let started = Instant::now();
+    let mut seen = 0;
+    loop {
+        let state = client.get_json(&path, &[("runs", "false".to_owned())])?;
+        let done = state["done"].as_u64().unwrap_or_default();
+        match state["status"].as_str() {
+            Some("done") => break,
+            Some("running") => {}
+            _ => {
+                return Err(bad_input(format!(
+                    "evaluation {id} failed on the server: {}",
+                    state["error"].as_str().unwrap_or("(no reason given)")
+                )));
+            }
+        }
+        if done != seen {
+            say(format_args!(
+                "evaluation {id}: {done} of {} runs",
+                state["total"]
+            ));
+            seen = done;
+        }
+        std::thread::sleep(POLL);
+    }
+    let report = client.get_json(&path, &[])?;
+    say(format_args!(
+        "evaluated {} runs in {:.1}s on the server",
+        report["total"],
+        started.elapsed().as_secs_f64()
+    ));
+    let tolerance = report["tolerance"].as_f64().unwrap_or_default();
+    Ok(Report {
+        candidate,
+        notebook: report["notebook"].as_str().unwrap_or_default().to_owned(),
+        tolerance: Tolerance::new(tolerance)?,
+        summary: serde_json::from_value(report.clone())
+            .context("the server's evaluation has no summary")?,
+        runs: serde_json::from_value(report["runs"].clone())
+            .context("the server's evaluation entries do not read as a report's")?,
+    })
+}
+
+/// Deploys the candidate file on the server (as `POST /v1/bundles` with `--function`'s
+/// function alone, when it is given); returns its version.
+fn deploy(client: &Client, args: &EvaluateArgs) -> Result<String> {
+    let path = &args.candidate;
+    let bytes = std::fs::read(path)
+        .map_err(|e| bad_input(format!("cannot read `{}`: {e}", path.display())))?;
+    let mut query = Vec::new();
+    if let Some(name) = path.file_name() {
+        query.push(("name", name.to_string_lossy().into_owned()));
+    }
+    if let Some(function) = &args.function {
+        query.push(("function", function.clone()));
+    }
+    let deployed = client.post_json("/v1/bundles", &query, &bytes)?;
+    let version = deployed["version"]
+        .as_str()
+        .context("the server's deploy answer has no version")?;
+    say(format_args!(
+        "deployed {} as bundle {}",
+        path.display(),
+        short(version)
+    ));
+    Ok(version.to_owned())
+}
+
+/// The run ids a `--runs` file lists, one a line (`#` starts a comment).
+fn read_ids(file: &Path) -> Result<Vec<String>> {
+    let ids = std::fs::read_to_string(file)
+        .map_err(|e| bad_input(format!("cannot read --runs `{}`: {e}", file.display())))?;
+    Ok(ids
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or_default().trim())
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect())
 }
 
 /// The trace files named, folders read for their `*.trace` files (in name order); with
@@ -180,29 +322,21 @@ fn local_runs(
 /// The server's runs `args` select, with their traces.
 fn server_runs(args: &EvaluateArgs, against: &str, key: Option<&SigningKey>) -> Result<Vec<Run>> {
     let client = Client::new(&args.client)?;
-    // Alias names are never 64 hex digits (the server refuses them), so this is a version.
-    let (filter, column) = if against.len() == 64 && against.bytes().all(|b| b.is_ascii_hexdigit())
-    {
-        ("version", "bundle_version")
-    } else {
-        ("alias", "alias")
-    };
+    let calls = Calls::of(&client, against)?;
     let rows = match &args.runs {
         Some(file) => {
-            let ids = std::fs::read_to_string(file)
-                .map_err(|e| bad_input(format!("cannot read --runs `{}`: {e}", file.display())))?;
             let mut rows = Vec::new();
-            for id in ids
-                .lines()
-                .map(|l| l.split('#').next().unwrap_or_default().trim())
-                .filter(|l| !l.is_empty())
-            {
+            for id in read_ids(file)? {
                 let row = client.get_json(&format!("/v1/runs/{id}"), &[])?;
-                if row[column].as_str() != Some(against) {
+                if !calls.has(&row) {
                     return Err(bad_input(format!(
-                        "--runs: run {id} was answered by {} `{}`, not `{against}`",
-                        column.replace('_', " "),
-                        row[column].as_str().unwrap_or("(none)")
+                        "--runs: run {id} (version {}{}) is not a call of {}",
+                        row["bundle_version"].as_str().unwrap_or("(none)"),
+                        row["side"]
+                            .as_str()
+                            .map(|s| format!(", {s} side"))
+                            .unwrap_or_default(),
+                        calls.describe()
                     )));
                 }
                 rows.push(row);
@@ -225,13 +359,7 @@ fn server_runs(args: &EvaluateArgs, against: &str, key: Option<&SigningKey>) -> 
                 Some(_) => args.last,
                 None => Some(args.last.unwrap_or(100)),
             };
-            list(
-                &client,
-                (filter, against),
-                args.function.as_deref(),
-                since,
-                last,
-            )?
+            list(&client, &calls, args.function.as_deref(), since, last)?
         }
     };
     let mut runs = Vec::new();
@@ -260,7 +388,8 @@ fn server_runs(args: &EvaluateArgs, against: &str, key: Option<&SigningKey>) -> 
     }
     if runs.is_empty() {
         return Err(bad_input(format!(
-            "the server has no run of `{against}` to evaluate on{}",
+            "the server has no run of {} to evaluate on{}",
+            calls.describe(),
             args.function
                 .as_deref()
                 .map(|f| format!(" for function `{f}`"))
@@ -270,11 +399,62 @@ fn server_runs(args: &EvaluateArgs, against: &str, key: Option<&SigningKey>) -> 
     Ok(runs)
 }
 
-/// Pages `GET /v1/runs` (newest first) for the finished runs with a trace to replay (or a
+/// The calls of `against` on a server, as `POST /v1/evaluations` takes them too: an alias's
+/// calls answered by the version it points at now (not its canary's, nor a shadow's repeats
+/// of them), or a version's calls (not a shadow's repeats).
+struct Calls {
+    alias: Option<String>,
+    version: String,
+}
+
+impl Calls {
+    fn of(client: &Client, against: &str) -> Result<Calls> {
+        // Alias names are never 64 hex digits (the server refuses them), so this is a version.
+        if is_version(against) {
+            return Ok(Calls {
+                alias: None,
+                version: against.to_owned(),
+            });
+        }
+        let aliases = client.get_json("/v1/aliases", &[])?;
+        let version = aliases["aliases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["alias"] == against)
+            .and_then(|a| a["version"].as_str())
+            .ok_or_else(|| bad_input(format!("the server has no alias `{against}`")))?;
+        Ok(Calls {
+            alias: Some(against.to_owned()),
+            version: version.to_owned(),
+        })
+    }
+
+    /// Whether a run (a row as `GET /v1/runs` shows it) is one of them.
+    fn has(&self, row: &Value) -> bool {
+        let side = row["side"].as_str();
+        row["bundle_version"] == self.version.as_str()
+            && side != Some("shadow")
+            && match &self.alias {
+                Some(alias) => row["alias"] == alias.as_str() && side != Some("canary"),
+                None => true,
+            }
+    }
+
+    /// `prod (version V)` or `version V`, for messages.
+    fn describe(&self) -> String {
+        match &self.alias {
+            Some(alias) => format!("`{alias}` (version {})", self.version),
+            None => format!("version {}", self.version),
+        }
+    }
+}
+
+/// Pages `GET /v1/runs` (newest first) for the finished calls with a trace to replay (or a
 /// pruned one, reported as such), at most `last` of them.
 fn list(
     client: &Client,
-    (filter, against): (&str, &str),
+    calls: &Calls,
     function: Option<&str>,
     since: Option<String>,
     last: Option<usize>,
@@ -284,10 +464,11 @@ fn list(
     loop {
         let wanted = last.map_or(1000, |n| n.saturating_sub(rows.len()));
         let mut query = vec![
-            (filter, against.to_owned()),
+            ("version", calls.version.clone()),
             ("limit", wanted.clamp(1, 1000).to_string()),
         ];
         for (key, value) in [
+            ("alias", calls.alias.clone()),
             ("function", function.map(str::to_owned)),
             ("since", since.clone()),
             ("after", after.take()),
@@ -299,7 +480,7 @@ fn list(
         let page = client.get_json("/v1/runs", &query)?;
         for row in page["runs"].as_array().into_iter().flatten() {
             let replayable = !row["trace_sha256"].is_null() || row["trace_pruned"] == true;
-            if replayable && last.is_none_or(|n| rows.len() < n) {
+            if replayable && calls.has(row) && last.is_none_or(|n| rows.len() < n) {
                 rows.push(row.clone());
             }
         }

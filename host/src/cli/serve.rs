@@ -203,24 +203,28 @@ impl Client {
         for (key, value) in query {
             request = request.query(*key, value);
         }
-        let mut response = request
-            .call()
-            .map_err(|e| bad_input(format!("cannot reach the server at {url}: {e}")))?;
-        let status = response.status();
-        let mut body = Vec::new();
-        response
-            .body_mut()
-            .as_reader()
-            .read_to_end(&mut body)
-            .with_context(|| format!("failed to read the answer of {url}"))?;
-        if !status.is_success() {
-            let message = serde_json::from_slice::<Value>(&body)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            return Err(bad_input(format!("{url}: {status}: {message}")));
+        read_answer(&url, request.call())
+    }
+
+    /// A POST of `body` with the token, the answer parsed as JSON; the server's error
+    /// message unless it is 2xx.
+    pub(super) fn post_json(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        body: &[u8],
+    ) -> Result<Value> {
+        let url = format!("{}{path}", self.server);
+        let mut request = self
+            .agent
+            .post(&url)
+            .header("Authorization", format!("Bearer {}", self.token));
+        for (key, value) in query {
+            request = request.query(*key, value);
         }
-        Ok(body)
+        let answer = read_answer(&url, request.send(body))?;
+        serde_json::from_slice(&answer)
+            .with_context(|| format!("the server's answer to {path} is not JSON"))
     }
 
     /// [`Client::get`], the answer parsed as JSON.
@@ -245,4 +249,28 @@ impl Client {
         }
         Ok(trace)
     }
+}
+
+/// The body of a 2xx answer to a request to `url`, else the server's error message.
+fn read_answer(
+    url: &str,
+    response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> Result<Vec<u8>> {
+    let mut response =
+        response.map_err(|e| bad_input(format!("cannot reach the server at {url}: {e}")))?;
+    let status = response.status();
+    let mut body = Vec::new();
+    response
+        .body_mut()
+        .as_reader()
+        .read_to_end(&mut body)
+        .with_context(|| format!("failed to read the answer of {url}"))?;
+    if !status.is_success() {
+        let message = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        return Err(bad_input(format!("{url}: {status}: {message}")));
+    }
+    Ok(body)
 }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::store::Location;
 use crate::error::bad_input;
-use crate::policy::{Grant, Limits, parse_duration, parse_size};
+use crate::policy::{Grant, Limits, parse_duration, parse_period, parse_size};
 
 /// The config file, as written. Sizes and durations are strings (`"1G"`, `"30s"`), as the
 /// command line's flags take them.
@@ -303,7 +303,7 @@ impl Tenant {
         let retention = t
             .retention
             .as_deref()
-            .map(parse_retention)
+            .map(parse_period)
             .transpose()
             .map_err(key("retention"))?;
         let grants = t
@@ -338,20 +338,6 @@ fn size_or(text: Option<&str>, default: u64) -> Result<u64> {
 
 fn duration_or(text: Option<&str>, default: Duration) -> Result<Duration> {
     text.map_or(Ok(default), parse_duration)
-}
-
-/// A retention period: as a timeout (`90s`, `30m`), or in hours or days (`12h`, `30d`).
-fn parse_retention(text: &str) -> Result<Duration> {
-    let t = text.trim();
-    for (unit, seconds) in [("d", 86_400), ("h", 3_600)] {
-        if let Some(n) = t.strip_suffix(unit) {
-            let n: u64 = n.trim().parse().map_err(|_| {
-                bad_input(format!("`{text}` is not a duration (e.g. 30d, 12h, 90m)"))
-            })?;
-            return Ok(Duration::from_secs(n * seconds));
-        }
-    }
-    parse_duration(t)
 }
 
 #[cfg(test)]

@@ -3,9 +3,10 @@
 //! One process serves many tenants: one engine and compiled interpreter, one pre-initialised
 //! image per deployed bundle, shared by every request; a fresh instance per call, as
 //! `host run` makes. Requests go through [`router`] to one file per resource
-//! ([`bundles`], [`aliases`], [`calls`], [`runs`], [`health`]; [`ui`] the pages for people);
-//! calls run on the [`workers`] pool through the [`runner`], the one file that calls the
-//! library; every call leaves a row and its trace in the [`store`] before it is answered.
+//! ([`bundles`], [`aliases`], [`calls`], [`runs`], [`evaluations`], [`health`]; [`ui`] the
+//! pages for people); calls (and evaluations' replays, between them) run on the [`workers`]
+//! pool through the [`runner`], the one file that calls the library; every call leaves a row
+//! and its trace in the [`store`] before it is answered.
 //!
 //! Several replicas may share one PostgreSQL store: each reads aliases and bundles from it
 //! on every call (so a move or a deploy through one is in effect on all at once), loads
@@ -36,6 +37,7 @@ mod bundles;
 mod calls;
 mod config;
 mod error;
+mod evaluations;
 mod health;
 mod runner;
 mod runs;
@@ -207,6 +209,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/runs", get(runs::list))
         .route("/v1/runs/{id}", get(runs::show))
         .route("/v1/runs/{id}/trace", get(runs::trace))
+        .route(
+            "/v1/evaluations",
+            post(evaluations::create).get(evaluations::list),
+        )
+        .route("/v1/evaluations/{id}", get(evaluations::show))
         // The web UI: pages for people, authenticated by a cookie holding the same tokens.
         .route("/ui", get(ui::home))
         .route("/ui/", get(ui::home))
@@ -286,6 +293,12 @@ pub fn serve(options: &Options) -> Result<()> {
         if interrupted > 0 {
             eprintln!(
                 "host: {interrupted} call(s) were cut short by the last stop: marked interrupted"
+            );
+        }
+        let failed = store.fail_evaluations(&replica).await?;
+        if failed > 0 {
+            eprintln!(
+                "host: {failed} evaluation(s) were cut short by the last stop: marked failed"
             );
         }
         let places: Vec<(usize, usize)> = config
@@ -374,6 +387,10 @@ async fn run(app: Arc<App>, listener: tokio::net::TcpListener, options: &Options
     let cut = app.store.mark_interrupted(&app.replica).await?;
     if cut > 0 {
         eprintln!("host: {cut} call(s) marked interrupted");
+    }
+    let failed = app.store.fail_evaluations(&app.replica).await?;
+    if failed > 0 {
+        eprintln!("host: {failed} evaluation(s) cut short: marked failed");
     }
     app.store.close().await?;
     eprintln!("host: stopped");

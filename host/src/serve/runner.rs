@@ -13,12 +13,16 @@ use crate::call::{self, Outcome, Request};
 use crate::door::Arguments;
 use crate::engine::Engine;
 use crate::error::{UserError, bad_input};
+use crate::evaluate::{Class, Run, Unavailable, evaluate_run};
 use crate::notebook::Notebook;
 use crate::policy::{Grant, LimitExceeded, Limits, Policy};
 use crate::preinit::Prepared;
 use crate::runtime::Runtime;
 use crate::sandbox::Sandbox;
 use crate::trace::Trace;
+
+/// How far apart floats in an evaluation's results may be and still count as the same.
+pub use crate::replay::Tolerance;
 
 /// The engine and the compiled interpreter, shared by every request.
 pub struct Runner {
@@ -74,6 +78,20 @@ fn limit_name(limit: &LimitExceeded) -> &'static str {
         LimitExceeded::Output(_) => "output",
         LimitExceeded::Stack => "stack",
     }
+}
+
+/// One logged call evaluated on a candidate, in the server's terms.
+pub struct Evaluated {
+    /// `same`, `changed`, `newly_failing`, `fixed` or `not_replayable` (the
+    /// `evaluation_runs.class` column).
+    pub class: &'static str,
+    /// Its report entry, as `host evaluate --json` writes each run.
+    pub entry: Value,
+}
+
+/// Whether `name` is one of [`Evaluated::class`]'s values.
+pub fn is_class(name: &str) -> bool {
+    Class::ALL.iter().any(|c| c.name() == name)
 }
 
 /// Whether an error is the user's to fix (what `host run` exits 2 for) rather than a bug.
@@ -236,6 +254,36 @@ impl Runner {
             Outcome::Diverged(d) => anyhow::bail!("a live call reported a divergence: {d}"),
         }
         Ok(done)
+    }
+
+    /// Re-executes a logged call, from its trace file's bytes, on `candidate` as
+    /// `host replay --notebook` would, on this thread, and classes it. A run without its
+    /// trace (`Err(why)`), or whose trace does not decode, is `not_replayable` with the reason.
+    pub fn evaluate(
+        &self,
+        candidate: &Ready,
+        run: &str,
+        function: &str,
+        trace: Result<&[u8], String>,
+        tolerance: Tolerance,
+    ) -> Result<Evaluated> {
+        let trace = trace.and_then(|bytes| {
+            Trace::decode(bytes)
+                .map(Box::new)
+                .map_err(|e| format!("{e:#}"))
+        });
+        let run = Run {
+            id: run.to_owned(),
+            trace: trace.map_err(|reason| Unavailable {
+                function: function.to_owned(),
+                reason,
+            }),
+        };
+        let entry = evaluate_run(&self.sandbox, &candidate.prepared, &run, tolerance);
+        Ok(Evaluated {
+            class: entry.class.name(),
+            entry: serde_json::to_value(&entry)?,
+        })
     }
 }
 

@@ -8,6 +8,13 @@
 //!
 //! A place in a tenant's queue is reserved ([`Pool::reserve`]) before its run row is
 //! written, so a call refused for being over `concurrency + queue` (429) leaves no row.
+//!
+//! Background work (an evaluation's runs, one job each: see `evaluations`) waits in a second
+//! queue per tenant, under the same `concurrency`, and takes no queue place. Calls go first:
+//! a free worker takes background work when no call can start, and also when none is running
+//! and the last job taken was a call, so an evaluation moves on (on about one worker, taking
+//! turns with calls) even under a steady stream of calls. A call then waits for a worker at
+//! most one evaluation run, never for a whole evaluation.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -18,6 +25,15 @@ use tokio::sync::oneshot;
 /// the worker calls only once the call's place is free again (so a client that sends its
 /// next call as soon as it has the answer finds the place it just used).
 type Job = Box<dyn FnOnce() -> Box<dyn FnOnce() + Send> + Send>;
+
+/// A background job: it answers no one.
+type Background = Box<dyn FnOnce() + Send>;
+
+/// What a worker took.
+enum Work {
+    Call(Job),
+    Background(Background),
+}
 
 /// The pool's threads and queues.
 pub struct Pool {
@@ -33,11 +49,17 @@ struct State {
     tenants: Vec<Queue>,
     /// The next tenant to serve first: it moves on by one after each pick.
     turn: usize,
+    /// The same for background work.
+    background_turn: usize,
+    /// Whether the last job a worker took was background work.
+    took_background: bool,
 }
 
 struct Queue {
     jobs: VecDeque<Job>,
+    background: VecDeque<Background>,
     running: usize,
+    background_running: usize,
     /// Places taken: reserved, queued or running.
     held: usize,
     concurrency: usize,
@@ -61,13 +83,17 @@ impl Pool {
                     .iter()
                     .map(|&(concurrency, queue)| Queue {
                         jobs: VecDeque::new(),
+                        background: VecDeque::new(),
                         running: 0,
+                        background_running: 0,
                         held: 0,
                         concurrency,
                         places: concurrency + queue,
                     })
                     .collect(),
                 turn: 0,
+                background_turn: 0,
+                took_background: false,
             }),
             wake: Condvar::new(),
         });
@@ -98,9 +124,17 @@ impl Pool {
         })
     }
 
-    /// Calls running and calls waiting, over all tenants.
+    /// Calls running and calls waiting, over all tenants (background work is not counted).
     pub fn load(&self) -> (usize, usize) {
         self.shared.lock().load()
+    }
+
+    /// Queues background work for `tenant`, run when no call waits (see the module's doc).
+    pub fn background(&self, tenant: usize, f: impl FnOnce() + Send + 'static) {
+        self.shared.lock().tenants[tenant]
+            .background
+            .push_back(Box::new(f));
+        self.shared.wake.notify_one();
     }
 }
 
@@ -147,24 +181,34 @@ impl Shared {
     fn work(&self) {
         let mut state = self.lock();
         loop {
-            let Some((tenant, job)) = state.next() else {
+            let Some((tenant, work)) = state.next() else {
                 state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
                 continue;
             };
             state.publish();
             drop(state);
-            // A panicking job must not take its worker with it; its caller sees the
-            // dropped sender as an internal error.
-            let deliver = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-            state = self.lock();
-            let q = &mut state.tenants[tenant];
-            q.running -= 1;
-            q.held -= 1;
-            state.publish();
-            if let Ok(deliver) = deliver {
-                drop(state);
-                deliver();
-                state = self.lock();
+            match work {
+                Work::Call(job) => {
+                    // A panicking job must not take its worker with it; its caller sees the
+                    // dropped sender as an internal error.
+                    let deliver = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    state = self.lock();
+                    let q = &mut state.tenants[tenant];
+                    q.running -= 1;
+                    q.held -= 1;
+                    state.publish();
+                    if let Ok(deliver) = deliver {
+                        drop(state);
+                        deliver();
+                        state = self.lock();
+                    }
+                }
+                Work::Background(job) => {
+                    // Background work reports its own failures; a panic only ends the job.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    state = self.lock();
+                    state.tenants[tenant].background_running -= 1;
+                }
             }
             // A tenant under its cap again may have jobs waiting that no worker was woken for.
             self.wake.notify_all();
@@ -173,19 +217,51 @@ impl Shared {
 }
 
 impl State {
-    /// The next job: of the first tenant, from `turn` on, that has one waiting and is under
-    /// its `concurrency`.
-    fn next(&mut self) -> Option<(usize, Job)> {
+    /// The next job: a call of the first tenant, from `turn` on, that has one waiting and is
+    /// under its `concurrency`; else background work likewise. Background work goes first
+    /// when none is running and the last job taken was a call, so it always moves on, taking
+    /// turns with calls on a busy worker.
+    fn next(&mut self) -> Option<(usize, Work)> {
+        let first = (!self.took_background
+            && self.tenants.iter().all(|q| q.background_running == 0))
+        .then(|| self.next_background())
+        .flatten();
+        let next = first
+            .or_else(|| self.next_call())
+            .or_else(|| self.next_background());
+        if let Some((_, work)) = &next {
+            self.took_background = matches!(work, Work::Background(_));
+        }
+        next
+    }
+
+    fn next_call(&mut self) -> Option<(usize, Work)> {
         let n = self.tenants.len();
         for i in 0..n {
             let t = (self.turn + i) % n;
             let q = &mut self.tenants[t];
-            if q.running < q.concurrency
+            if q.running + q.background_running < q.concurrency
                 && let Some(job) = q.jobs.pop_front()
             {
                 q.running += 1;
                 self.turn = (t + 1) % n;
-                return Some((t, job));
+                return Some((t, Work::Call(job)));
+            }
+        }
+        None
+    }
+
+    fn next_background(&mut self) -> Option<(usize, Work)> {
+        let n = self.tenants.len();
+        for i in 0..n {
+            let t = (self.background_turn + i) % n;
+            let q = &mut self.tenants[t];
+            if q.running + q.background_running < q.concurrency
+                && let Some(job) = q.background.pop_front()
+            {
+                q.background_running += 1;
+                self.background_turn = (t + 1) % n;
+                return Some((t, Work::Background(job)));
             }
         }
         None
@@ -256,5 +332,42 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// One worker, busy with a call while an evaluation's runs and two more calls queue:
+    /// background work goes first only while none runs, so the two take turns.
+    #[test]
+    fn calls_and_background_work_take_turns() {
+        let pool = Pool::new(1, &[(1, 8)]);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (open, gate) = std::sync::mpsc::channel::<()>();
+        let (started, running) = std::sync::mpsc::channel::<()>();
+        let busy = pool.reserve(0).unwrap().run(move || {
+            started.send(()).unwrap();
+            gate.recv().unwrap()
+        });
+        running.recv().unwrap();
+        let note = |name: &'static str| {
+            let order = order.clone();
+            move || order.lock().unwrap().push(name)
+        };
+        for name in ["b1", "b2", "b3"] {
+            pool.background(0, note(name));
+        }
+        let calls: Vec<_> = ["c1", "c2"]
+            .into_iter()
+            .map(|name| pool.reserve(0).unwrap().run(note(name)))
+            .collect();
+        open.send(()).unwrap();
+        busy.blocking_recv().unwrap();
+        for call in calls {
+            call.blocking_recv().unwrap();
+        }
+        let started = std::time::Instant::now();
+        while order.lock().unwrap().len() < 5 {
+            assert!(started.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(*order.lock().unwrap(), ["b1", "c1", "b2", "c2", "b3"]);
     }
 }

@@ -525,6 +525,58 @@ pub enum Gate {
 const EVALUATION_COLUMNS: &str = "id, candidate, baseline, status, total, same, changed,
     newly_failing, fixed, not_replayable, finished_at";
 
+/// An evaluation as `POST /v1/evaluations` records it, `running`.
+pub struct NewEvaluation<'a> {
+    pub id: &'a str,
+    pub tenant: &'a str,
+    /// The candidate version.
+    pub candidate: &'a str,
+    /// The alias or version asked for, and the version it resolved to.
+    pub against: &'a str,
+    pub baseline: &'a str,
+    pub function: Option<&'a str>,
+    /// What was asked (`last`, `since` or `runs`), as JSON.
+    pub selection: &'a str,
+    pub tolerance: f64,
+    /// How many runs it classes.
+    pub total: u64,
+    /// The replica that runs it, which marks it failed if it stops first.
+    pub replica: &'a str,
+}
+
+/// An `evaluations` row, as `GET /v1/evaluations` shows it: what was asked, and the
+/// progress (`done` of `total`, and the count of each class so far).
+#[derive(Debug, Serialize)]
+pub struct EvaluationState {
+    pub id: String,
+    pub candidate: String,
+    pub against: String,
+    pub baseline: Option<String>,
+    pub function: Option<String>,
+    pub selection: serde_json::Value,
+    pub tolerance: Option<f64>,
+    pub status: String,
+    pub total: u64,
+    pub done: u64,
+    pub same: u64,
+    pub changed: u64,
+    pub newly_failing: u64,
+    pub fixed: u64,
+    pub not_replayable: u64,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub replica: Option<String>,
+}
+
+const EVALUATION_STATE_COLUMNS: &str = "id, candidate, against, baseline, function, selection,
+    tolerance, status, total, done, same, changed, newly_failing, fixed, not_replayable, error,
+    created_at, finished_at, replica";
+
+/// The error of an evaluation its replica's stop cut short.
+pub const EVALUATION_STOPPED: &str =
+    "the server stopped before the evaluation ended: start it again";
+
 /// The window of `calls_per_minute`.
 pub const MINUTE_MS: i64 = 60_000;
 
@@ -658,6 +710,66 @@ impl Store {
         max_failing: u64,
     ) -> Result<Gate> {
         each!(self, b => b.gate(tenant, candidate, baseline, max_changed, max_failing).await)
+    }
+
+    /// Records a new evaluation, `running`.
+    pub async fn start_evaluation(&self, e: &NewEvaluation<'_>) -> Result<()> {
+        each!(self, b => b.start_evaluation(e).await)
+    }
+
+    /// Stores one run's class and report entry (JSON) and counts it in its evaluation's
+    /// progress, in one transaction; false, storing nothing, once the evaluation is no longer
+    /// running.
+    pub async fn evaluation_entry(
+        &self,
+        evaluation: &str,
+        run: &str,
+        class: &str,
+        detail: &str,
+    ) -> Result<bool> {
+        each!(self, b => b.evaluation_entry(evaluation, run, class, detail).await)
+    }
+
+    /// Ends a running evaluation: `done`, or `failed` with `error`.
+    pub async fn finish_evaluation(&self, id: &str, error: Option<&str>) -> Result<()> {
+        each!(self, b => b.finish_evaluation(id, error).await)
+    }
+
+    /// Marks failed ([`EVALUATION_STOPPED`]) the evaluations `replica` left running when it
+    /// stopped, and says how many there were.
+    pub async fn fail_evaluations(&self, replica: &str) -> Result<usize> {
+        each!(self, b => b.fail_evaluations(replica).await)
+    }
+
+    /// One of a tenant's evaluations.
+    pub async fn evaluation_status(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Option<EvaluationState>> {
+        each!(self, b => b.evaluation_status(tenant, id).await)
+    }
+
+    /// A page of a tenant's evaluations, newest first: at most `limit`, those before the
+    /// evaluation `after` when it is given.
+    pub async fn evaluation_list(
+        &self,
+        tenant: &str,
+        limit: u32,
+        after: Option<&str>,
+    ) -> Result<Vec<EvaluationState>> {
+        each!(self, b => b.evaluation_list(tenant, limit, after).await)
+    }
+
+    /// The report entries of one of a tenant's evaluations, newest run first; only those of
+    /// `class` when it is given.
+    pub async fn evaluation_entries(
+        &self,
+        tenant: &str,
+        id: &str,
+        class: Option<&str>,
+    ) -> Result<Vec<serde_json::Value>> {
+        each!(self, b => b.evaluation_entries(tenant, id, class).await)
     }
 
     /// The run of a tenant's that returned for this `Idempotency-Key`, if one did.
