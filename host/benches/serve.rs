@@ -21,14 +21,13 @@
 #[allow(dead_code)]
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{Stats, cores, ms, stats, verdict};
+use common::{Stats, cores, listening, ms, stats, verdict};
 use host::bundle::Select;
 use host::{
     Arguments, Bundle, Engine, Notebook, Outcome, Policy, Prepared, Request, Runtime, Sandbox,
@@ -375,38 +374,6 @@ fn level<C>(
         times,
         wall: ended - started,
     })
-}
-
-/// Reads a server's output until its `prefix` line gives its URL, then keeps reading it
-/// into a log in the background, so the server never blocks on a full pipe.
-fn listening(
-    output: impl std::io::Read + Send + 'static,
-    prefix: &'static str,
-) -> Result<(String, Arc<Mutex<String>>)> {
-    let mut lines = BufReader::new(output).lines();
-    let log = Arc::new(Mutex::new(String::new()));
-    let url = loop {
-        let line = lines
-            .next()
-            .with_context(|| {
-                format!(
-                    "the server ended before listening:\n{}",
-                    log.lock().unwrap()
-                )
-            })?
-            .context("failed to read the server's output")?;
-        log.lock().unwrap().push_str(&format!("{line}\n"));
-        if let Some(url) = line.strip_prefix(prefix) {
-            break url.trim().to_owned();
-        }
-    };
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            sink.lock().unwrap().push_str(&format!("{line}\n"));
-        }
-    });
-    Ok((url, log))
 }
 
 /// One case's table and ratios; `levels` are host serve's, (a)'s, then (b)'s and (c)'s when
