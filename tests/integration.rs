@@ -35,3 +35,5 @@ mod rollout;
 mod sandbox;
 /// `host serve`: deploys, calls, tenants, the run store, lifecycle, over real HTTP.
 mod serve;
+/// `host serve`'s web UI in a real headless Chromium: runs, aliases, an evaluation's diff.
+mod ui;

@@ -1030,16 +1030,23 @@ fn a_client_that_hangs_up_mid_call_still_leaves_the_complete_row() {
 fn a_bundle_is_pre_initialised_under_its_tenants_limits_not_the_defaults() {
     let dir = workdir();
     let (t, digest) = token("roomy");
+    let (tight, tight_digest) = token("tight");
     let cfg = config(
         dir.path(),
         "max_memory = \"2G\"",
-        &[format!(
-            "name = \"roomy\"\ntokens_sha256 = [\"{digest}\"]\nmemory = \"1536M\""
-        )],
+        &[
+            format!("name = \"roomy\"\ntokens_sha256 = [\"{digest}\"]\nmemory = \"1536M\""),
+            format!("name = \"tight\"\ntokens_sha256 = [\"{tight_digest}\"]"),
+        ],
     );
     let server = Server::start(&dir.path().join("data"), Some(&cfg));
-    // The definitions need more than a call's default 1G, less than the tenant's 1536M.
+    // The definitions need more than a call's default 1G, less than roomy's 1536M.
     let nb = notebook("BUFFER = bytearray(1100 << 20)\n\ndef size():\n    return len(BUFFER)\n");
+    let body = std::fs::read(&nb.notebook).unwrap();
+    let refused = server.post("/v1/bundles?name=nb.ipynb", Some(&tight), &body);
+    let error = refused.expect(422);
+    assert_eq!(error["error"]["kind"], json!("limit"), "{error}");
+    assert_eq!(error["error"]["limit"], json!("memory"), "{error}");
     let version = server.deploy(&t, &nb.notebook, &["size"]);
     let shown = server.get(&format!("/v1/bundles/{version}"), Some(&t));
     assert!(shown.expect(200)["image"].is_string(), "{}", shown.text());

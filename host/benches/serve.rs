@@ -10,6 +10,10 @@
 //! then the ratios issue 12 sets targets for. Every call through `host serve` is recorded and
 //! logged, as in production: its trace on disk and its row in SQLite before the answer.
 //!
+//! The machine this runs on may be shared: each measurement is cut into rounds, and the
+//! rounds of all servers and client counts take turns, so a burst of someone else's work
+//! falls on all of them alike rather than on one figure of a ratio.
+//!
 //! The native servers need `BENCH_PYTHON` (a Python with pandas; `make bench` makes one);
 //! without it they are skipped.
 
@@ -32,10 +36,12 @@ use sha2::{Digest, Sha256};
 
 /// Concurrent clients, each with its own keep-alive connection.
 const CLIENTS: [usize; 3] = [1, 2, 8];
-/// How long each client count is measured, per server; a fresh process per call is slow
-/// enough to need longer for a few dozen calls.
-const LENGTH: Duration = Duration::from_secs(5);
-const FRESH_LENGTH: Duration = Duration::from_secs(10);
+/// How long each client count is measured, per server, over all rounds; a fresh process per
+/// call is slow enough to need longer for a few dozen calls.
+const LENGTH: Duration = Duration::from_secs(6);
+const FRESH_LENGTH: Duration = Duration::from_secs(12);
+/// Into how many turns each measurement is cut.
+const ROUNDS: u32 = 6;
 /// The bench tenant's token: the server only ever sees its digest.
 const TOKEN: &str = "bench-token-0123456789abcdef0123456789abcdef";
 
@@ -59,40 +65,69 @@ fn main() -> Result<()> {
         },
     ];
     println!(
-        "host serve benchmark on {} cores: notebooks/churn.ipynb over HTTP on loopback, keep-alive, {} s per client count\n",
+        "host serve benchmark on {} cores: notebooks/churn.ipynb over HTTP on loopback, keep-alive, \
+         {} s per client count ({} s for (c)) in {ROUNDS} rounds taking turns\n",
         cores(),
-        LENGTH.as_secs()
+        LENGTH.as_secs(),
+        FRESH_LENGTH.as_secs()
     );
 
     let work = tempfile::tempdir()?;
-    let in_process = in_process(&notebook_path, &cases)?;
+    let engine = Engine::new(None)?;
+    let sandbox = Sandbox::new(&engine, &Runtime::locate(None)?)?;
+    let notebook = Notebook::read(&notebook_path)?;
     let server = Served::host(&repo, work.path())?;
-    let python = std::env::var_os("BENCH_PYTHON").map(PathBuf::from);
-    let natives = match &python {
-        Some(python) => Some((
-            Served::native(python, &repo, &notebook_path, false)?,
-            Served::native(python, &repo, &notebook_path, true)?,
-        )),
-        None => None,
+    let natives = match std::env::var_os("BENCH_PYTHON").map(PathBuf::from) {
+        Some(python) => vec![
+            Served::native(&python, &repo, &notebook_path, false)?,
+            Served::native(&python, &repo, &notebook_path, true)?,
+        ],
+        None => Vec::new(),
     };
-    for (case, in_process) in cases.iter().zip(in_process) {
+    let policy = Policy::default();
+    for case in &cases {
         let version = server.deploy(&notebook_path, case.function)?;
-        let served = server.levels(
-            &format!("/v1/call/{version}/{}", case.function),
-            case,
-            LENGTH,
-        )?;
-        let natives = match &natives {
-            Some((plain, fresh)) => {
-                let path = format!("/call/{}", case.function);
-                Some((
-                    plain.levels(&path, case, LENGTH)?,
-                    fresh.levels(&path, case, FRESH_LENGTH)?,
-                ))
-            }
-            None => None,
+        let served_path = format!("/v1/call/{version}/{}", case.function);
+        let native_path = format!("/call/{}", case.function);
+        // (a): the function called in this process from its bundle's image, as `host serve`
+        // calls it, but without HTTP, recording or the run store.
+        let bundle =
+            Bundle::from_notebook(&sandbox, &notebook, Select::Only(&[case.function]), None)?;
+        let prepared = Prepared::new(&sandbox, bundle)?;
+        let arguments: Arguments = serde_json::from_slice(&case.body)?;
+        let request = Request {
+            function: case.function,
+            arguments: &arguments,
+            policy: &policy,
+            record: false,
         };
-        print(case, &in_process, &served, natives.as_ref());
+        let in_process = |_: &mut ()| -> Result<()> {
+            match host::call::call(&sandbox, &prepared, &request)?.outcome {
+                Outcome::Returned(_) => Ok(()),
+                other => bail!("the call did not return: {other:?}"),
+            }
+        };
+        let mut contenders: Vec<Contender> = vec![
+            Contender::new(LENGTH, |clients, window| {
+                server.level(&served_path, &case.body, clients, window)
+            }),
+            Contender::new(LENGTH, |clients, window| {
+                level(clients, window, || (), in_process)
+            }),
+        ];
+        for (native, length) in natives.iter().zip([LENGTH, FRESH_LENGTH]) {
+            let path = &native_path;
+            contenders.push(Contender::new(length, move |clients, window| {
+                native.level(path, &case.body, clients, window)
+            }));
+        }
+        for _ in 0..ROUNDS {
+            for contender in &mut contenders {
+                contender.round()?;
+            }
+        }
+        let levels: Vec<Vec<Level>> = contenders.into_iter().map(|c| c.levels).collect();
+        print(case, &levels);
     }
     Ok(())
 }
@@ -104,38 +139,32 @@ struct Case {
     body: Vec<u8>,
 }
 
-/// (a): each case's function called in this process from its bundle's image, as `host serve`
-/// calls it, but without HTTP, recording or the run store: one thread per client.
-fn in_process(notebook_path: &Path, cases: &[Case]) -> Result<Vec<Vec<Level>>> {
-    let engine = Engine::new(None)?;
-    let sandbox = Sandbox::new(&engine, &Runtime::locate(None)?)?;
-    let notebook = Notebook::read(notebook_path)?;
-    let policy = Policy::default();
-    cases
-        .iter()
-        .map(|case| {
-            let bundle =
-                Bundle::from_notebook(&sandbox, &notebook, Select::Only(&[case.function]), None)?;
-            let prepared = Prepared::new(&sandbox, bundle)?;
-            let arguments: Arguments = serde_json::from_slice(&case.body)?;
-            let request = Request {
-                function: case.function,
-                arguments: &arguments,
-                policy: &policy,
-                record: false,
-            };
-            let call = |_: &mut ()| -> Result<()> {
-                match host::call::call(&sandbox, &prepared, &request)?.outcome {
-                    Outcome::Returned(_) => Ok(()),
-                    other => bail!("the call did not return: {other:?}"),
-                }
-            };
-            CLIENTS
-                .iter()
-                .map(|&clients| level(clients, LENGTH, || (), call))
-                .collect()
-        })
-        .collect()
+/// One way of calling, measured at every client count round after round.
+struct Contender<'a> {
+    length: Duration,
+    measure: Box<dyn Fn(usize, Duration) -> Result<Level> + 'a>,
+    /// One per client count, in `CLIENTS`' order, the rounds so far merged.
+    levels: Vec<Level>,
+}
+
+impl<'a> Contender<'a> {
+    fn new(length: Duration, measure: impl Fn(usize, Duration) -> Result<Level> + 'a) -> Self {
+        Contender {
+            length,
+            measure: Box::new(measure),
+            levels: CLIENTS.iter().map(|&clients| Level::new(clients)).collect(),
+        }
+    }
+
+    /// One round at every client count.
+    fn round(&mut self) -> Result<()> {
+        for level in &mut self.levels {
+            let measured = (self.measure)(level.clients, self.length / ROUNDS)?;
+            level.times.extend(measured.times);
+            level.wall += measured.wall;
+        }
+        Ok(())
+    }
 }
 
 /// A server process on a loopback port, killed when dropped.
@@ -148,11 +177,29 @@ struct Served {
     log: Arc<Mutex<String>>,
 }
 
-/// Calls at one client count.
+/// Calls at one client count: each call's time, and the wall-clock time they took together.
 struct Level {
     clients: usize,
-    stats: Stats,
-    per_second: f64,
+    times: Vec<Duration>,
+    wall: Duration,
+}
+
+impl Level {
+    fn new(clients: usize) -> Level {
+        Level {
+            clients,
+            times: Vec::new(),
+            wall: Duration::ZERO,
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        stats(self.times.clone())
+    }
+
+    fn per_second(&self) -> f64 {
+        self.times.len() as f64 / self.wall.as_secs_f64()
+    }
 }
 
 impl Served {
@@ -238,16 +285,11 @@ impl Served {
             .context("the deploy answered no version")
     }
 
-    /// The case's calls at each client count.
-    fn levels(&self, path: &str, case: &Case, length: Duration) -> Result<Vec<Level>> {
-        CLIENTS
-            .iter()
-            .map(|&clients| {
-                level(clients, length, agent, |agent| {
-                    self.post(agent, path, &case.body).map(drop)
-                })
-            })
-            .collect()
+    /// `body` POSTed to `path` by `clients` clients for `length`.
+    fn level(&self, path: &str, body: &[u8], clients: usize, length: Duration) -> Result<Level> {
+        level(clients, length, agent, |agent| {
+            self.post(agent, path, body).map(drop)
+        })
     }
 }
 
@@ -297,46 +339,42 @@ fn level<C>(
     let started = started.into_inner().unwrap().context("no client started")?;
     let ended = runs.iter().map(|(_, end)| *end).max().unwrap_or(started);
     let times: Vec<Duration> = runs.into_iter().flat_map(|(times, _)| times).collect();
-    let calls = times.len();
-    ensure!(calls > 0, "no call finished in {length:?}");
+    ensure!(!times.is_empty(), "no call finished in {length:?}");
     Ok(Level {
         clients,
-        stats: stats(times),
-        per_second: calls as f64 / (ended - started).as_secs_f64(),
+        times,
+        wall: ended - started,
     })
 }
 
-/// Reads a server's output until its `prefix` line gives its URL, then keeps reading it
-/// into a log in the background, so the server never blocks on a full pipe.
-fn print(
-    case: &Case,
-    in_process: &[Level],
-    served: &[Level],
-    natives: Option<&(Vec<Level>, Vec<Level>)>,
-) {
+/// One case's table and ratios; `levels` are host serve's, (a)'s, then (b)'s and (c)'s when
+/// they were measured.
+fn print(case: &Case, levels: &[Vec<Level>]) {
+    const NAMES: [&str; 4] = [
+        "host serve (each call recorded and logged)",
+        "(a) in-process call, no HTTP, not recorded",
+        "(b) native Python server, no isolation",
+        "(c) native server, fresh python per call",
+    ];
     println!("== {}", case.name);
     println!(
         "                                              clients       p50       p99   calls/s  (calls)"
     );
-    let rows = |what: &str, levels: &[Level]| {
+    for (name, levels) in NAMES.iter().zip(levels) {
         for (i, level) in levels.iter().enumerate() {
+            let stats = level.stats();
             println!(
                 "  {:<42} {:>3} {:>9} {:>9} {:>9.1}  ({})",
-                if i == 0 { what } else { "" },
+                if i == 0 { name } else { "" },
                 level.clients,
-                ms(level.stats.p50),
-                ms(level.stats.p99),
-                level.per_second,
-                level.stats.n
+                ms(stats.p50),
+                ms(stats.p99),
+                level.per_second(),
+                stats.n
             );
         }
-    };
-    rows("host serve (each call recorded and logged)", served);
-    rows("(a) in-process call, no HTTP, not recorded", in_process);
-    if let Some((plain, fresh)) = natives {
-        rows("(b) native Python server, no isolation", plain);
-        rows("(c) native server, fresh python per call", fresh);
-    } else {
+    }
+    if levels.len() < NAMES.len() {
         println!("  (b), (c) skipped: set BENCH_PYTHON to a Python with pandas (make bench does)");
     }
     fn at(levels: &[Level], clients: usize) -> &Level {
@@ -345,24 +383,26 @@ fn print(
             .find(|l| l.clients == clients)
             .expect("every client count is measured")
     }
-    let added = (at(served, 1).stats.p50.as_secs_f64() - at(in_process, 1).stats.p50.as_secs_f64())
+    let (served, in_process) = (&levels[0], &levels[1]);
+    let added = (at(served, 1).stats().p50.as_secs_f64()
+        - at(in_process, 1).stats().p50.as_secs_f64())
         * 1000.0;
     println!(
         "  HTTP and logging add {added:+.2} ms to the in-process p50 (1 client; target <= 1.5 ms: {})",
         verdict(added <= 1.5)
     );
-    let scaling = |levels: &[Level]| at(levels, 2).per_second / at(levels, 1).per_second;
+    let scaling = |levels: &[Level]| at(levels, 2).per_second() / at(levels, 1).per_second();
     println!(
         "  2 clients give {:.2}x the calls/s of 1 client (target >= 1.7x: {}; in-process {:.2}x)",
         scaling(served),
         verdict(scaling(served) >= 1.7),
         scaling(in_process)
     );
-    if let Some((plain, fresh)) = natives {
+    if let [_, _, plain, fresh] = levels {
         let ratios = |other: &[Level]| {
             CLIENTS
                 .iter()
-                .map(|&c| at(served, c).per_second / at(other, c).per_second)
+                .map(|&c| at(served, c).per_second() / at(other, c).per_second())
                 .collect::<Vec<_>>()
         };
         let shown = |ratios: &[f64]| {

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use super::auth::Caller;
 use super::error::ApiError;
+use super::runner::deploy_limit;
 use super::store::NewBundle;
 use super::{App, body};
 use crate::engine::write_cache_file;
@@ -56,13 +57,18 @@ pub async fn deploy(
     let deployed = ticket
         .run(move || -> Result<(bool, Value), ApiError> {
             let runner = worker.runner()?;
-            let (ready, file) = runner.deploy(
-                &name,
-                &bytes,
-                &functions,
-                label.as_deref(),
-                &tenant.config.limits,
-            )?;
+            let (ready, file) = runner
+                .deploy(
+                    &name,
+                    &bytes,
+                    &functions,
+                    label.as_deref(),
+                    &tenant.config.limits,
+                )
+                .map_err(|e| match deploy_limit(&e) {
+                    Some(error) => ApiError::call_failed(error),
+                    None => e.into(),
+                })?;
             // What the tenant keeps is the stored bundle file, not the body it sent.
             let had = worker
                 .block_on(worker.store.bundle(tenant.name(), ready.version()))?

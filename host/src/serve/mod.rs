@@ -3,10 +3,10 @@
 //! One process serves many tenants: one engine and compiled interpreter, one pre-initialised
 //! image per deployed bundle, shared by every request; a fresh instance per call, as
 //! `host run` makes. Requests go through [`router`] to one file per resource
-//! ([`bundles`], [`aliases`], [`calls`], [`runs`], [`evaluations`], [`health`]); calls (and
-//! evaluations' replays, between them) run on the [`workers`] pool through the [`runner`],
-//! the one file that calls the library; every call leaves a row and its trace in the
-//! [`store`] before it is answered.
+//! ([`bundles`], [`aliases`], [`calls`], [`runs`], [`evaluations`], [`health`]; [`ui`] the
+//! pages for people); calls (and evaluations' replays, between them) run on the [`workers`]
+//! pool through the [`runner`], the one file that calls the library; every call leaves a row
+//! and its trace in the [`store`] before it is answered.
 //!
 //! Several replicas may share one PostgreSQL store: each reads aliases and bundles from it
 //! on every call (so a move or a deploy through one is in effect on all at once), loads
@@ -43,6 +43,7 @@ mod runner;
 mod runs;
 mod storage;
 pub mod store;
+mod ui;
 mod workers;
 
 use auth::TenantState;
@@ -213,6 +214,23 @@ pub fn router(app: Arc<App>) -> Router {
             post(evaluations::create).get(evaluations::list),
         )
         .route("/v1/evaluations/{id}", get(evaluations::show))
+        // The web UI: pages for people, authenticated by a cookie holding the same tokens.
+        .route("/ui", get(ui::home))
+        .route("/ui/", get(ui::home))
+        .route("/ui/login", get(ui::login_form).post(ui::login))
+        .route("/ui/logout", post(ui::logout))
+        .route("/ui/static/ui.css", get(ui::style))
+        .route("/ui/static/ui.js", get(ui::script))
+        .route("/ui/runs", get(ui::runs_page))
+        .route("/ui/runs/{id}", get(ui::run_page))
+        .route("/ui/runs/{id}/trace", get(ui::trace))
+        .route("/ui/aliases", get(ui::aliases_page))
+        .route("/ui/evaluations", get(ui::evaluations_page))
+        .route("/ui/evaluations/{id}", get(ui::evaluation_page))
+        .route(
+            "/ui/evaluations/{id}/runs/{run}",
+            get(ui::evaluation_run_page),
+        )
         // Bodies are read by each handler, under its tenant's own `max_body`.
         .layer(DefaultBodyLimit::disable())
         .with_state(app)

@@ -69,6 +69,31 @@ pub fn is_class(name: &str) -> bool {
     Class::ALL.iter().any(|c| c.name() == name)
 }
 
+/// The limit a deploy's pre-initialisation hit, as the error a call hitting it answers
+/// (`kind: "limit"`): the notebook's imports or definitions need more than the tenant's
+/// limits, which is the tenant's to fix, not a bug.
+pub fn deploy_limit(e: &anyhow::Error) -> Option<Value> {
+    let limit = e.chain().find_map(|c| c.downcast_ref::<LimitExceeded>())?;
+    Some(limit_error(
+        limit,
+        format!("the bundle's imports and definitions, run under the tenant's limits: {e:#}"),
+    ))
+}
+
+fn limit_error(limit: &LimitExceeded, message: String) -> Value {
+    json!({"kind": "limit", "limit": limit_name(limit), "message": message})
+}
+
+/// The limit's name in `runs`, errors and metrics.
+fn limit_name(limit: &LimitExceeded) -> &'static str {
+    match limit {
+        LimitExceeded::Memory(_) => "memory",
+        LimitExceeded::Time(_) => "time",
+        LimitExceeded::Output(_) => "output",
+        LimitExceeded::Stack => "stack",
+    }
+}
+
 /// Whether an error is the user's to fix (what `host run` exits 2 for) rather than a bug.
 /// The test is on the library's error type, not the CLI's exit codes, so the server does
 /// not depend on the CLI.
@@ -214,19 +239,9 @@ impl Runner {
                 }));
             }
             Outcome::Limit(limit) => {
-                let name = match limit {
-                    LimitExceeded::Memory(_) => "memory",
-                    LimitExceeded::Time(_) => "time",
-                    LimitExceeded::Output(_) => "output",
-                    LimitExceeded::Stack => "stack",
-                };
                 done.outcome = "limit";
-                done.limit = Some(name);
-                done.error = Some(json!({
-                    "kind": "limit",
-                    "limit": name,
-                    "message": limit.to_string(),
-                }));
+                done.limit = Some(limit_name(&limit));
+                done.error = Some(limit_error(&limit, limit.to_string()));
             }
             Outcome::Crashed(why) => {
                 done.outcome = "raised";
@@ -318,4 +333,31 @@ pub fn differences(old: &Value, new: &Value) -> Vec<String> {
     let mut out = Vec::new();
     crate::replay::diff(old, new, "", crate::replay::Tolerance::EXACT, &mut out);
     out.iter().map(ToString::to_string).collect()
+}
+
+/// What a run's trace says about its call, for the UI's run page: the row keeps only the
+/// input's sha256, the trace the arguments themselves.
+pub struct Recorded {
+    /// `{"args": [...], "kwargs": {...}}`, as the call received them.
+    pub arguments: Value,
+    /// How the call ended, as the trace records it (`{"returned": VALUE}`, `{"raised": ...}`).
+    pub outcome: Value,
+}
+
+/// The arguments and outcome of a stored trace's call.
+pub fn recorded_call(trace: &[u8]) -> Result<Recorded> {
+    let trace = Trace::decode(trace).context("a stored trace does not decode")?;
+    Ok(Recorded {
+        arguments: serde_json::to_value(&trace.header.arguments)?,
+        outcome: trace.outputs.outcome,
+    })
+}
+
+/// The Python traceback of an outcome that is a raised exception (`{"raised": ...}`, as
+/// traces and evaluation reports record it), written as `host run` prints it, with notebook
+/// frames as `nb.ipynb, cell 2, line 3`; None for any other outcome.
+pub fn traceback(outcome: &Value) -> Option<String> {
+    let raised = outcome.get("raised")?;
+    let exception: crate::door::GuestException = serde_json::from_value(raised.clone()).ok()?;
+    Some(exception.to_string())
 }

@@ -44,7 +44,13 @@ pub async fn trace(
     Caller(tenant): Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let run = find(&app, tenant.name(), &id).await?;
+    let bytes = trace_file(&app, tenant.name(), &id).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// A tenant's run's trace file, or a 404 saying why there is none (also the UI's download).
+pub async fn trace_file(app: &App, tenant: &str, id: &str) -> Result<Vec<u8>, ApiError> {
+    let run = find(app, tenant, id).await?;
     if run.trace_pruned {
         return Err(ApiError::not_found(format!(
             "run {id}'s trace was pruned (retention or storage quota)"
@@ -57,12 +63,10 @@ pub async fn trace(
         )));
     }
     // Pruned between the two reads: the row says so now.
-    let bytes = app
-        .store
-        .trace(tenant.name(), &id)
+    app.store
+        .trace(tenant, id)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("run {id}'s trace was just pruned")))?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+        .ok_or_else(|| ApiError::not_found(format!("run {id}'s trace was just pruned")))
 }
 
 async fn find(app: &App, tenant: &str, id: &str) -> Result<RunRow, ApiError> {

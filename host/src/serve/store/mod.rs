@@ -827,6 +827,65 @@ impl Store {
     pub async fn prune(&self, id: &str) -> Result<()> {
         each!(self, b => b.prune(id).await)
     }
+
+    // The UI's reads of evaluations.
+
+    /// A tenant's evaluations, newest first.
+    pub async fn evaluations(&self, tenant: &str) -> Result<Vec<EvaluationRow>> {
+        each!(self, b => b.evaluations(tenant).await)
+    }
+
+    /// One of a tenant's evaluations.
+    pub async fn evaluation(&self, tenant: &str, id: &str) -> Result<Option<EvaluationRow>> {
+        each!(self, b => b.evaluation(tenant, id).await)
+    }
+
+    /// An evaluation's classed runs, in run order (oldest first). Not by tenant: ask
+    /// [`Store::evaluation`] first, which is.
+    pub async fn evaluation_runs(&self, id: &str) -> Result<Vec<EvaluationRunRow>> {
+        each!(self, b => b.evaluation_runs(id).await)
+    }
+}
+
+// The UI's reads of evaluations: the rows they return.
+
+/// An `evaluations` row (see the schema above).
+#[derive(Debug, Serialize)]
+pub struct EvaluationRow {
+    pub id: String,
+    pub candidate: String,
+    pub against: String,
+    pub baseline: Option<String>,
+    pub function: Option<String>,
+    /// What was asked (`last`, `since`, `runs`), as stored; `null` if the stored text is not
+    /// JSON.
+    pub selection: serde_json::Value,
+    pub tolerance: Option<f64>,
+    pub status: String,
+    pub total: i64,
+    pub done: i64,
+    pub same: i64,
+    pub changed: i64,
+    pub newly_failing: i64,
+    pub fixed: i64,
+    pub not_replayable: i64,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub replica: Option<String>,
+}
+
+const EVALUATION_ROW_COLUMNS: &str = "id, candidate, against, baseline, function, selection,
+    tolerance, status, total, done, same, changed, newly_failing, fixed, not_replayable, error,
+    created_at, finished_at, replica";
+
+/// An `evaluation_runs` row.
+#[derive(Debug, Serialize)]
+pub struct EvaluationRunRow {
+    pub run: String,
+    pub class: String,
+    /// The run's report entry; `null` if the stored text is not JSON.
+    pub detail: serde_json::Value,
 }
 
 /// Whether an error came from the store's database (as opposed to the request or a bug):

@@ -823,6 +823,51 @@ impl Postgres {
         tx.commit().await?;
         Ok(())
     }
+
+    // The UI's reads of evaluations.
+
+    pub async fn evaluations(&self, tenant: &str) -> Result<Vec<super::EvaluationRow>> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT {} FROM evaluations WHERE tenant = $1 ORDER BY created_at DESC, id DESC",
+                    super::EVALUATION_ROW_COLUMNS
+                ),
+                &[&tenant],
+            )
+            .await?;
+        Ok(rows.iter().map(evaluation_row).collect())
+    }
+
+    pub async fn evaluation(&self, tenant: &str, id: &str) -> Result<Option<super::EvaluationRow>> {
+        let row = self
+            .query_opt(
+                &format!(
+                    "SELECT {} FROM evaluations WHERE tenant = $1 AND id = $2",
+                    super::EVALUATION_ROW_COLUMNS
+                ),
+                &[&tenant, &id],
+            )
+            .await?;
+        Ok(row.as_ref().map(evaluation_row))
+    }
+
+    pub async fn evaluation_runs(&self, id: &str) -> Result<Vec<super::EvaluationRunRow>> {
+        let rows = self
+            .query(
+                "SELECT run, class, detail FROM evaluation_runs WHERE evaluation = $1 ORDER BY run",
+                &[&id],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| super::EvaluationRunRow {
+                run: r.get(0),
+                class: r.get(1),
+                detail: serde_json::from_str(r.get(2)).unwrap_or_default(),
+            })
+            .collect())
+    }
 }
 
 fn run_row(r: &Row) -> RunRow {
@@ -907,5 +952,31 @@ fn bundle_row(r: &Row) -> BundleRow {
         notebook: r.get(3),
         size: r.get::<_, i64>(4) as u64,
         deployed_at: r.get(5),
+    }
+}
+
+// The UI's reads of evaluations: an `evaluations` row in [`super::EVALUATION_ROW_COLUMNS`]' order.
+fn evaluation_row(r: &Row) -> super::EvaluationRow {
+    let selection: &str = r.get(5);
+    super::EvaluationRow {
+        id: r.get(0),
+        candidate: r.get(1),
+        against: r.get(2),
+        baseline: r.get(3),
+        function: r.get(4),
+        selection: serde_json::from_str(selection).unwrap_or_default(),
+        tolerance: r.get(6),
+        status: r.get(7),
+        total: r.get(8),
+        done: r.get(9),
+        same: r.get(10),
+        changed: r.get(11),
+        newly_failing: r.get(12),
+        fixed: r.get(13),
+        not_replayable: r.get(14),
+        error: r.get(15),
+        created_at: r.get(16),
+        finished_at: r.get(17),
+        replica: r.get(18),
     }
 }

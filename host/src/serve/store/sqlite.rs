@@ -711,6 +711,49 @@ impl Sqlite {
             tx.commit()
         })
     }
+
+    // The UI's reads of evaluations.
+
+    pub async fn evaluations(&self, tenant: &str) -> Result<Vec<super::EvaluationRow>> {
+        self.with(|c| {
+            let mut s = c.prepare(&format!(
+                "SELECT {} FROM evaluations WHERE tenant = ?1 ORDER BY created_at DESC, id DESC",
+                super::EVALUATION_ROW_COLUMNS
+            ))?;
+            s.query_map([tenant], evaluation_row)?.collect()
+        })
+    }
+
+    pub async fn evaluation(&self, tenant: &str, id: &str) -> Result<Option<super::EvaluationRow>> {
+        self.with(|c| {
+            c.query_row(
+                &format!(
+                    "SELECT {} FROM evaluations WHERE tenant = ?1 AND id = ?2",
+                    super::EVALUATION_ROW_COLUMNS
+                ),
+                [tenant, id],
+                evaluation_row,
+            )
+            .optional()
+        })
+    }
+
+    pub async fn evaluation_runs(&self, id: &str) -> Result<Vec<super::EvaluationRunRow>> {
+        self.with(|c| {
+            let mut s = c.prepare(
+                "SELECT run, class, detail FROM evaluation_runs WHERE evaluation = ?1 ORDER BY run",
+            )?;
+            s.query_map([id], |r| {
+                let detail: String = r.get(2)?;
+                Ok(super::EvaluationRunRow {
+                    run: r.get(0)?,
+                    class: r.get(1)?,
+                    detail: serde_json::from_str(&detail).unwrap_or_default(),
+                })
+            })?
+            .collect()
+        })
+    }
 }
 
 fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
@@ -855,4 +898,30 @@ fn import_files(tx: &rusqlite::Transaction<'_>, data: &Path) -> Result<()> {
         };
     }
     Ok(())
+}
+
+// The UI's reads of evaluations: an `evaluations` row in [`super::EVALUATION_ROW_COLUMNS`]' order.
+fn evaluation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<super::EvaluationRow> {
+    let selection: String = r.get(5)?;
+    Ok(super::EvaluationRow {
+        id: r.get(0)?,
+        candidate: r.get(1)?,
+        against: r.get(2)?,
+        baseline: r.get(3)?,
+        function: r.get(4)?,
+        selection: serde_json::from_str(&selection).unwrap_or_default(),
+        tolerance: r.get(6)?,
+        status: r.get(7)?,
+        total: r.get(8)?,
+        done: r.get(9)?,
+        same: r.get(10)?,
+        changed: r.get(11)?,
+        newly_failing: r.get(12)?,
+        fixed: r.get(13)?,
+        not_replayable: r.get(14)?,
+        error: r.get(15)?,
+        created_at: r.get(16)?,
+        finished_at: r.get(17)?,
+        replica: r.get(18)?,
+    })
 }
