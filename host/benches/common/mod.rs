@@ -121,8 +121,8 @@ pub fn agent() -> ureq::Agent {
         .new_agent()
 }
 
-/// Reads a server's `output` until the line that starts with `prefix` (the rest of it is the
-/// URL), then keeps reading it into the log in the background.
+/// Reads a server's output until its `prefix` line gives its URL, then keeps reading it
+/// into a log in the background, so the server never blocks on a full pipe.
 pub fn listening(
     output: impl std::io::Read + Send + 'static,
     prefix: &'static str,
