@@ -55,20 +55,6 @@ pub struct Done {
     pub trace: Vec<u8>,
 }
 
-/// One logged call evaluated on a candidate, in the server's terms.
-pub struct Evaluated {
-    /// `same`, `changed`, `newly_failing`, `fixed` or `not_replayable` (the
-    /// `evaluation_runs.class` column).
-    pub class: &'static str,
-    /// Its report entry, as `host evaluate --json` writes each run.
-    pub entry: Value,
-}
-
-/// Whether `name` is one of [`Evaluated::class`]'s values.
-pub fn is_class(name: &str) -> bool {
-    Class::ALL.iter().any(|c| c.name() == name)
-}
-
 /// The limit a deploy's pre-initialisation hit, as the error a call hitting it answers
 /// (`kind: "limit"`): the notebook's imports or definitions need more than the tenant's
 /// limits, which is the tenant's to fix, not a bug.
@@ -92,6 +78,20 @@ fn limit_name(limit: &LimitExceeded) -> &'static str {
         LimitExceeded::Output(_) => "output",
         LimitExceeded::Stack => "stack",
     }
+}
+
+/// One logged call evaluated on a candidate, in the server's terms.
+pub struct Evaluated {
+    /// `same`, `changed`, `newly_failing`, `fixed` or `not_replayable` (the
+    /// `evaluation_runs.class` column).
+    pub class: &'static str,
+    /// Its report entry, as `host evaluate --json` writes each run.
+    pub entry: Value,
+}
+
+/// Whether `name` is one of [`Evaluated::class`]'s values.
+pub fn is_class(name: &str) -> bool {
+    Class::ALL.iter().any(|c| c.name() == name)
 }
 
 /// Whether an error is the user's to fix (what `host run` exits 2 for) rather than a bug.
