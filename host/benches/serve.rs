@@ -27,7 +27,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{Stats, cores, listening, ms, stats, verdict};
+use common::{Stats, agent, cores, listening, ms, stats, verdict};
 use host::bundle::Select;
 use host::{
     Arguments, Bundle, Engine, Notebook, Outcome, Policy, Prepared, Request, Runtime, Sandbox,
@@ -214,34 +214,17 @@ impl Served {
                 hex::encode(Sha256::digest(TOKEN))
             ),
         )?;
-        let mut command = Command::new(repo.join("target/release/host"));
-        command
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--config"])
-            .arg(&config)
-            .arg("--data")
-            .arg(work.join("serve-data"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().context("failed to start host serve")?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let (url, log) = listening(stderr, "host: listening on ")?;
-        let served = Served {
+        let (child, url, log) = common::host_serve(
+            &repo.join("target/release/host"),
+            &config,
+            &work.join("serve-data"),
+        )?;
+        Ok(Served {
             child,
             url,
             authorization: Some(format!("Bearer {TOKEN}")),
             log,
-        };
-        let started = Instant::now();
-        while served.get("/readyz")? != 200 {
-            ensure!(
-                started.elapsed() < Duration::from_secs(600),
-                "host serve was not ready in 10 minutes:\n{}",
-                served.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(served)
+        })
     }
 
     /// `native_server.py` under `python`: (b), or (c) with `fresh`.
@@ -270,18 +253,6 @@ impl Served {
         self.log.lock().unwrap().clone()
     }
 
-    fn agent() -> ureq::Agent {
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .new_agent()
-    }
-
-    fn get(&self, path: &str) -> Result<u16> {
-        let response = Self::agent().get(format!("{}{path}", self.url)).call()?;
-        Ok(response.status().as_u16())
-    }
-
     /// POSTs `body` to `path` on `agent`'s connection; the answer's body when it is a 200.
     fn post(&self, agent: &ureq::Agent, path: &str, body: &[u8]) -> Result<Vec<u8>> {
         let mut request = agent.post(format!("{}{path}", self.url));
@@ -303,7 +274,7 @@ impl Served {
     /// Deploys `function` of the notebook; its version.
     fn deploy(&self, notebook: &Path, function: &str) -> Result<String> {
         let answer = self.post(
-            &Self::agent(),
+            &agent(),
             &format!("/v1/bundles?function={function}&name=churn.ipynb"),
             &std::fs::read(notebook)?,
         )?;

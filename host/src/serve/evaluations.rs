@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use super::auth::{Caller, TenantState};
 use super::error::ApiError;
 use super::runner::{Tolerance, is_class};
-use super::store::{EvaluationState, NewEvaluation, RunFilter, RunRow};
+use super::store::{EvaluationRow, NewEvaluation, RunFilter, RunRow};
 use super::{App, body};
 use crate::bundle::rfc3339;
 use crate::policy::parse_period;
@@ -447,33 +447,15 @@ impl Evaluation {
     }
 }
 
-/// `GET /v1/evaluations`'s query.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    /// At most this many (default 100, at most 1000).
-    limit: Option<u32>,
-    /// The page after this evaluation id (the last id of the previous page).
-    after: Option<String>,
-}
-
-/// `GET /v1/evaluations?limit=&after=`: the tenant's evaluations, newest first, as their
-/// summaries (no runs); `next` is the `after` of the next page (absent on the last).
+/// `GET /v1/evaluations`: the tenant's evaluations, newest first, as their summaries (no
+/// runs).
 pub async fn list(
     State(app): State<Arc<App>>,
     Caller(tenant): Caller,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_input(e.body_text()))?;
-    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
-    let page = app
-        .store
-        .evaluation_list(tenant.name(), limit, query.after.as_deref())
-        .await?;
-    let next = (page.len() == limit as usize)
-        .then(|| page.last().map(|e| e.id.clone()))
-        .flatten();
-    Ok(Json(json!({"evaluations": page, "next": next})))
+    Ok(Json(
+        json!({"evaluations": app.store.evaluations(tenant.name()).await?}),
+    ))
 }
 
 /// `GET /v1/evaluations/ID`'s query.
@@ -509,19 +491,24 @@ pub async fn show(
     let mut answer = json!(state);
     answer["notebook"] = json!(notebook);
     if query.runs != Some(false) {
-        let runs = app
+        let runs: Vec<Value> = app
             .store
-            .evaluation_entries(tenant.name(), &id, query.class.as_deref())
-            .await?;
+            .evaluation_runs(&state.id)
+            .await?
+            .into_iter()
+            .rev()
+            .filter(|r| query.class.as_ref().is_none_or(|c| *c == r.class))
+            .map(|r| r.detail)
+            .collect();
         answer["runs"] = json!(runs);
     }
     Ok(Json(answer))
 }
 
 /// One of the tenant's evaluations, or 404 (another tenant's too).
-async fn find(app: &App, tenant: &str, id: &str) -> Result<EvaluationState, ApiError> {
+async fn find(app: &App, tenant: &str, id: &str) -> Result<EvaluationRow, ApiError> {
     app.store
-        .evaluation_status(tenant, id)
+        .evaluation(tenant, id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no evaluation `{id}`")))
 }

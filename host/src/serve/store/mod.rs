@@ -544,35 +544,6 @@ pub struct NewEvaluation<'a> {
     pub replica: &'a str,
 }
 
-/// An `evaluations` row, as `GET /v1/evaluations` shows it: what was asked, and the
-/// progress (`done` of `total`, and the count of each class so far).
-#[derive(Debug, Serialize)]
-pub struct EvaluationState {
-    pub id: String,
-    pub candidate: String,
-    pub against: String,
-    pub baseline: Option<String>,
-    pub function: Option<String>,
-    pub selection: serde_json::Value,
-    pub tolerance: Option<f64>,
-    pub status: String,
-    pub total: u64,
-    pub done: u64,
-    pub same: u64,
-    pub changed: u64,
-    pub newly_failing: u64,
-    pub fixed: u64,
-    pub not_replayable: u64,
-    pub error: Option<String>,
-    pub created_at: String,
-    pub finished_at: Option<String>,
-    pub replica: Option<String>,
-}
-
-const EVALUATION_STATE_COLUMNS: &str = "id, candidate, against, baseline, function, selection,
-    tolerance, status, total, done, same, changed, newly_failing, fixed, not_replayable, error,
-    created_at, finished_at, replica";
-
 /// The error of an evaluation its replica's stop cut short.
 pub const EVALUATION_STOPPED: &str =
     "the server stopped before the evaluation ended: start it again";
@@ -739,37 +710,6 @@ impl Store {
     /// stopped, and says how many there were.
     pub async fn fail_evaluations(&self, replica: &str) -> Result<usize> {
         each!(self, b => b.fail_evaluations(replica).await)
-    }
-
-    /// One of a tenant's evaluations.
-    pub async fn evaluation_status(
-        &self,
-        tenant: &str,
-        id: &str,
-    ) -> Result<Option<EvaluationState>> {
-        each!(self, b => b.evaluation_status(tenant, id).await)
-    }
-
-    /// A page of a tenant's evaluations, newest first: at most `limit`, those before the
-    /// evaluation `after` when it is given.
-    pub async fn evaluation_list(
-        &self,
-        tenant: &str,
-        limit: u32,
-        after: Option<&str>,
-    ) -> Result<Vec<EvaluationState>> {
-        each!(self, b => b.evaluation_list(tenant, limit, after).await)
-    }
-
-    /// The report entries of one of a tenant's evaluations, newest run first; only those of
-    /// `class` when it is given.
-    pub async fn evaluation_entries(
-        &self,
-        tenant: &str,
-        id: &str,
-        class: Option<&str>,
-    ) -> Result<Vec<serde_json::Value>> {
-        each!(self, b => b.evaluation_entries(tenant, id, class).await)
     }
 
     /// The run of a tenant's that returned for this `Idempotency-Key`, if one did.

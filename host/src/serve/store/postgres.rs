@@ -18,9 +18,8 @@ use tokio_postgres::types::ToSql;
 
 use super::{
     AliasRow, AliasTarget, BundleRow, Canary, Completed, Dialect, EVALUATION_COLUMNS,
-    EVALUATION_STATE_COLUMNS, EVALUATION_STOPPED, EvaluationState, EvaluationSummary, Finished,
-    Gate, MIGRATIONS, MINUTE_MS, MoveRow, NewBundle, NewEvaluation, NewRun, RUN_COLUMNS, RunFilter,
-    RunRow, check_version, redact,
+    EVALUATION_STOPPED, EvaluationSummary, Finished, Gate, MIGRATIONS, MINUTE_MS, MoveRow,
+    NewBundle, NewEvaluation, NewRun, RUN_COLUMNS, RunFilter, RunRow, check_version, redact,
 };
 
 const NOW: &str =
@@ -544,63 +543,6 @@ impl Postgres {
         .map(|n| n as usize)
     }
 
-    pub async fn evaluation_status(
-        &self,
-        tenant: &str,
-        id: &str,
-    ) -> Result<Option<EvaluationState>> {
-        let row = self
-            .query_opt(
-                &format!(
-                    "SELECT {EVALUATION_STATE_COLUMNS} FROM evaluations
-                     WHERE tenant = $1 AND id = $2"
-                ),
-                &[&tenant, &id],
-            )
-            .await?;
-        Ok(row.as_ref().map(evaluation_state))
-    }
-
-    pub async fn evaluation_list(
-        &self,
-        tenant: &str,
-        limit: u32,
-        after: Option<&str>,
-    ) -> Result<Vec<EvaluationState>> {
-        let rows = self
-            .query(
-                &format!(
-                    "SELECT {EVALUATION_STATE_COLUMNS} FROM evaluations
-                     WHERE tenant = $1 AND ($2::text IS NULL OR id < $2)
-                     ORDER BY id DESC LIMIT $3"
-                ),
-                &[&tenant, &after, &i64::from(limit)],
-            )
-            .await?;
-        Ok(rows.iter().map(evaluation_state).collect())
-    }
-
-    pub async fn evaluation_entries(
-        &self,
-        tenant: &str,
-        id: &str,
-        class: Option<&str>,
-    ) -> Result<Vec<serde_json::Value>> {
-        let rows = self
-            .query(
-                "SELECT r.detail FROM evaluation_runs r JOIN evaluations e ON e.id = r.evaluation
-                 WHERE e.tenant = $1 AND r.evaluation = $2 AND ($3::text IS NULL OR r.class = $3)
-                 ORDER BY r.run DESC",
-                &[&tenant, &id, &class],
-            )
-            .await?;
-        // Stored by the server as JSON text; anything else would be a corrupted row.
-        Ok(rows
-            .iter()
-            .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap_or_default())
-            .collect())
-    }
-
     pub async fn returned_run(&self, tenant: &str, key: &str) -> Result<Option<RunRow>> {
         let row = self
             .query_opt(
@@ -915,31 +857,6 @@ fn evaluation_summary(r: &Row) -> EvaluationSummary {
         fixed: count(8),
         not_replayable: count(9),
         finished_at: r.get(10),
-    }
-}
-
-fn evaluation_state(r: &Row) -> EvaluationState {
-    let count = |i: usize| r.get::<_, i64>(i) as u64;
-    EvaluationState {
-        id: r.get(0),
-        candidate: r.get(1),
-        against: r.get(2),
-        baseline: r.get(3),
-        function: r.get(4),
-        selection: serde_json::from_str(r.get::<_, &str>(5)).unwrap_or_default(),
-        tolerance: r.get(6),
-        status: r.get(7),
-        total: count(8),
-        done: count(9),
-        same: count(10),
-        changed: count(11),
-        newly_failing: count(12),
-        fixed: count(13),
-        not_replayable: count(14),
-        error: r.get(15),
-        created_at: r.get(16),
-        finished_at: r.get(17),
-        replica: r.get(18),
     }
 }
 

@@ -14,9 +14,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     AliasRow, AliasTarget, BundleRow, Canary, Completed, Dialect, EVALUATION_COLUMNS,
-    EVALUATION_STATE_COLUMNS, EVALUATION_STOPPED, EvaluationState, EvaluationSummary, Finished,
-    Gate, MIGRATIONS, MINUTE_MS, MoveRow, NewBundle, NewEvaluation, NewRun, RUN_COLUMNS, RunFilter,
-    RunRow, check_version,
+    EVALUATION_STOPPED, EvaluationSummary, Finished, Gate, MIGRATIONS, MINUTE_MS, MoveRow,
+    NewBundle, NewEvaluation, NewRun, RUN_COLUMNS, RunFilter, RunRow, check_version,
 };
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
@@ -450,61 +449,6 @@ impl Sqlite {
         })
     }
 
-    pub async fn evaluation_status(
-        &self,
-        tenant: &str,
-        id: &str,
-    ) -> Result<Option<EvaluationState>> {
-        self.with(|c| {
-            c.query_row(
-                &format!(
-                    "SELECT {EVALUATION_STATE_COLUMNS} FROM evaluations
-                     WHERE tenant = ?1 AND id = ?2"
-                ),
-                [tenant, id],
-                evaluation_state,
-            )
-            .optional()
-        })
-    }
-
-    pub async fn evaluation_list(
-        &self,
-        tenant: &str,
-        limit: u32,
-        after: Option<&str>,
-    ) -> Result<Vec<EvaluationState>> {
-        self.with(|c| {
-            let mut s = c.prepare(&format!(
-                "SELECT {EVALUATION_STATE_COLUMNS} FROM evaluations
-                 WHERE tenant = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3"
-            ))?;
-            s.query_map(params![tenant, after, limit], evaluation_state)?
-                .collect()
-        })
-    }
-
-    pub async fn evaluation_entries(
-        &self,
-        tenant: &str,
-        id: &str,
-        class: Option<&str>,
-    ) -> Result<Vec<serde_json::Value>> {
-        self.with(|c| {
-            let mut s = c.prepare(
-                "SELECT r.detail FROM evaluation_runs r JOIN evaluations e ON e.id = r.evaluation
-                 WHERE e.tenant = ?1 AND r.evaluation = ?2 AND (?3 IS NULL OR r.class = ?3)
-                 ORDER BY r.run DESC",
-            )?;
-            s.query_map(params![tenant, id, class], |r| {
-                let detail: String = r.get(0)?;
-                // Stored by the server as JSON text; anything else would be a corrupted row.
-                Ok(serde_json::from_str(&detail).unwrap_or_default())
-            })?
-            .collect()
-        })
-    }
-
     pub async fn returned_run(&self, tenant: &str, key: &str) -> Result<Option<RunRow>> {
         self.with(|c| {
             c.query_row(
@@ -800,31 +744,6 @@ fn evaluation_summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<EvaluationSumma
         fixed: r.get(8)?,
         not_replayable: r.get(9)?,
         finished_at: r.get(10)?,
-    })
-}
-
-fn evaluation_state(r: &rusqlite::Row<'_>) -> rusqlite::Result<EvaluationState> {
-    let selection: String = r.get(5)?;
-    Ok(EvaluationState {
-        id: r.get(0)?,
-        candidate: r.get(1)?,
-        against: r.get(2)?,
-        baseline: r.get(3)?,
-        function: r.get(4)?,
-        selection: serde_json::from_str(&selection).unwrap_or_default(),
-        tolerance: r.get(6)?,
-        status: r.get(7)?,
-        total: r.get(8)?,
-        done: r.get(9)?,
-        same: r.get(10)?,
-        changed: r.get(11)?,
-        newly_failing: r.get(12)?,
-        fixed: r.get(13)?,
-        not_replayable: r.get(14)?,
-        error: r.get(15)?,
-        created_at: r.get(16)?,
-        finished_at: r.get(17)?,
-        replica: r.get(18)?,
     })
 }
 
