@@ -287,7 +287,7 @@ impl Served {
 
     /// `body` POSTed to `path` by `clients` clients for `length`.
     fn level(&self, path: &str, body: &[u8], clients: usize, length: Duration) -> Result<Level> {
-        level(clients, length, Self::agent, |agent| {
+        level(clients, length, agent, |agent| {
             self.post(agent, path, body).map(drop)
         })
     }
