@@ -290,6 +290,9 @@ pub fn serve(options: &Options) -> Result<()> {
             None => format!("{}:{}", hostname(), config.listen.port()),
         };
         let interrupted = store.mark_interrupted(&replica).await?;
+        // Beat once before taking any call: a replica that dies before its first periodic
+        // beat still has a row, so the others can mark the calls it leaves unfinished.
+        store.heartbeat(&replica, SILENT).await?;
         if interrupted > 0 {
             eprintln!(
                 "host: {interrupted} call(s) were cut short by the last stop: marked interrupted"
