@@ -497,6 +497,13 @@ impl Browser {
 
     /// Sends one DevTools command and returns its result, skipping the events in between.
     fn call(&mut self, method: &str, params: Value) -> Value {
+        let reply = self.send(method, params);
+        assert!(reply.get("error").is_none(), "{method}: {reply}");
+        reply["result"].clone()
+    }
+
+    /// Sends one DevTools command and returns the whole reply, an error included.
+    fn send(&mut self, method: &str, params: Value) -> Value {
         self.next_id += 1;
         let id = self.next_id;
         let message = json!({"id": id, "method": method, "params": params}).to_string();
@@ -511,18 +518,29 @@ impl Browser {
             };
             let reply: Value = serde_json::from_str(&text).unwrap();
             if reply["id"] == id {
-                assert!(reply.get("error").is_none(), "{method}: {reply}");
-                return reply["result"].clone();
+                return reply;
             }
         }
     }
 
     /// The value of a script expression in the page.
+    /// A script that starts a navigation, or one sent while a page is being left, may have
+    /// its page replaced under it: then its value is null, and callers that wait for a page
+    /// ask again.
     fn eval(&mut self, expression: &str) -> Value {
-        let result = self.call(
+        let reply = self.send(
             "Runtime.evaluate",
             json!({"expression": expression, "returnByValue": true}),
         );
+        if let Some(error) = reply.get("error") {
+            let message = error["message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains("navigated or closed") || message.contains("context"),
+                "Runtime.evaluate of `{expression}`: {reply}"
+            );
+            return Value::Null;
+        }
+        let result = reply["result"].clone();
         if let Some(e) = result.get("exceptionDetails") {
             panic!("`{expression}` threw: {e}");
         }
