@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use crate::common::Fixture;
-use crate::common::server::{Server, on_postgres, send, workdir};
+use crate::common::server::{Server, on_postgres, send, two_tenants, workdir};
 
 const V1: &str = r#"
 def score(x):
@@ -494,15 +494,7 @@ fn evaluations_are_the_tenants_own_and_bad_requests_say_why() {
     let dir = workdir();
     let (a, a_digest) = crate::common::server::token("eval-a");
     let (b, b_digest) = crate::common::server::token("eval-b");
-    let config = dir.path().join("host.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[tenant]]\nname = \"a\"\ntokens_sha256 = [\"{a_digest}\"]\n\
-             [[tenant]]\nname = \"b\"\ntokens_sha256 = [\"{b_digest}\"]\n"
-        ),
-    )
-    .unwrap();
+    let config = two_tenants(dir.path(), &a_digest, &b_digest);
     let server = Server::start(&dir.path().join("data"), Some(&config));
     let (n1, n2) = (Fixture::code(&[V1]), Fixture::code(&[V2]));
     let v1 = server.deploy(&a, &n1.notebook, &["score"]);

@@ -22,7 +22,7 @@ use tempfile::TempDir;
 use tungstenite::{Message, WebSocket};
 
 use crate::common::Fixture;
-use crate::common::server::{Server, send, token, workdir};
+use crate::common::server::{Server, send, token, two_tenants, workdir};
 
 /// Two versions of one notebook: the second changes `score`'s total. Both put markup in
 /// what they return and raise, as any guest may.
@@ -45,15 +45,7 @@ fn a_person_browses_runs_aliases_and_an_evaluation_and_reads_a_changed_runs_diff
     let dir = workdir();
     let (a_token, a_digest) = token("ui-a");
     let (b_token, b_digest) = token("ui-b");
-    let config = dir.path().join("host.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[tenant]]\nname = \"a\"\ntokens_sha256 = [\"{a_digest}\"]\n\
-             [[tenant]]\nname = \"b\"\ntokens_sha256 = [\"{b_digest}\"]\n"
-        ),
-    )
-    .unwrap();
+    let config = two_tenants(dir.path(), &a_digest, &b_digest);
     let server = Server::start(&dir.path().join("data"), Some(&config));
     let backend = if server.db.is_some() {
         "postgres"

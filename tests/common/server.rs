@@ -371,6 +371,20 @@ pub fn token(seed: &str) -> (String, String) {
     (token, digest)
 }
 
+/// A config in `dir` with two tenants, `a` and `b`, whose tokens have these digests.
+pub fn two_tenants(dir: &Path, a_digest: &str, b_digest: &str) -> PathBuf {
+    let path = dir.join("host.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[tenant]]\nname = \"a\"\ntokens_sha256 = [\"{a_digest}\"]\n\
+             [[tenant]]\nname = \"b\"\ntokens_sha256 = [\"{b_digest}\"]\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// A temporary folder for a server's data and config.
 pub fn workdir() -> TempDir {
     tempfile::tempdir().unwrap()
