@@ -190,6 +190,7 @@ fn policy(world: &World, grants: Grants) -> Policy {
             memory: 256 << 20,
             timeout: Duration::from_secs(1),
             output: OUTPUT_LIMIT,
+            ..Limits::default()
         },
     }
 }

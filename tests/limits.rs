@@ -149,3 +149,101 @@ fn pre_initialisation_runs_under_the_calls_limits() {
     fx.run("allocating_decorator", &["--memory", "256M"])
         .fails(3, &["memory limit"]);
 }
+
+const NOISE: &str = r#"
+import os
+
+def noise(mb):
+    """Reads `mb` fresh random megabytes: nothing a recording can share between two reads."""
+    return sum(len(os.urandom(1 << 20)) for _ in range(mb))
+"#;
+
+/// Runs `host ARGS`, its output into files, and reports its exit code, stderr and peak
+/// resident memory (from `wait4`: this child's alone, whatever else the suite runs).
+fn host_measured(args: &[&str], dir: &std::path::Path) -> (i32, String, u64) {
+    let err = dir.join("stderr");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_host"))
+        .args(args)
+        .env("HOST_CACHE_DIR", crate::common::cache_dir())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32, "wait4 failed");
+    assert!(libc::WIFEXITED(status), "host was killed: {status}");
+    let stderr = std::fs::read_to_string(err).unwrap();
+    (
+        libc::WEXITSTATUS(status),
+        stderr,
+        usage.ru_maxrss as u64 * 1024,
+    )
+}
+
+#[test]
+fn a_recording_ends_at_its_limit_and_replays_to_it() {
+    let fx = Fixture::code(&[NOISE]);
+    let trace = fx.path("noise.trace");
+    let trace = trace.to_str().unwrap();
+    fx.run(
+        "noise",
+        &["--args", "[16]", "--record", trace, "--max-record", "4M"],
+    )
+    .fails(3, &["record limit", "4 MiB", "--max-record"]);
+    // The trace holds the call up to its limit, and replays to the same end.
+    let size = std::fs::metadata(trace).unwrap().len();
+    assert!(
+        size < 5 << 20,
+        "a trace of {size} bytes under a 4 MiB limit"
+    );
+    crate::common::host(&["replay", trace]).fails(3, &["record limit", "4 MiB"]);
+    // Under the limit, the same call records and returns (a megabyte of random bytes is
+    // 4,096 draws of 256 bytes: about 2.2 MB of trace).
+    assert_eq!(
+        fx.run(
+            "noise",
+            &["--args", "[1]", "--record", trace, "--max-record", "4M"]
+        )
+        .value(),
+        1 << 20
+    );
+    fx.run("noise", &["--max-record", "2G"])
+        .fails(2, &["more than a trace may hold", "768 MiB"]);
+}
+
+#[test]
+fn a_recorded_call_reading_without_end_keeps_host_within_its_bound() {
+    // A gigabyte of fresh random bytes, recorded under the default limit: host's own memory
+    // is the guest's, plus 250 MB, plus two and a half times the record limit at most
+    // (README). Without the limit, host held over four bytes per byte drawn: over 4 GB.
+    let fx = Fixture::code(&[NOISE]);
+    let trace = fx.path("noise.trace");
+    let (code, stderr, peak) = host_measured(
+        &[
+            "run",
+            fx.notebook.to_str().unwrap(),
+            "noise",
+            "--args",
+            "[1024]",
+            "--memory",
+            "256M",
+            "--record",
+            trace.to_str().unwrap(),
+        ],
+        &fx.path(""),
+    );
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("record limit hit"), "{stderr}");
+    assert!(stderr.contains("256 MiB"), "{stderr}");
+    let bound = (256u64 << 20) + 5 * (256 << 20) / 2 + (250 << 20);
+    assert!(
+        peak < bound,
+        "host's peak memory was {} MiB, over the documented bound of {} MiB",
+        peak >> 20,
+        bound >> 20
+    );
+    eprintln!("peak memory recording 1 GiB of reads: {} MiB", peak >> 20);
+}

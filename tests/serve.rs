@@ -771,6 +771,12 @@ fn bad_deploys_bodies_and_configs_get_clear_errors() {
             ),
             "tenant `x`: memory:",
         ),
+        (
+            &*format!(
+                "[[tenant]]\nname = \"x\"\ntokens_sha256 = [\"{digest}\"]\nmax_record = \"1G\""
+            ),
+            "tenant `x`: max_record: 1 GiB is more than a trace may hold (at most 768 MiB)",
+        ),
     ] {
         std::fs::write(&bad, text).unwrap();
         let run = host(&[
@@ -1236,5 +1242,81 @@ mod postgres {
         over_its_quota_a_tenant_gets_429_with_retry_after,
         traces_are_pruned_oldest_first_for_storage_and_retention_then_507,
         a_client_that_hangs_up_mid_call_still_leaves_the_complete_row,
+    );
+}
+
+#[test]
+fn a_call_past_its_tenants_record_limit_is_a_limit_and_its_trace_replays_to_it() {
+    let dir = workdir();
+    let (t, digest) = token("record");
+    let cfg = config(
+        dir.path(),
+        "",
+        &[format!(
+            "name = \"ops\"\ntokens_sha256 = [\"{digest}\"]\nmax_record = \"1M\""
+        )],
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&cfg));
+    let nb = notebook(
+        "import os\n\ndef noise(mb):\n    return sum(len(os.urandom(1 << 20)) for _ in range(mb))\n",
+    );
+    let version = server.deploy(&t, &nb.notebook, &[]);
+    assert_eq!(
+        server.call(&t, &version, "noise", json!([0])).expect(200)["result"],
+        json!(0)
+    );
+    let limit = server.call(&t, &version, "noise", json!([4])).expect(422);
+    assert_eq!(limit["error"]["kind"], json!("limit"), "{limit}");
+    assert_eq!(limit["error"]["limit"], json!("record"), "{limit}");
+    // Logged like any call, with its trace up to the limit: pulled, it replays to the limit.
+    let run = limit["run"].as_str().unwrap();
+    let trace = server.get(&format!("/v1/runs/{run}/trace"), Some(&t));
+    assert_eq!(trace.status, 200);
+    assert!(trace.body.len() < 2 << 20, "{} bytes", trace.body.len());
+    let file = dir.path().join("limit.trace");
+    std::fs::write(&file, &trace.body).unwrap();
+    host(&["replay", file.to_str().unwrap()]).fails(3, &["record limit", "1 MiB"]);
+}
+
+#[test]
+fn a_silent_replicas_running_evaluation_is_marked_failed_by_the_heartbeat() {
+    // Another replica on this store started an evaluation, then went silent (killed, its
+    // machine gone): the heartbeat of the one still running ends it, so it never reads as
+    // running for good.
+    let dir = workdir();
+    let server = Server::start(&dir.path().join("data"), None);
+    let tok = server.default_token();
+    let db = rusqlite::Connection::open(dir.path().join("data/host.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute_batch(
+        "INSERT INTO replicas (name, seen_at_ms) VALUES ('gone:1', 0);
+         INSERT INTO evaluations (id, tenant, candidate, against, selection, status, total,
+           created_at, replica)
+         VALUES ('ev-gone', 'default', 'v1', 'prod', '{}', 'running', 10,
+           '2026-01-01T00:00:00Z', 'gone:1');",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let state = loop {
+        let state = server
+            .get("/v1/evaluations/ev-gone", Some(&tok))
+            .expect(200);
+        if state["status"] != "running" {
+            break state;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "still running after 30 s: {state}\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(state["status"], json!("failed"), "{state}");
+    assert!(
+        state["error"]
+            .as_str()
+            .unwrap()
+            .contains("the server stopped before the evaluation ended"),
+        "{state}"
     );
 }

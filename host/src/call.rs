@@ -106,7 +106,7 @@ pub struct Recorded {
 pub fn call(sandbox: &Sandbox, prepared: &Prepared, request: &Request<'_>) -> Result<Finished> {
     let started = Instant::now();
     let mode = if request.record {
-        Mode::record()
+        Mode::record(request.policy.limits.record)
     } else {
         Mode::Plain
     };

@@ -131,6 +131,10 @@ pub struct Limits {
     pub timeout: Duration,
     /// Bytes the guest may write to stdout and stderr together, and bytes of its result.
     pub output: u64,
+    /// Bytes a recorded call's recording may take in host's memory (its events and their
+    /// data, a little more than the trace's JSON spells them): what host keeps while it
+    /// records, past the guest's memory, and about what a replay will read back.
+    pub record: u64,
 }
 
 impl Default for Limits {
@@ -140,9 +144,19 @@ impl Default for Limits {
             memory: 1 << 30,
             timeout: Duration::from_secs(30),
             output: 16 << 20,
+            record: DEFAULT_RECORD,
         }
     }
 }
+
+/// A recorded call's trace holds at most this much by default: room for a call that reads a
+/// hundred-odd megabytes of files, well inside what a replay accepts
+/// (a trace that inflates past 1 GiB is refused).
+pub const DEFAULT_RECORD: u64 = 256 << 20;
+
+/// The largest `--max-record`: a trace of that much, with its outputs, still inflates to less
+/// than a replay accepts.
+pub const MAX_RECORD: u64 = 768 << 20;
 
 impl Limits {
     /// Each limit the larger of the two: room for a call under either.
@@ -151,6 +165,7 @@ impl Limits {
             memory: self.memory.max(other.memory),
             timeout: self.timeout.max(other.timeout),
             output: self.output.max(other.output),
+            record: self.record.max(other.record),
         }
     }
 }
@@ -169,6 +184,8 @@ pub enum LimitExceeded {
     Memory(u64),
     Time(Duration),
     Output(u64),
+    /// The trace of a recorded call grew past `--max-record`.
+    Record(u64),
     Stack,
 }
 
@@ -188,6 +205,11 @@ impl fmt::Display for LimitExceeded {
             LimitExceeded::Output(n) => write!(
                 f,
                 "output limit hit: the call wrote more than {} (raise it with --max-output)",
+                Size(*n)
+            ),
+            LimitExceeded::Record(n) => write!(
+                f,
+                "record limit hit: the call's recording would take more than {} (it read or drew too many fresh bytes to keep; raise it with --max-record)",
                 Size(*n)
             ),
             LimitExceeded::Stack => write!(f, "stack limit hit: the call recursed too deeply"),

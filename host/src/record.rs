@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::{Caller, Func, Instance, Linker, Memory, Module, Val};
 
 use crate::error::bad_input;
+use crate::policy::LimitExceeded;
 use crate::runtime::STDLIB_GUEST_DIR;
 
 /// Writes up to this size are stored in the event itself; larger ones once, by content.
@@ -53,18 +54,21 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// A mode that records, from nothing.
-    pub fn record() -> Mode {
-        Mode::Record(Recording::default())
+    /// A mode that records, from nothing, a trace of at most `budget` bytes.
+    pub fn record(budget: u64) -> Mode {
+        Mode::Record(Recording::within(budget))
     }
 
-    /// A mode that replays `events`, whose bytes are in `blobs`.
-    pub fn replay(events: Vec<Event>, blobs: Blobs) -> Mode {
+    /// A mode that replays `events`, whose bytes are in `blobs`. `ended_at` is the record
+    /// limit the recording ended on, if it did: its last event is the last that fitted, so
+    /// the guest's next call is where the recorded call stopped, not a divergence.
+    pub fn replay(events: Vec<Event>, blobs: Blobs, ended_at: Option<u64>) -> Mode {
         Mode::Replay(Replaying {
             events,
             blobs,
             next: 0,
             divergence: None,
+            ended_at,
         })
     }
 
@@ -74,12 +78,48 @@ impl Mode {
     }
 }
 
-/// What a recording run kept.
-#[derive(Default)]
+/// What a recording run kept, and how much more it may keep.
 pub struct Recording {
     pub events: Vec<Event>,
     pub blobs: Blobs,
     files: RuntimeFiles,
+    /// The bytes the trace may hold, and the bytes it holds ([`charge`]): host keeps a
+    /// recording in its own memory, so a guest that reads a large file in a loop must end on
+    /// a limit, not grow host without bound.
+    budget: u64,
+    used: u64,
+}
+
+impl Recording {
+    /// An empty recording that may grow to `budget` bytes.
+    pub fn within(budget: u64) -> Recording {
+        Recording {
+            events: Vec::new(),
+            blobs: Blobs::default(),
+            files: RuntimeFiles::default(),
+            budget,
+            used: 0,
+        }
+    }
+}
+
+/// Bytes an event takes in host's memory while it is recorded (a little more than in the
+/// trace's JSON): the event itself with its call name, arguments and path, each piece of data
+/// (a blob's id, or inline text), and the base64 text of each blob it is the first to keep,
+/// with the blob map's share. Measured against the allocator: a 256-byte random draw takes
+/// about 900 bytes.
+fn charge(event: &Event, new_blobs: u64, blobs: u64) -> u64 {
+    let data = |d: &Data| match d {
+        Data::Inline(text) => text.len() as u64 + 48,
+        Data::Blob(_) => 96,
+        Data::Runtime { file, .. } => file.len() as u64 + 64,
+    };
+    256 + event.args.len() as u64 * 8
+        + event.path.as_ref().map_or(0, |p| p.len() as u64 + 32)
+        + event.writes.iter().map(|(_, d)| data(d) + 48).sum::<u64>()
+        + event.sent.as_ref().map_or(0, data)
+        + new_blobs
+        + blobs * 160
 }
 
 /// How far a replay got.
@@ -89,11 +129,12 @@ pub struct Replaying {
     /// The next event to answer: all were used when it equals `events.len()`.
     pub next: usize,
     pub divergence: Option<Divergence>,
+    /// The record limit the recording ended on, if it did (see [`Mode::replay`]).
+    pub ended_at: Option<u64>,
 }
 
 /// The clock readings (per clock) and random bytes a what-if run is served, and what the run
 /// got that the recording did not hold.
-#[derive(Default)]
 pub struct Served {
     pub clocks: HashMap<i64, VecDeque<Vec<u8>>>,
     pub random: VecDeque<u8>,
@@ -215,6 +256,8 @@ pub enum Data {
 pub struct Blobs {
     pub map: BTreeMap<String, String>,
     pub runtime: Option<std::path::PathBuf>,
+    /// The bytes of base64 text [`Blobs::put`] has kept, what a recording is charged for.
+    text_len: u64,
 }
 
 impl Blobs {
@@ -223,6 +266,7 @@ impl Blobs {
         Blobs {
             map,
             runtime: Some(runtime.to_owned()),
+            text_len: 0,
         }
     }
 
@@ -231,9 +275,10 @@ impl Blobs {
             return Data::Inline(B64.encode(bytes));
         }
         let id = hex::encode(Sha256::digest(bytes));
-        self.map
-            .entry(id.clone())
-            .or_insert_with(|| B64.encode(bytes));
+        if let std::collections::btree_map::Entry::Vacant(slot) = self.map.entry(id.clone()) {
+            let text = slot.insert(B64.encode(bytes));
+            self.text_len += text.len() as u64;
+        }
         Data::Blob(id)
     }
 
@@ -680,15 +725,18 @@ fn wasi_call<T: Traced>(
             Vec::new()
         };
         let args: Vec<i64> = (0..args.len()).map(|i| arg(args, i)).collect();
-        state.tracing().record(Observed {
-            call: name,
-            args,
-            result,
-            path: before.0,
-            writes,
-            sent: before.1.as_deref(),
-            exit,
-        });
+        state
+            .tracing()
+            .record(Observed {
+                call: name,
+                args,
+                result,
+                path: before.0,
+                writes,
+                sent: before.1.as_deref(),
+                exit,
+            })
+            .map_err(wasmtime::Error::new)?;
     }
     outcome
 }
@@ -830,7 +878,9 @@ pub(crate) enum DoorStep {
 }
 
 impl Tracing {
-    fn record(&mut self, observed: Observed<'_>) {
+    /// Keeps one import call, when the mode keeps it; a limit when the trace would grow past
+    /// its budget (the event is not kept: the call ends there).
+    fn record(&mut self, observed: Observed<'_>) -> Result<(), LimitExceeded> {
         let Observed {
             call,
             args,
@@ -843,13 +893,16 @@ impl Tracing {
         let recording = match &mut self.mode {
             Mode::Record(recording) => recording,
             Mode::WhatIf(Served { files, .. }) if FILE_CALLS.contains(&call) => files,
-            _ => return,
+            _ => return Ok(()),
         };
         let Recording {
             events,
             blobs,
             files,
+            budget,
+            used,
         } = recording;
+        let (text_before, count_before) = (blobs.text_len, blobs.map.len());
         let writes = match files.observe(call, &args, result, path.as_deref(), &writes) {
             // Reads of the runtime's own files: where they came from, not their bytes.
             Some((file, mut offset)) => {
@@ -878,7 +931,7 @@ impl Tracing {
                 .collect(),
         };
         let sent = sent.map(|b| blobs.put(b));
-        events.push(Event {
+        let event = Event {
             call: call.to_owned(),
             args,
             result,
@@ -886,7 +939,17 @@ impl Tracing {
             writes,
             sent,
             exit,
-        });
+        };
+        *used += charge(
+            &event,
+            blobs.text_len - text_before,
+            (blobs.map.len() - count_before) as u64,
+        );
+        if *used > *budget {
+            return Err(LimitExceeded::Record(*budget));
+        }
+        events.push(event);
+        Ok(())
     }
 
     /// A divergence at the event just replayed, whose answer does not fit the guest.
@@ -923,7 +986,7 @@ impl Tracing {
         request: &[u8],
         status: i32,
         answer: Option<&[u8]>,
-    ) {
+    ) -> Result<(), LimitExceeded> {
         let writes = answer.map(|a| vec![(0, a)]).unwrap_or_default();
         self.record(Observed {
             call: "host::call",
@@ -933,7 +996,7 @@ impl Tracing {
             writes,
             sent: Some(request),
             exit: None,
-        });
+        })
     }
 }
 
@@ -973,12 +1036,16 @@ fn replay_next(
         blobs,
         next,
         divergence,
+        ended_at,
     }) = &mut tracing.mode
     else {
         return Ok(None);
     };
     let index = *next;
     let Some(event) = events.get(index) else {
+        if let Some(budget) = ended_at {
+            return Err(wasmtime::Error::new(LimitExceeded::Record(*budget)));
+        }
         return Err(diverge(
             divergence,
             index,

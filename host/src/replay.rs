@@ -11,9 +11,9 @@ use crate::bundle::{Bundle, Select, short};
 use crate::call::{self, CallResult, Outcome};
 use crate::error::bad_input;
 use crate::notebook::Notebook;
-use crate::policy::{Grant, Limits, Policy, check_guest_paths};
+use crate::policy::{Grant, LimitExceeded, Limits, Policy, check_guest_paths};
 use crate::preinit::Prepared;
-use crate::record::{Blobs, Data, Divergence, Event, Live, Mode, Replaying, Served};
+use crate::record::{Blobs, Data, Divergence, Event, Live, Mode, Recording, Replaying, Served};
 use crate::sandbox::Sandbox;
 use crate::trace::{GrantRecord, Header, Trace};
 
@@ -40,7 +40,11 @@ pub fn replay(sandbox: &Sandbox, trace: &Trace) -> Result<Replayed> {
         env: h.env.clone(),
         limits,
     };
-    let mode = Mode::replay(trace.events.clone(), blobs);
+    // A call that ended on its record limit replays to that limit: its trace holds every
+    // event up to the one that did not fit.
+    let ended_at = Outcome::Limit(LimitExceeded::Record(limits.record));
+    let ended_at = (trace.outputs.outcome == ended_at.to_json()).then_some(limits.record);
+    let mode = Mode::replay(trace.events.clone(), blobs, ended_at);
     let (result, mode) =
         call::execute(sandbox, &policy, &prepared, &h.function, &h.arguments, mode)?;
     if let Outcome::Diverged(d) = &result.outcome {
@@ -220,7 +224,7 @@ pub fn what_if_prepared(sandbox: &Sandbox, trace: &Trace, candidate: &Prepared) 
         env: h.env.clone(),
         limits,
     };
-    let mode = Mode::WhatIf(served(trace, &blobs)?);
+    let mode = Mode::WhatIf(served(trace, &blobs, limits.record)?);
     let (result, mode) = call::execute(sandbox, &policy, candidate, function, &h.arguments, mode)?;
     drop(dirs);
     let Mode::WhatIf(Served {
@@ -254,7 +258,8 @@ pub fn what_if_prepared(sandbox: &Sandbox, trace: &Trace, candidate: &Prepared) 
 
 /// The tracer of a what-if run: the recording's clock readings (per clock) and random bytes,
 /// served in order to the guest's own `clock_time_get` and `random_get` calls, then live.
-pub fn served(trace: &Trace, blobs: &Blobs) -> Result<Served> {
+/// What it keeps of its own file system calls may grow to `budget` bytes, as a recording.
+pub fn served(trace: &Trace, blobs: &Blobs, budget: u64) -> Result<Served> {
     let mut clocks: HashMap<i64, VecDeque<Vec<u8>>> = HashMap::new();
     let mut random = VecDeque::new();
     for e in trace.events.iter().filter(|e| e.result == 0) {
@@ -270,7 +275,8 @@ pub fn served(trace: &Trace, blobs: &Blobs) -> Result<Served> {
     Ok(Served {
         clocks,
         random,
-        ..Served::default()
+        live: Live::default(),
+        files: Recording::within(budget),
     })
 }
 
@@ -1055,7 +1061,12 @@ mod tests {
         // A clock reading without its clock (args[0] indexed) is not served.
         let t = trace_reading(json!({"call": "clock_time_get", "args": [], "result": 0,
                                      "writes": [[0, {"inline": "AQAAAAAAAAA="}]]}));
-        assert!(served(&t, &Blobs::default()).unwrap().clocks.is_empty());
+        assert!(
+            served(&t, &Blobs::default(), 1 << 20)
+                .unwrap()
+                .clocks
+                .is_empty()
+        );
     }
 
     #[test]

@@ -658,12 +658,11 @@ fn door_call(
         DoorStep::Live => {
             let answer = caller.data_mut().door.handle(&request);
             let status = if answer.is_some() { 0 } else { FAULT };
-            caller.data_mut().tracing.door_after(
-                args.to_vec(),
-                &request,
-                status,
-                answer.as_deref(),
-            );
+            caller
+                .data_mut()
+                .tracing
+                .door_after(args.to_vec(), &request, status, answer.as_deref())
+                .map_err(wasmtime::Error::new)?;
             (status, answer)
         }
     };

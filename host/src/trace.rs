@@ -7,7 +7,7 @@
 //! written as a format line, the sha256 of the body, and the body: JSON, deflated.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -19,7 +19,7 @@ use crate::door::Arguments;
 use crate::engine::EngineSettings;
 use crate::error::bad_input;
 use crate::files::{SigningKey, read_regular, sealed, unsealed};
-use crate::policy::{Limits, MAX_TIMEOUT, Policy, Size};
+use crate::policy::{DEFAULT_RECORD, Limits, MAX_RECORD, MAX_TIMEOUT, Policy, Size};
 use crate::preinit::Prepared;
 use crate::record::{Blobs, Data, Event, Recording};
 use crate::sandbox::Sandbox;
@@ -69,6 +69,13 @@ pub struct LimitsRecord {
     pub memory: u64,
     pub timeout_ms: u64,
     pub output: u64,
+    /// The trace's own budget (`--max-record`); traces made before it existed had the default.
+    #[serde(default = "default_record")]
+    pub record: u64,
+}
+
+fn default_record() -> u64 {
+    DEFAULT_RECORD
 }
 
 impl From<Limits> for LimitsRecord {
@@ -77,6 +84,7 @@ impl From<Limits> for LimitsRecord {
             memory: l.memory,
             timeout_ms: l.timeout.as_millis() as u64,
             output: l.output,
+            record: l.record,
         }
     }
 }
@@ -93,10 +101,18 @@ impl LimitsRecord {
                 MAX_TIMEOUT.as_secs()
             )));
         }
+        if self.record > MAX_RECORD {
+            return Err(bad_input(format!(
+                "the trace's record limit of {} bytes is not one host records under (at most {})",
+                self.record,
+                Size(MAX_RECORD)
+            )));
+        }
         Ok(Limits {
             memory: self.memory,
             timeout,
             output: self.output,
+            record: self.record,
         })
     }
 }
@@ -199,13 +215,24 @@ impl Trace {
 
     /// The bytes of a trace file: the format line, the sha256 of the body, the deflated JSON.
     pub fn encode(&self) -> Result<Vec<u8>> {
-        let json = serde_json::to_vec(self)?;
-        let mut encoder =
-            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
-        encoder.write_all(&json)?;
-        let body = encoder.finish()?;
-        let mut out = format!("{FORMAT}\n{}\n", hex::encode(Sha256::digest(&body))).into_bytes();
-        out.extend_from_slice(&body);
+        // Serialised straight into the compressor: the JSON text, about as large as the
+        // recording, is never held whole; the body is compressed in place behind room for
+        // the two header lines (the second, its sha256, written last), never copied.
+        let header = FORMAT.len() + 1 + 64 + 1;
+        let mut out = DEFLATE.with(|cell| -> Result<Vec<u8>> {
+            let mut compress = cell.borrow_mut();
+            compress.reset();
+            let mut deflating = Deflating {
+                compress: &mut compress,
+                out: vec![0; header],
+            };
+            let mut json = std::io::BufWriter::with_capacity(1 << 16, &mut deflating);
+            serde_json::to_writer(&mut json, self)?;
+            json.into_inner().map_err(|e| e.into_error())?;
+            deflating.finish()
+        })?;
+        let digest = hex::encode(Sha256::digest(&out[header..]));
+        out[..header].copy_from_slice(format!("{FORMAT}\n{digest}\n").as_bytes());
         Ok(out)
     }
 
@@ -238,6 +265,59 @@ impl Trace {
 /// The most a trace's JSON may inflate to: a recording holds what the call read, and a
 /// trace claiming more is refused before host holds it all.
 pub const MAX_INFLATED: u64 = 1 << 30;
+
+thread_local! {
+    /// Each thread's compressor, reset for every trace: a server writes a trace per call, and
+    /// a new compressor's tables cost more to set up than a small trace costs to compress.
+    static DEFLATE: std::cell::RefCell<flate2::Compress> =
+        std::cell::RefCell::new(flate2::Compress::new(flate2::Compression::fast(), false));
+}
+
+/// Raw deflate into `out`, on a borrowed compressor.
+struct Deflating<'a> {
+    compress: &'a mut flate2::Compress,
+    out: Vec<u8>,
+}
+
+impl Deflating<'_> {
+    /// Ends the stream: the compressed bytes.
+    fn finish(mut self) -> Result<Vec<u8>> {
+        loop {
+            self.out.reserve(4096);
+            let status =
+                self.compress
+                    .compress_vec(&[], &mut self.out, flate2::FlushCompress::Finish)?;
+            if status == flate2::Status::StreamEnd {
+                return Ok(self.out);
+            }
+        }
+    }
+}
+
+impl std::io::Write for Deflating<'_> {
+    /// Compresses some of `buf` (with room made for its output, the compressor always takes
+    /// some), and says how much.
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            self.out.reserve(buf.len() / 2 + 4096);
+            let before = self.compress.total_in();
+            self.compress
+                .compress_vec(buf, &mut self.out, flate2::FlushCompress::None)
+                .map_err(std::io::Error::other)?;
+            let took = (self.compress.total_in() - before) as usize;
+            if took > 0 {
+                return Ok(took);
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// A trace from its bytes, its content inflated to at most `cap` bytes, or why it is refused.
 fn decode(bytes: &[u8], cap: u64) -> std::result::Result<Trace, String> {

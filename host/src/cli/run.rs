@@ -15,7 +15,7 @@ use crate::door::Arguments;
 use crate::error::{Exit, bad_input};
 use crate::files::{SigningKey, read_capped, read_regular, sealed, write_private};
 use crate::neighbours::Wheel;
-use crate::policy::{EnvVar, Grant, Limits, Policy, Size, Timeout, check_guest_paths};
+use crate::policy::{EnvVar, Grant, Limits, MAX_RECORD, Policy, Size, Timeout, check_guest_paths};
 use crate::preinit::Prepared;
 
 #[derive(Debug, Args)]
@@ -156,6 +156,22 @@ pub struct SandboxArgs {
     /// Limit on what the call may print plus the size of its result (e.g. 16M).
     #[arg(long, value_name = "SIZE", default_value = "16M")]
     pub max_output: Size,
+    /// Limit on the trace of a recorded call (`--record`, and every call `host serve` logs):
+    /// what host holds in its own memory while recording, past the guest's (at most 768M).
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = record_size)]
+    pub max_record: Size,
+}
+
+/// A `--max-record` size, at most [`MAX_RECORD`]: a larger trace could not be replayed.
+fn record_size(text: &str) -> Result<Size> {
+    let size: Size = text.parse()?;
+    if size.0 > MAX_RECORD {
+        return Err(bad_input(format!(
+            "{size} is more than a trace may hold (at most {})",
+            Size(MAX_RECORD)
+        )));
+    }
+    Ok(size)
 }
 
 impl SandboxArgs {
@@ -173,6 +189,7 @@ impl SandboxArgs {
                 memory: self.memory.0,
                 timeout: self.timeout.0,
                 output: self.max_output.0,
+                record: self.max_record.0,
             },
         })
     }
@@ -213,7 +230,9 @@ pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
     };
     let finished = call::call(sandbox, &prepared, &request)?;
     if let (Some(path), Some(trace)) = (&args.record, &finished.trace) {
-        write_private(path, &sealed(key.as_ref(), trace.bytes.clone()))
+        // Signed, a copy with its signature line; unsigned, the bytes as they are.
+        let signed = key.as_ref().map(|k| sealed(Some(k), trace.bytes.clone()));
+        write_private(path, signed.as_deref().unwrap_or(&trace.bytes))
             .with_context(|| format!("failed to write trace `{}`", path.display()))?;
         say(format_args!(
             "recorded {} events to {}",

@@ -34,6 +34,8 @@ use crate::door::Arguments;
 #[derive(Default)]
 struct Record {
     duration_ms: Option<f64>,
+    /// When a worker took the call up, if one did.
+    started: Option<Instant>,
     result: Option<Value>,
     /// The trace file and its sha256.
     trace: Option<(Vec<u8>, String)>,
@@ -117,6 +119,7 @@ pub async fn call(
         tenant: tenant.clone(),
         id: id.clone(),
         function: function.clone(),
+        key: key.clone(),
         received,
     };
     let arguments = arguments(&bytes);
@@ -236,6 +239,7 @@ impl Shadow {
             tenant: self.tenant.clone(),
             id,
             function: self.function.clone(),
+            key: None,
             received: Instant::now(),
         };
         let version = self.version.clone();
@@ -426,6 +430,8 @@ struct Accepted {
     tenant: Arc<TenantState>,
     id: String,
     function: String,
+    /// The call's `Idempotency-Key`, if it has one.
+    key: Option<String>,
     received: Instant,
 }
 
@@ -448,6 +454,9 @@ impl Accepted {
             .finish_run(
                 &self.id,
                 &Finished {
+                    tenant: tenant.name(),
+                    idempotency_key: self.key.as_deref(),
+                    running_ms: record.started.map(|t| t.elapsed().as_secs_f64() * 1000.0),
                     duration_ms: record.duration_ms,
                     outcome,
                     http_status: status.as_u16(),
@@ -513,12 +522,12 @@ fn execute(call: &Accepted, version: &str, arguments: &Arguments) -> Record {
     let Accepted {
         app,
         tenant,
-        id,
         function,
         ..
     } = call;
+    // When it was taken up is written with the row's end, not in a statement of its own.
+    let taken = Instant::now();
     let run = || -> Result<Record, ApiError> {
-        app.block_on(app.store.run_started(id))?;
         let ready = app.ready(version)?;
         let runner = app.runner()?;
         let started = Instant::now();
@@ -530,14 +539,16 @@ fn execute(call: &Accepted, version: &str, arguments: &Arguments) -> Record {
             arguments,
         )?;
         let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let sha256 = hex::encode(Sha256::digest(&done.trace));
         Ok(Record {
             duration_ms: Some(duration_ms),
             result: done.result,
-            trace: Some((done.trace, sha256)),
+            trace: Some((done.trace, done.trace_sha256)),
             error: done.error.map(ApiError::call_failed),
-            run: None,
+            ..Record::default()
         })
     };
-    run().unwrap_or_else(Record::failed)
+    Record {
+        started: Some(taken),
+        ..run().unwrap_or_else(Record::failed)
+    }
 }

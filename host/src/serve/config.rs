@@ -13,7 +13,9 @@ use serde::Deserialize;
 
 use super::store::Location;
 use crate::error::bad_input;
-use crate::policy::{Grant, Limits, parse_duration, parse_period, parse_size};
+use crate::policy::{
+    DEFAULT_RECORD, Grant, Limits, MAX_RECORD, Size, parse_duration, parse_period, parse_size,
+};
 
 /// The config file, as written. Sizes and durations are strings (`"1G"`, `"30s"`), as the
 /// command line's flags take them.
@@ -43,6 +45,7 @@ struct TenantFile {
     memory: Option<String>,
     timeout: Option<String>,
     max_output: Option<String>,
+    max_record: Option<String>,
     concurrency: Option<usize>,
     queue: Option<usize>,
     calls_per_minute: Option<u32>,
@@ -202,6 +205,7 @@ impl Config {
             memory: None,
             timeout: None,
             max_output: None,
+            max_record: None,
             concurrency: None,
             queue: None,
             calls_per_minute: None,
@@ -277,10 +281,19 @@ impl Tenant {
             )));
         }
         let max_body = size_or(t.max_body.as_deref(), max.body).map_err(key("max_body"))?;
+        let record = size_or(t.max_record.as_deref(), DEFAULT_RECORD).map_err(key("max_record"))?;
+        if record > MAX_RECORD {
+            return Err(bad_input(format!(
+                "tenant `{name}`: max_record: {} is more than a trace may hold (at most {})",
+                Size(record),
+                Size(MAX_RECORD)
+            )));
+        }
         let limits = Limits {
             memory: capped("memory", memory, max.memory, "max_memory")?,
             timeout,
             output: capped("max_output", output, max.output, "max_output")?,
+            record,
         };
         let max_body = capped("max_body", max_body, max.body, "max_body")?;
         let concurrency = t.concurrency.unwrap_or(DEFAULT_CONCURRENCY);

@@ -414,7 +414,9 @@ impl App {
             let beat = async {
                 let marked = self.store.heartbeat(&self.replica, SILENT).await?;
                 if marked > 0 {
-                    eprintln!("host: {marked} call(s) of a stopped replica marked interrupted");
+                    eprintln!(
+                        "host: {marked} call(s) or evaluation(s) of a stopped replica marked ended"
+                    );
                 }
                 let unfinished =
                     std::mem::take(&mut *self.unfinished.lock().unwrap_or_else(|e| e.into_inner()));

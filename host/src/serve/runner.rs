@@ -49,10 +49,11 @@ pub struct Done {
     pub result: Option<Value>,
     /// What went wrong otherwise: `kind`, `message` and the details of the kind.
     pub error: Option<Value>,
-    /// Which limit it hit (`memory`, `time`, `output`, `stack`), for the metrics.
+    /// Which limit it hit (`memory`, `time`, `output`, `record`, `stack`), for the metrics.
     pub limit: Option<&'static str>,
-    /// The trace file's bytes, as `host replay` reads them.
+    /// The trace file's bytes, as `host replay` reads them, and their sha256.
     pub trace: Vec<u8>,
+    pub trace_sha256: String,
 }
 
 /// The limit a deploy's pre-initialisation hit, as the error a call hitting it answers
@@ -76,6 +77,7 @@ fn limit_name(limit: &LimitExceeded) -> &'static str {
         LimitExceeded::Memory(_) => "memory",
         LimitExceeded::Time(_) => "time",
         LimitExceeded::Output(_) => "output",
+        LimitExceeded::Record(_) => "record",
         LimitExceeded::Stack => "stack",
     }
 }
@@ -203,17 +205,15 @@ impl Runner {
             record: true,
         };
         let result = call::call(&self.sandbox, &ready.prepared, &request)?;
-        let trace = result
-            .trace
-            .context("the recorded call left no trace")?
-            .bytes;
+        let trace = result.trace.context("the recorded call left no trace")?;
         let stderr = String::from_utf8_lossy(&result.stderr);
         let mut done = Done {
             outcome: "returned",
             result: None,
             error: None,
             limit: None,
-            trace,
+            trace: trace.bytes,
+            trace_sha256: trace.sha256,
         };
         match result.outcome {
             Outcome::Returned(value) => done.result = Some(value),

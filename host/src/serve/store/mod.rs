@@ -419,6 +419,12 @@ pub struct NewRun<'a> {
 
 /// How a call ended.
 pub struct Finished<'a> {
+    /// The run's tenant and `Idempotency-Key`, as its row has them: a returned call with a
+    /// key checks that no other call with it returned first.
+    pub tenant: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    /// How long ago a worker took the call up (its `started_at`), if one did.
+    pub running_ms: Option<f64>,
     pub duration_ms: Option<f64>,
     pub outcome: &'a str,
     pub http_status: u16,
@@ -602,8 +608,9 @@ impl Store {
     }
 
     /// Notes that `replica` is alive; marks interrupted the unfinished runs of replicas
-    /// silent for longer than `silent`; forgets admissions older than a minute. Returns how
-    /// many runs it marked.
+    /// silent for longer than `silent`, and failed ([`EVALUATION_STOPPED`]) their running
+    /// evaluations; forgets admissions older than a minute. Returns how many runs and
+    /// evaluations it marked.
     pub async fn heartbeat(&self, replica: &str, silent: Duration) -> Result<usize> {
         each!(self, b => b.heartbeat(replica, silent).await)
     }
@@ -720,11 +727,6 @@ impl Store {
     /// Writes an accepted call's row, before anything runs.
     pub async fn start_run(&self, run: &NewRun<'_>) -> Result<()> {
         each!(self, b => b.start_run(run).await)
-    }
-
-    /// Notes that a worker took the call.
-    pub async fn run_started(&self, id: &str) -> Result<()> {
-        each!(self, b => b.run_started(id).await)
     }
 
     /// Completes a run's row, with its trace, in one transaction.

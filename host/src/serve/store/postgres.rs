@@ -24,6 +24,9 @@ use super::{
 
 const NOW: &str =
     "to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')";
+/// `NOW` less `$10` milliseconds (NULL when `$10` is).
+const STARTED: &str = "to_char((clock_timestamp() - $10::float8 * interval '1 millisecond')
+     AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')";
 const NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
 
 /// The advisory lock spaces (the first key of `pg_advisory_xact_lock(int, int)`).
@@ -181,13 +184,23 @@ impl Postgres {
                 &[&silent],
             )
             .await?;
+        let failed = tx
+            .execute(
+                &format!(
+                    "UPDATE evaluations SET status = 'failed', finished_at = {NOW}, error = $2
+                     WHERE status = 'running' AND replica IN
+                     (SELECT name FROM replicas WHERE seen_at_ms < {NOW_MS} - $1)"
+                ),
+                &[&silent, &EVALUATION_STOPPED],
+            )
+            .await?;
         tx.execute(
             &format!("DELETE FROM admissions WHERE at_ms < {NOW_MS} - $1"),
             &[&MINUTE_MS],
         )
         .await?;
         tx.commit().await?;
-        Ok(marked as usize)
+        Ok((marked + failed) as usize)
     }
 
     pub async fn insert_bundle(&self, b: &NewBundle<'_>) -> Result<bool> {
@@ -583,41 +596,25 @@ impl Postgres {
         .map(drop)
     }
 
-    pub async fn run_started(&self, id: &str) -> Result<()> {
-        self.execute(
-            &format!("UPDATE runs SET started_at = {NOW} WHERE id = $1"),
-            &[&id],
-        )
-        .await
-        .map(drop)
-    }
-
     pub async fn finish_run(&self, id: &str, f: &Finished<'_>) -> Result<Completed> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let key: Option<(String, Option<String>)> = tx
-            .query_opt(
-                "SELECT tenant, idempotency_key FROM runs WHERE id = $1",
-                &[&id],
-            )
-            .await?
-            .map(|r| (r.get(0), r.get(1)));
         // A retried call may have returned first under the same key, on any replica: under
         // the key's lock, this one then becomes the duplicate and the earlier result stands.
         let mut earlier: Option<String> = None;
         if f.outcome == "returned"
-            && let Some((tenant, Some(key))) = &key
+            && let Some(key) = f.idempotency_key
         {
             tx.execute(
                 "SELECT pg_advisory_xact_lock($1, hashtext($2 || E'\\n' || $3))",
-                &[&LOCK_IDEMPOTENCY, tenant, key],
+                &[&LOCK_IDEMPOTENCY, &f.tenant, &key],
             )
             .await?;
             earlier = tx
                 .query_opt(
                     "SELECT id FROM runs WHERE tenant = $1 AND idempotency_key = $2
                      AND outcome = 'returned'",
-                    &[tenant, key],
+                    &[&f.tenant, &key],
                 )
                 .await?
                 .map(|r| r.get(0));
@@ -642,7 +639,7 @@ impl Postgres {
             &format!(
                 "UPDATE runs SET finished_at = {NOW}, duration_ms = $2, outcome = $3,
                  http_status = $4, result = $5, result_sha256 = $6, error = $7,
-                 trace_sha256 = $8, trace_size = $9
+                 trace_sha256 = $8, trace_size = $9, started_at = {STARTED}
                  WHERE id = $1"
             ),
             &[
@@ -655,6 +652,7 @@ impl Postgres {
                 &error,
                 &f.trace.map(|t| t.1),
                 &f.trace.map(|t| t.0.len() as i64),
+                &f.running_ms,
             ],
         )
         .await?;

@@ -96,12 +96,20 @@ impl Sqlite {
                 ),
                 [silent],
             )?;
+            let failed = tx.execute(
+                &format!(
+                    "UPDATE evaluations SET status = 'failed', finished_at = {NOW}, error = ?2
+                     WHERE status = 'running' AND replica IN
+                     (SELECT name FROM replicas WHERE seen_at_ms < {NOW_MS} - ?1)"
+                ),
+                rusqlite::params![silent, EVALUATION_STOPPED],
+            )?;
             tx.execute(
                 &format!("DELETE FROM admissions WHERE at_ms < {NOW_MS} - ?1"),
                 [MINUTE_MS],
             )?;
             tx.commit()?;
-            Ok(marked)
+            Ok(marked + failed)
         })
     }
 
@@ -491,32 +499,21 @@ impl Sqlite {
         .map(drop)
     }
 
-    pub async fn run_started(&self, id: &str) -> Result<()> {
-        self.with(|c| {
-            c.execute(
-                &format!("UPDATE runs SET started_at = {NOW} WHERE id = ?1"),
-                [id],
-            )
-        })
-        .map(drop)
-    }
-
     pub async fn finish_run(&self, id: &str, f: &Finished<'_>) -> Result<Completed> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             // A retried call may have returned first under the same key: then this one is
             // the duplicate, and the earlier result stands.
-            let earlier: Option<String> = if f.outcome == "returned" {
-                tx.query_row(
-                    "SELECT e.id FROM runs e JOIN runs r ON e.tenant = r.tenant
-                     AND e.idempotency_key = r.idempotency_key
-                     WHERE r.id = ?1 AND e.outcome = 'returned'",
-                    [id],
-                    |r| r.get(0),
-                )
-                .optional()?
-            } else {
-                None
+            let earlier: Option<String> = match f.idempotency_key {
+                Some(key) if f.outcome == "returned" => tx
+                    .query_row(
+                        "SELECT id FROM runs WHERE tenant = ?1 AND idempotency_key = ?2
+                         AND outcome = 'returned'",
+                        [f.tenant, key],
+                        |r| r.get(0),
+                    )
+                    .optional()?,
+                _ => None,
             };
             let (outcome, error) = match &earlier {
                 Some(e) => (
@@ -537,7 +534,9 @@ impl Sqlite {
                 &format!(
                     "UPDATE runs SET finished_at = {NOW}, duration_ms = ?2, outcome = ?3,
                      http_status = ?4, result = ?5, result_sha256 = ?6, error = ?7,
-                     trace_sha256 = ?8, trace_size = ?9
+                     trace_sha256 = ?8, trace_size = ?9,
+                     started_at = CASE WHEN ?10 IS NOT NULL THEN strftime(
+                       '%Y-%m-%dT%H:%M:%fZ', 'now', printf('%.3f seconds', -?10 / 1000.0)) END
                      WHERE id = ?1"
                 ),
                 params![
@@ -550,6 +549,7 @@ impl Sqlite {
                     error,
                     f.trace.map(|t| t.1),
                     f.trace.map(|t| t.0.len() as i64),
+                    f.running_ms,
                 ],
             )?;
             tx.commit()?;
