@@ -168,6 +168,31 @@ fn main() -> Result<()> {
         report.summary
     );
 
+    // For scale: the same calls made plainly on the candidate (not replayed, nothing
+    // recorded or compared), on as many threads: what the evaluation adds to the calls.
+    let policy = host::Policy::default();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS {
+            scope.spawn(|| {
+                while let Some(run) =
+                    runs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                {
+                    let Ok(trace) = &run.trace else { continue };
+                    let request = host::Request {
+                        function: &trace.header.function,
+                        arguments: &trace.header.arguments,
+                        policy: &policy,
+                        record: false,
+                    };
+                    host::call::call(&sandbox, &candidate, &request).expect("a plain call");
+                }
+            });
+        }
+    });
+    let plain = started.elapsed();
+
     // (c) one `host replay --notebook` process per trace, on a sample.
     let dir = work.path().join("traces");
     std::fs::create_dir(&dir)?;
@@ -198,6 +223,11 @@ fn main() -> Result<()> {
     println!(
         "  (b) POST /v1/evaluations, {THREADS} workers   {}  (until GET says done)",
         seconds(served)
+    );
+    println!(
+        "  for scale: the same calls, plain      {}  ({:.1} ms a call on {THREADS} threads: the floor of (a) and (b))",
+        seconds(plain),
+        plain.as_secs_f64() * 1000.0 / CALLS as f64
     );
     println!(
         "  (c) host replay --notebook per trace {}  ({SAMPLE} timed, {:.0} ms each, scaled to {CALLS})",

@@ -163,13 +163,13 @@ impl Sqlite {
     }
 
     pub async fn bundle(&self, tenant: &str, version: &str) -> Result<Option<BundleRow>> {
+        // On every call's path: the statement is kept prepared, as are the others there.
         self.with(|c| {
-            c.query_row(
+            c.prepare_cached(
                 "SELECT version, functions, label, notebook, size, deployed_at FROM bundles
                  WHERE tenant = ?1 AND version = ?2",
-                [tenant, version],
-                bundle_row,
-            )
+            )?
+            .query_row([tenant, version], bundle_row)
             .optional()
         })
     }
@@ -238,20 +238,19 @@ impl Sqlite {
 
     pub async fn alias(&self, tenant: &str, alias: &str) -> Result<Option<AliasTarget>> {
         self.with(|c| {
-            c.query_row(
+            c.prepare_cached(
                 "SELECT version, canary_version, canary_percent, canary_sticky, shadow_version
                  FROM aliases WHERE tenant = ?1 AND name = ?2",
-                [tenant, alias],
-                |r| {
-                    Ok(AliasTarget::from_columns(
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                    ))
-                },
-            )
+            )?
+            .query_row([tenant, alias], |r| {
+                Ok(AliasTarget::from_columns(
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                ))
+            })
             .optional()
         })
     }
@@ -473,28 +472,26 @@ impl Sqlite {
 
     pub async fn start_run(&self, run: &NewRun<'_>) -> Result<()> {
         self.with(|c| {
-            c.execute(
-                &format!(
-                    "INSERT INTO runs (id, tenant, alias, bundle_version, function, idempotency_key,
-                     received_at, input_sha256, host_version, runtime_sha256, replica, side,
-                     shadow_of)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, {NOW}, ?7, ?8, ?9, ?10, ?11, ?12)"
-                ),
-                params![
-                    run.id,
-                    run.tenant,
-                    run.alias,
-                    run.bundle_version,
-                    run.function,
-                    run.idempotency_key,
-                    run.input_sha256,
-                    env!("CARGO_PKG_VERSION"),
-                    run.runtime_sha256,
-                    run.replica,
-                    run.side,
-                    run.shadow_of,
-                ],
-            )
+            c.prepare_cached(&format!(
+                "INSERT INTO runs (id, tenant, alias, bundle_version, function, idempotency_key,
+                 received_at, input_sha256, host_version, runtime_sha256, replica, side,
+                 shadow_of)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, {NOW}, ?7, ?8, ?9, ?10, ?11, ?12)"
+            ))?
+            .execute(params![
+                run.id,
+                run.tenant,
+                run.alias,
+                run.bundle_version,
+                run.function,
+                run.idempotency_key,
+                run.input_sha256,
+                env!("CARGO_PKG_VERSION"),
+                run.runtime_sha256,
+                run.replica,
+                run.side,
+                run.shadow_of,
+            ])
         })
         .map(drop)
     }
@@ -506,12 +503,11 @@ impl Sqlite {
             // the duplicate, and the earlier result stands.
             let earlier: Option<String> = match f.idempotency_key {
                 Some(key) if f.outcome == "returned" => tx
-                    .query_row(
+                    .prepare_cached(
                         "SELECT id FROM runs WHERE tenant = ?1 AND idempotency_key = ?2
                          AND outcome = 'returned'",
-                        [f.tenant, key],
-                        |r| r.get(0),
-                    )
+                    )?
+                    .query_row([f.tenant, key], |r| r.get(0))
                     .optional()?,
                 _ => None,
             };
@@ -525,33 +521,29 @@ impl Sqlite {
                 None => (f.outcome, f.error.map(str::to_owned)),
             };
             if let Some((data, _)) = f.trace {
-                tx.execute(
-                    "INSERT INTO traces (run, data) VALUES (?1, ?2)",
-                    params![id, data],
-                )?;
+                tx.prepare_cached("INSERT INTO traces (run, data) VALUES (?1, ?2)")?
+                    .execute(params![id, data])?;
             }
-            tx.execute(
-                &format!(
-                    "UPDATE runs SET finished_at = {NOW}, duration_ms = ?2, outcome = ?3,
-                     http_status = ?4, result = ?5, result_sha256 = ?6, error = ?7,
-                     trace_sha256 = ?8, trace_size = ?9,
-                     started_at = CASE WHEN ?10 IS NOT NULL THEN strftime(
-                       '%Y-%m-%dT%H:%M:%fZ', 'now', printf('%.3f seconds', -?10 / 1000.0)) END
-                     WHERE id = ?1"
-                ),
-                params![
-                    id,
-                    f.duration_ms,
-                    outcome,
-                    f.http_status,
-                    f.result,
-                    f.result_sha256,
-                    error,
-                    f.trace.map(|t| t.1),
-                    f.trace.map(|t| t.0.len() as i64),
-                    f.running_ms,
-                ],
-            )?;
+            tx.prepare_cached(&format!(
+                "UPDATE runs SET finished_at = {NOW}, duration_ms = ?2, outcome = ?3,
+                 http_status = ?4, result = ?5, result_sha256 = ?6, error = ?7,
+                 trace_sha256 = ?8, trace_size = ?9,
+                 started_at = CASE WHEN ?10 IS NOT NULL THEN strftime(
+                   '%Y-%m-%dT%H:%M:%fZ', 'now', printf('%.3f seconds', -?10 / 1000.0)) END
+                 WHERE id = ?1"
+            ))?
+            .execute(params![
+                id,
+                f.duration_ms,
+                outcome,
+                f.http_status,
+                f.result,
+                f.result_sha256,
+                error,
+                f.trace.map(|t| t.1),
+                f.trace.map(|t| t.0.len() as i64),
+                f.running_ms,
+            ])?;
             tx.commit()?;
             Ok(earlier.map_or(Completed::Recorded, Completed::Duplicate))
         })
