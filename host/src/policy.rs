@@ -131,9 +131,9 @@ pub struct Limits {
     pub timeout: Duration,
     /// Bytes the guest may write to stdout and stderr together, and bytes of its result.
     pub output: u64,
-    /// Bytes a recorded call's recording may take in host's memory (its events and their
-    /// data, a little more than the trace's JSON spells them): what host keeps while it
-    /// records, past the guest's memory, and about what a replay will read back.
+    /// Bytes a recorded call's trace may hold (its events and their data, as the trace's JSON
+    /// spells them, before compression): what a replay will read back, and what bounds the
+    /// recording host keeps in its own memory while the call runs.
     pub record: u64,
 }
 
@@ -209,7 +209,7 @@ impl fmt::Display for LimitExceeded {
             ),
             LimitExceeded::Record(n) => write!(
                 f,
-                "record limit hit: the call's recording would take more than {} (it read or drew too many fresh bytes to keep; raise it with --max-record)",
+                "record limit hit: the call's trace would hold more than {} (it read, drew or polled too much to keep; raise it with --max-record)",
                 Size(*n)
             ),
             LimitExceeded::Stack => write!(f, "stack limit hit: the call recursed too deeply"),

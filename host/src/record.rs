@@ -103,23 +103,24 @@ impl Recording {
     }
 }
 
-/// Bytes an event takes in host's memory while it is recorded (a little more than in the
-/// trace's JSON): the event itself with its call name, arguments and path, each piece of data
-/// (a blob's id, or inline text), and the base64 text of each blob it is the first to keep,
-/// with the blob map's share. Measured against the allocator: a 256-byte random draw takes
-/// about 900 bytes.
+/// Bytes an event adds to the trace's JSON, about (a little over, never much under): the
+/// call, arguments and result, its path, each piece of data (inline text, a blob's id, a
+/// runtime range), and the base64 text and id of each blob it is the first to keep. Host
+/// holds the recording in a form that takes up to about three times as much (a clock reading
+/// is about 100 bytes of JSON and 310 of memory; see the README for the bound).
 fn charge(event: &Event, new_blobs: u64, blobs: u64) -> u64 {
     let data = |d: &Data| match d {
-        Data::Inline(text) => text.len() as u64 + 48,
-        Data::Blob(_) => 96,
-        Data::Runtime { file, .. } => file.len() as u64 + 64,
+        Data::Inline(text) => text.len() as u64 + 14,
+        Data::Blob(_) => 76,
+        Data::Runtime { file, .. } => file.len() as u64 + 56,
     };
-    256 + event.args.len() as u64 * 8
-        + event.path.as_ref().map_or(0, |p| p.len() as u64 + 32)
-        + event.writes.iter().map(|(_, d)| data(d) + 48).sum::<u64>()
-        + event.sent.as_ref().map_or(0, data)
+    48 + event.call.len() as u64
+        + event.args.len() as u64 * 12
+        + event.path.as_ref().map_or(0, |p| p.len() as u64 + 10)
+        + event.writes.iter().map(|(_, d)| data(d) + 16).sum::<u64>()
+        + event.sent.as_ref().map_or(0, |d| data(d) + 10)
         + new_blobs
-        + blobs * 160
+        + blobs * 70
 }
 
 /// How far a replay got.
