@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
     // exist, so those reads fail, after whatever the range's numbers make host do first.
     let blobs = Blobs::with_runtime(trace.blobs.clone(), Path::new("/nonexistent/runtime"));
     let _ = RecordedFiles::from_trace(&trace, &blobs);
-    let _ = served(&trace, &blobs);
+    let _ = served(&trace, &blobs, 1 << 20);
     // A decoded trace encodes to a file that decodes.
     let encoded = trace.encode().expect("a decoded trace encodes");
     Trace::decode(&encoded).expect("an encoded trace decodes");

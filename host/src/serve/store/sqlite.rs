@@ -410,20 +410,23 @@ impl Sqlite {
     ) -> Result<bool> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let counted = tx.execute(
-                "UPDATE evaluations SET done = done + 1,
-                 same = same + (?2 = 'same'), changed = changed + (?2 = 'changed'),
-                 newly_failing = newly_failing + (?2 = 'newly_failing'),
-                 fixed = fixed + (?2 = 'fixed'), not_replayable = not_replayable + (?2 = 'not_replayable')
-                 WHERE id = ?1 AND status = 'running'",
-                params![evaluation, class],
-            )?;
+            // Once for every run of an evaluation: the statements are kept prepared.
+            let counted = tx
+                .prepare_cached(
+                    "UPDATE evaluations SET done = done + 1,
+                     same = same + (?2 = 'same'), changed = changed + (?2 = 'changed'),
+                     newly_failing = newly_failing + (?2 = 'newly_failing'),
+                     fixed = fixed + (?2 = 'fixed'),
+                     not_replayable = not_replayable + (?2 = 'not_replayable')
+                     WHERE id = ?1 AND status = 'running'",
+                )?
+                .execute(params![evaluation, class])?;
             if counted == 1 {
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO evaluation_runs (evaluation, run, class, detail)
                      VALUES (?1, ?2, ?3, ?4)",
-                    params![evaluation, run, class, detail],
-                )?;
+                )?
+                .execute(params![evaluation, run, class, detail])?;
             }
             tx.commit()?;
             Ok(counted == 1)
@@ -603,12 +606,11 @@ impl Sqlite {
 
     pub async fn trace(&self, tenant: &str, id: &str) -> Result<Option<Vec<u8>>> {
         self.with(|c| {
-            c.query_row(
+            c.prepare_cached(
                 "SELECT t.data FROM traces t JOIN runs r ON r.id = t.run
                  WHERE r.tenant = ?1 AND t.run = ?2",
-                [tenant, id],
-                |r| r.get(0),
-            )
+            )?
+            .query_row([tenant, id], |r| r.get(0))
             .optional()
         })
     }
