@@ -24,7 +24,8 @@
 //!   beating, see `replicas`). Columns: `id` (UUIDv7, so ids sort by time), `tenant`, `alias`
 //!   (when called by alias), `bundle_version`, `function`, `idempotency_key` (the client's
 //!   `Idempotency-Key` header; at most one `returned` row per tenant and key), `received_at`,
-//!   `started_at`, `finished_at` (UTC, RFC 3339 with milliseconds), `duration_ms` (the call
+//!   `started_at` (when a worker took the call up, written with its end: one statement less
+//!   a call), `finished_at` (UTC, RFC 3339 with milliseconds), `duration_ms` (the call
 //!   in the sandbox), `outcome` (`returned|raised|limit|bad_input|internal|interrupted`, and
 //!   `duplicate` for a retried call that finished after another with its key returned),
 //!   `http_status`, `input_sha256` (of the request body), `result` (the value's JSON, NULL
