@@ -16,8 +16,8 @@
 //! A move of an alias gated on an evaluation (`require_evaluation`, see [`super::aliases`])
 //! looks for a `done` one of the new version against the version the alias points at.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use anyhow::Context;
@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use super::auth::{Caller, TenantState};
 use super::error::ApiError;
 use super::runner::{Tolerance, is_class};
-use super::store::{EvaluationRow, NewEvaluation, RunFilter, RunRow};
+use super::store::{Entry, EvaluationRow, NewEvaluation, RunFilter, RunRow};
 use super::{App, body};
 use crate::bundle::rfc3339;
 use crate::policy::parse_period;
@@ -279,6 +279,8 @@ pub async fn create(
         candidate: candidate.version,
         tolerance,
         left: AtomicUsize::new(runs.len()),
+        classed: AtomicUsize::new(0),
+        pending: Mutex::new(Vec::new()),
         runs,
         stopped: AtomicBool::new(false),
     });
@@ -363,6 +365,10 @@ async fn select(
     }
 }
 
+/// Entries stored in one transaction: progress still moves several times a second, and
+/// the store's writes are not one per run.
+const BATCH: usize = 16;
+
 /// A running evaluation, shared by its jobs.
 struct Evaluation {
     app: Arc<App>,
@@ -373,6 +379,12 @@ struct Evaluation {
     runs: Vec<Selected>,
     /// Runs not yet stored: the job that stores the last one ends the evaluation.
     left: AtomicUsize,
+    /// Runs classed so far, stored or not; the job that classes the last stores what is
+    /// pending.
+    classed: AtomicUsize,
+    /// Entries classed and not yet stored: stored [`BATCH`] at a time, one transaction each,
+    /// not one per run.
+    pending: Mutex<Vec<Entry>>,
     /// Set once it failed or the server began to stop: the jobs left do nothing.
     stopped: AtomicBool,
 }
@@ -390,20 +402,36 @@ impl Evaluation {
             return;
         }
         let run = &self.runs[index];
-        let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.classify(run)))
+        let classed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.classify(run)))
             .unwrap_or_else(|_| Err(anyhow::anyhow!("a bug in host: run {} panicked", run.id)));
-        match stored {
-            Ok(true) if self.left.fetch_sub(1, Ordering::AcqRel) == 1 => self.end(None),
+        let entry = match classed {
+            Ok(entry) => entry,
+            Err(e) => return self.end(Some(&format!("run {}: {e:#}", run.id))),
+        };
+        let last = self.classed.fetch_add(1, Ordering::AcqRel) + 1 == self.runs.len();
+        let batch = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            pending.push(entry);
+            if last || pending.len() >= BATCH {
+                std::mem::take(&mut *pending)
+            } else {
+                return;
+            }
+        };
+        let app = &self.app;
+        match app.block_on(app.store.evaluation_entries(&self.id, &batch)) {
+            Ok(true) if self.left.fetch_sub(batch.len(), Ordering::AcqRel) == batch.len() => {
+                self.end(None)
+            }
             Ok(true) => {}
             // Marked failed meanwhile: by a stop, or by another run's failure.
             Ok(false) => self.stopped.store(true, Ordering::Relaxed),
-            Err(e) => self.end(Some(&format!("run {}: {e:#}", run.id))),
+            Err(e) => self.end(Some(&format!("storing its entries: {e:#}"))),
         }
     }
 
-    /// Replays one run on the candidate and stores its entry; false when the evaluation is
-    /// no longer running.
-    fn classify(&self, run: &Selected) -> anyhow::Result<bool> {
+    /// Replays one run on the candidate: its entry, to store.
+    fn classify(&self, run: &Selected) -> anyhow::Result<Entry> {
         let app = &self.app;
         let runner = app
             .runner
@@ -423,12 +451,11 @@ impl Evaluation {
         };
         let evaluated =
             runner.evaluate(&candidate, &run.id, &run.function, trace, self.tolerance)?;
-        app.block_on(app.store.evaluation_entry(
-            &self.id,
-            &run.id,
-            evaluated.class,
-            &evaluated.entry.to_string(),
-        ))
+        Ok(Entry {
+            run: run.id.clone(),
+            class: evaluated.class,
+            detail: evaluated.entry.to_string(),
+        })
     }
 
     /// Marks the evaluation `done`, or `failed` with `error` (once: later jobs do nothing).

@@ -551,6 +551,34 @@ pub struct NewEvaluation<'a> {
     pub replica: &'a str,
 }
 
+/// One run of an evaluation, classed: its id, class and report entry (JSON).
+pub struct Entry {
+    pub run: String,
+    pub class: &'static str,
+    pub detail: String,
+}
+
+/// How many runs of each class `entries` hold, in the order of the `evaluations` columns
+/// `same`, `changed`, `newly_failing`, `fixed`, `not_replayable`.
+pub fn class_counts(entries: &[Entry]) -> [i64; 5] {
+    let mut counts = [0; 5];
+    for e in entries {
+        let column = [
+            "same",
+            "changed",
+            "newly_failing",
+            "fixed",
+            "not_replayable",
+        ]
+        .iter()
+        .position(|c| *c == e.class);
+        if let Some(i) = column {
+            counts[i] += 1;
+        }
+    }
+    counts
+}
+
 /// The error of an evaluation its replica's stop cut short.
 pub const EVALUATION_STOPPED: &str =
     "the server stopped before the evaluation ended: start it again";
@@ -696,17 +724,11 @@ impl Store {
         each!(self, b => b.start_evaluation(e).await)
     }
 
-    /// Stores one run's class and report entry (JSON) and counts it in its evaluation's
+    /// Stores runs' classes and report entries (JSON) and counts them in their evaluation's
     /// progress, in one transaction; false, storing nothing, once the evaluation is no longer
     /// running.
-    pub async fn evaluation_entry(
-        &self,
-        evaluation: &str,
-        run: &str,
-        class: &str,
-        detail: &str,
-    ) -> Result<bool> {
-        each!(self, b => b.evaluation_entry(evaluation, run, class, detail).await)
+    pub async fn evaluation_entries(&self, evaluation: &str, entries: &[Entry]) -> Result<bool> {
+        each!(self, b => b.evaluation_entries(evaluation, entries).await)
     }
 
     /// Ends a running evaluation: `done`, or `failed` with `error`.

@@ -18,8 +18,9 @@ use tokio_postgres::types::ToSql;
 
 use super::{
     AliasRow, AliasTarget, BundleRow, Canary, Completed, Dialect, EVALUATION_COLUMNS,
-    EVALUATION_STOPPED, EvaluationSummary, Finished, Gate, MIGRATIONS, MINUTE_MS, MoveRow,
-    NewBundle, NewEvaluation, NewRun, RUN_COLUMNS, RunFilter, RunRow, check_version, redact,
+    EVALUATION_STOPPED, Entry, EvaluationSummary, Finished, Gate, MIGRATIONS, MINUTE_MS, MoveRow,
+    NewBundle, NewEvaluation, NewRun, RUN_COLUMNS, RunFilter, RunRow, check_version, class_counts,
+    redact,
 };
 
 const NOW: &str =
@@ -498,34 +499,38 @@ impl Postgres {
         .map(drop)
     }
 
-    pub async fn evaluation_entry(
-        &self,
-        evaluation: &str,
-        run: &str,
-        class: &str,
-        detail: &str,
-    ) -> Result<bool> {
+    pub async fn evaluation_entries(&self, evaluation: &str, entries: &[Entry]) -> Result<bool> {
+        let [same, changed, newly_failing, fixed, not_replayable] = class_counts(entries);
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let counted = tx
             .execute(
-                "UPDATE evaluations SET done = done + 1,
-                 same = same + (($2::text = 'same')::int),
-                 changed = changed + (($2::text = 'changed')::int),
-                 newly_failing = newly_failing + (($2::text = 'newly_failing')::int),
-                 fixed = fixed + (($2::text = 'fixed')::int),
-                 not_replayable = not_replayable + (($2::text = 'not_replayable')::int)
+                "UPDATE evaluations SET done = done + $2, same = same + $3,
+                 changed = changed + $4, newly_failing = newly_failing + $5,
+                 fixed = fixed + $6, not_replayable = not_replayable + $7
                  WHERE id = $1 AND status = 'running'",
-                &[&evaluation, &class],
+                &[
+                    &evaluation,
+                    &(entries.len() as i64),
+                    &same,
+                    &changed,
+                    &newly_failing,
+                    &fixed,
+                    &not_replayable,
+                ],
             )
             .await?;
         if counted == 1 {
-            tx.execute(
-                "INSERT INTO evaluation_runs (evaluation, run, class, detail)
-                 VALUES ($1, $2, $3, $4)",
-                &[&evaluation, &run, &class, &detail],
-            )
-            .await?;
+            let insert = tx
+                .prepare(
+                    "INSERT INTO evaluation_runs (evaluation, run, class, detail)
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .await?;
+            for e in entries {
+                tx.execute(&insert, &[&evaluation, &e.run, &e.class, &e.detail])
+                    .await?;
+            }
         }
         tx.commit().await?;
         Ok(counted == 1)

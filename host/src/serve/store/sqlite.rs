@@ -14,8 +14,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     AliasRow, AliasTarget, BundleRow, Canary, Completed, Dialect, EVALUATION_COLUMNS,
-    EVALUATION_STOPPED, EvaluationSummary, Finished, Gate, MIGRATIONS, MINUTE_MS, MoveRow,
-    NewBundle, NewEvaluation, NewRun, RUN_COLUMNS, RunFilter, RunRow, check_version,
+    EVALUATION_STOPPED, Entry, EvaluationSummary, Finished, Gate, MIGRATIONS, MINUTE_MS, MoveRow,
+    NewBundle, NewEvaluation, NewRun, RUN_COLUMNS, RunFilter, RunRow, check_version, class_counts,
 };
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
@@ -401,32 +401,35 @@ impl Sqlite {
         .map(drop)
     }
 
-    pub async fn evaluation_entry(
-        &self,
-        evaluation: &str,
-        run: &str,
-        class: &str,
-        detail: &str,
-    ) -> Result<bool> {
+    pub async fn evaluation_entries(&self, evaluation: &str, entries: &[Entry]) -> Result<bool> {
+        let [same, changed, newly_failing, fixed, not_replayable] = class_counts(entries);
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            // Once for every run of an evaluation: the statements are kept prepared.
+            // Many times in an evaluation: the statements are kept prepared.
             let counted = tx
                 .prepare_cached(
-                    "UPDATE evaluations SET done = done + 1,
-                     same = same + (?2 = 'same'), changed = changed + (?2 = 'changed'),
-                     newly_failing = newly_failing + (?2 = 'newly_failing'),
-                     fixed = fixed + (?2 = 'fixed'),
-                     not_replayable = not_replayable + (?2 = 'not_replayable')
+                    "UPDATE evaluations SET done = done + ?2, same = same + ?3,
+                     changed = changed + ?4, newly_failing = newly_failing + ?5,
+                     fixed = fixed + ?6, not_replayable = not_replayable + ?7
                      WHERE id = ?1 AND status = 'running'",
                 )?
-                .execute(params![evaluation, class])?;
+                .execute(params![
+                    evaluation,
+                    entries.len() as i64,
+                    same,
+                    changed,
+                    newly_failing,
+                    fixed,
+                    not_replayable
+                ])?;
             if counted == 1 {
-                tx.prepare_cached(
+                let mut insert = tx.prepare_cached(
                     "INSERT INTO evaluation_runs (evaluation, run, class, detail)
                      VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![evaluation, run, class, detail])?;
+                )?;
+                for e in entries {
+                    insert.execute(params![evaluation, e.run, e.class, e.detail])?;
+                }
             }
             tx.commit()?;
             Ok(counted == 1)
