@@ -63,6 +63,8 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::evaluate::Class;
+
 pub mod postgres;
 pub mod sqlite;
 
@@ -558,21 +560,13 @@ pub struct Entry {
     pub detail: String,
 }
 
-/// How many runs of each class `entries` hold, in the order of the `evaluations` columns
-/// `same`, `changed`, `newly_failing`, `fixed`, `not_replayable`.
+/// How many runs of each class `entries` hold, in [`Class::ALL`]'s order, which is the
+/// order of the `evaluations` columns `same`, `changed`, `newly_failing`, `fixed`,
+/// `not_replayable`.
 pub fn class_counts(entries: &[Entry]) -> [i64; 5] {
     let mut counts = [0; 5];
     for e in entries {
-        let column = [
-            "same",
-            "changed",
-            "newly_failing",
-            "fixed",
-            "not_replayable",
-        ]
-        .iter()
-        .position(|c| *c == e.class);
-        if let Some(i) = column {
+        if let Some(i) = Class::ALL.iter().position(|c| c.name() == e.class) {
             counts[i] += 1;
         }
     }
