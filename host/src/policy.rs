@@ -158,6 +158,19 @@ pub const DEFAULT_RECORD: u64 = 256 << 20;
 /// than a replay accepts.
 pub const MAX_RECORD: u64 = 768 << 20;
 
+/// A record limit (`--max-record`, a tenant's `max_record`), refused over [`MAX_RECORD`]: a
+/// larger trace could not be replayed.
+pub fn record_limit(text: &str) -> Result<Size> {
+    let size: Size = text.parse()?;
+    if size.0 > MAX_RECORD {
+        return Err(bad_input(format!(
+            "{size} is more than a trace may hold (at most {})",
+            Size(MAX_RECORD)
+        )));
+    }
+    Ok(size)
+}
+
 impl Limits {
     /// Each limit the larger of the two: room for a call under either.
     pub fn widest(self, other: Limits) -> Limits {

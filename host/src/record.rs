@@ -105,10 +105,10 @@ impl Recording {
 
 /// Bytes an event adds to the trace's JSON, about (a little over, never much under): the
 /// call, arguments and result, its path, each piece of data (inline text, a blob's id, a
-/// runtime range), and the base64 text and id of each blob it is the first to keep. Host
+/// runtime range), and `new_blobs`, what its blobs added to the blob map ([`Blobs::put`]). Host
 /// holds the recording in a form that takes up to about three times as much (a clock reading
 /// is about 100 bytes of JSON and 310 of memory; see the README for the bound).
-fn charge(event: &Event, new_blobs: u64, blobs: u64) -> u64 {
+fn charge(event: &Event, new_blobs: u64) -> u64 {
     let data = |d: &Data| match d {
         Data::Inline(text) => text.len() as u64 + 14,
         Data::Blob(_) => 76,
@@ -120,7 +120,6 @@ fn charge(event: &Event, new_blobs: u64, blobs: u64) -> u64 {
         + event.writes.iter().map(|(_, d)| data(d) + 16).sum::<u64>()
         + event.sent.as_ref().map_or(0, |d| data(d) + 10)
         + new_blobs
-        + blobs * 70
 }
 
 /// How far a replay got.
@@ -257,8 +256,9 @@ pub enum Data {
 pub struct Blobs {
     pub map: BTreeMap<String, String>,
     pub runtime: Option<std::path::PathBuf>,
-    /// The bytes of base64 text [`Blobs::put`] has kept, what a recording is charged for.
-    text_len: u64,
+    /// The bytes the blobs [`Blobs::put`] has kept add to the trace's JSON (each one's id
+    /// and base64 text), what a recording is charged for them.
+    kept: u64,
 }
 
 impl Blobs {
@@ -267,7 +267,7 @@ impl Blobs {
         Blobs {
             map,
             runtime: Some(runtime.to_owned()),
-            text_len: 0,
+            kept: 0,
         }
     }
 
@@ -278,7 +278,7 @@ impl Blobs {
         let id = hex::encode(Sha256::digest(bytes));
         if let std::collections::btree_map::Entry::Vacant(slot) = self.map.entry(id.clone()) {
             let text = slot.insert(B64.encode(bytes));
-            self.text_len += text.len() as u64;
+            self.kept += text.len() as u64 + 70;
         }
         Data::Blob(id)
     }
@@ -903,7 +903,7 @@ impl Tracing {
             budget,
             used,
         } = recording;
-        let (text_before, count_before) = (blobs.text_len, blobs.map.len());
+        let kept_before = blobs.kept;
         let writes = match files.observe(call, &args, result, path.as_deref(), &writes) {
             // Reads of the runtime's own files: where they came from, not their bytes.
             Some((file, mut offset)) => {
@@ -941,11 +941,7 @@ impl Tracing {
             sent,
             exit,
         };
-        *used += charge(
-            &event,
-            blobs.text_len - text_before,
-            (blobs.map.len() - count_before) as u64,
-        );
+        *used += charge(&event, blobs.kept - kept_before);
         if *used > *budget {
             return Err(LimitExceeded::Record(*budget));
         }

@@ -13,9 +13,11 @@ use crate::bundle::{Bundle, Select};
 use crate::call::{self, Outcome, Request};
 use crate::door::Arguments;
 use crate::error::{Exit, bad_input};
-use crate::files::{SigningKey, read_capped, read_regular, sealed, write_private};
+use crate::files::{SigningKey, read_capped, read_regular, write_private};
 use crate::neighbours::Wheel;
-use crate::policy::{EnvVar, Grant, Limits, MAX_RECORD, Policy, Size, Timeout, check_guest_paths};
+use crate::policy::{
+    EnvVar, Grant, Limits, Policy, Size, Timeout, check_guest_paths, record_limit,
+};
 use crate::preinit::Prepared;
 
 #[derive(Debug, Args)]
@@ -158,20 +160,8 @@ pub struct SandboxArgs {
     pub max_output: Size,
     /// Limit on the trace of a recorded call (`--record`, and every call `host serve` logs):
     /// what host holds in its own memory while recording, past the guest's (at most 768M).
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = record_size)]
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = record_limit)]
     pub max_record: Size,
-}
-
-/// A `--max-record` size, at most [`MAX_RECORD`]: a larger trace could not be replayed.
-fn record_size(text: &str) -> Result<Size> {
-    let size: Size = text.parse()?;
-    if size.0 > MAX_RECORD {
-        return Err(bad_input(format!(
-            "{size} is more than a trace may hold (at most {})",
-            Size(MAX_RECORD)
-        )));
-    }
-    Ok(size)
 }
 
 impl SandboxArgs {
@@ -230,8 +220,8 @@ pub fn run(global: &GlobalOptions, args: &RunArgs) -> Result<Exit> {
     };
     let finished = call::call(sandbox, &prepared, &request)?;
     if let (Some(path), Some(trace)) = (&args.record, &finished.trace) {
-        // Signed, a copy with its signature line; unsigned, the bytes as they are.
-        let signed = key.as_ref().map(|k| sealed(Some(k), trace.bytes.clone()));
+        // Signed, the bytes with a signature line before them; unsigned, as they are.
+        let signed = key.as_ref().map(|k| k.sign(&trace.bytes));
         write_private(path, signed.as_deref().unwrap_or(&trace.bytes))
             .with_context(|| format!("failed to write trace `{}`", path.display()))?;
         say(format_args!(

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use super::store::Location;
 use crate::error::bad_input;
 use crate::policy::{
-    DEFAULT_RECORD, Grant, Limits, MAX_RECORD, Size, parse_duration, parse_period, parse_size,
+    DEFAULT_RECORD, Grant, Limits, parse_duration, parse_period, parse_size, record_limit,
 };
 
 /// The config file, as written. Sizes and durations are strings (`"1G"`, `"30s"`), as the
@@ -281,14 +281,10 @@ impl Tenant {
             )));
         }
         let max_body = size_or(t.max_body.as_deref(), max.body).map_err(key("max_body"))?;
-        let record = size_or(t.max_record.as_deref(), DEFAULT_RECORD).map_err(key("max_record"))?;
-        if record > MAX_RECORD {
-            return Err(bad_input(format!(
-                "tenant `{name}`: max_record: {} is more than a trace may hold (at most {})",
-                Size(record),
-                Size(MAX_RECORD)
-            )));
-        }
+        let record = match t.max_record.as_deref() {
+            Some(text) => record_limit(text).map_err(key("max_record"))?.0,
+            None => DEFAULT_RECORD,
+        };
         let limits = Limits {
             memory: capped("memory", memory, max.memory, "max_memory")?,
             timeout,
