@@ -1282,6 +1282,34 @@ fn a_call_past_its_tenants_record_limit_is_a_limit_and_its_trace_replays_to_it()
 }
 
 #[test]
+fn a_runaway_recursion_on_a_worker_is_a_stack_limit_and_the_worker_serves_on() {
+    // The server's workers run calls on their own stacks, with no thread per call: the
+    // deepest recursion the wasm stack allows still ends as a limit, not a crash, and the same
+    // workers answer the next calls.
+    let dir = workdir();
+    let server = Server::start(&dir.path().join("data"), None);
+    let t = server.default_token();
+    let nb = notebook(
+        "import sys\n\ndef recurse(limit):\n    sys.setrecursionlimit(limit)\n    def down(k):\n        return down(k + 1) + 1\n    return down(0)\n\ndef echo(x):\n    return x\n",
+    );
+    let version = server.deploy(&t, &nb.notebook, &[]);
+    for _ in 0..3 {
+        let limit = server
+            .call(&t, &version, "recurse", json!([1_000_000]))
+            .expect(422);
+        assert_eq!(limit["error"]["limit"], json!("stack"), "{limit}");
+        let raised = server
+            .call(&t, &version, "recurse", json!([5000]))
+            .expect(422);
+        assert_eq!(raised["error"]["type"], json!("RecursionError"), "{raised}");
+        assert_eq!(
+            server.call(&t, &version, "echo", json!([7])).expect(200)["result"],
+            json!(7)
+        );
+    }
+}
+
+#[test]
 fn a_silent_replicas_running_evaluation_is_marked_failed_by_the_heartbeat() {
     // Another replica on this store started an evaluation, then went silent (killed, its
     // machine gone): the heartbeat of the one still running ends it, so it never reads as

@@ -28,6 +28,8 @@ pub const TICK: Duration = Duration::from_millis(10);
 const MAX_WASM_STACK: usize = 8 << 20;
 /// Host frames below the wasm stack (WASI calls, the door) need room of their own.
 const NATIVE_STACK: usize = MAX_WASM_STACK + (8 << 20);
+/// The native stack a thread running a call needs: Wasmtime's, and the caller's frames above.
+pub const CALL_STACK: usize = NATIVE_STACK + (4 << 20);
 
 /// The engine settings execution depends on bit for bit: a trace records them, and a replay
 /// refuses an engine that differs.
@@ -114,7 +116,7 @@ impl Engine {
 
     /// The size of native stack a thread running a call needs.
     pub fn native_stack(&self) -> usize {
-        NATIVE_STACK + (4 << 20)
+        CALL_STACK
     }
 
     /// The runtime's interpreter, compiled: from this process, else from the disk cache (when

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use crate::call::Outcome;
 use crate::preinit::Prepared;
 use crate::replay::{Difference, Tolerance, WhatIf, diff, what_if_prepared};
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Sandbox, call_thread};
 use crate::trace::Trace;
 
 /// One recorded call to evaluate the candidate on.
@@ -200,16 +200,19 @@ pub fn evaluate_each(
     let entries: Mutex<Vec<Option<Entry>>> = Mutex::new(vec![None; runs.len()]);
     let threads = options.threads.get().min(runs.len());
     std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                loop {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(run) = runs.get(index) else { break };
-                    let entry = evaluate_run(sandbox, candidate, run, options.tolerance);
-                    each(index, &entry);
-                    entries.lock().unwrap_or_else(|e| e.into_inner())[index] = Some(entry);
-                }
-            });
+        for i in 0..threads {
+            // Threads whose stacks run the calls in place.
+            call_thread(format!("host-evaluate-{i}"))
+                .spawn_scoped(scope, || {
+                    loop {
+                        let index = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(run) = runs.get(index) else { break };
+                        let entry = evaluate_run(sandbox, candidate, run, options.tolerance);
+                        each(index, &entry);
+                        entries.lock().unwrap_or_else(|e| e.into_inner())[index] = Some(entry);
+                    }
+                })
+                .expect("failed to start an evaluation thread");
         }
     });
     let runs: Vec<Entry> = entries

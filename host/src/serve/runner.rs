@@ -103,6 +103,12 @@ pub fn is_user_error(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<UserError>())
 }
 
+/// A worker thread: its stack is large enough to run calls in place, with no thread of
+/// their own each.
+pub fn worker_thread(name: String) -> std::thread::Builder {
+    crate::sandbox::call_thread(name)
+}
+
 impl Runner {
     /// Checks that the runtime is there: quick, so a server without one refuses to start at
     /// once rather than after binding its port.

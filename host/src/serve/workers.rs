@@ -21,6 +21,8 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use tokio::sync::oneshot;
 
+use super::runner::worker_thread;
+
 /// A queued call: it runs, and gives back what hands its value to the waiting request, which
 /// the worker calls only once the call's place is free again (so a client that sends its
 /// next call as soon as it has the answer finds the place it just used).
@@ -42,7 +44,9 @@ pub struct Pool {
 
 struct Shared {
     state: Mutex<State>,
-    wake: Condvar,
+    /// One per worker: a job wakes the worker that went idle last, whose stack, caches and
+    /// core are the warmest, rather than all of them or the one idle longest.
+    wakes: Vec<Condvar>,
 }
 
 struct State {
@@ -53,6 +57,8 @@ struct State {
     background_turn: usize,
     /// Whether the last job a worker took was background work.
     took_background: bool,
+    /// The workers waiting for work, the one that went idle last at the end.
+    idle: Vec<usize>,
 }
 
 struct Queue {
@@ -94,14 +100,14 @@ impl Pool {
                 turn: 0,
                 background_turn: 0,
                 took_background: false,
+                idle: Vec::with_capacity(workers),
             }),
-            wake: Condvar::new(),
+            wakes: (0..workers).map(|_| Condvar::new()).collect(),
         });
         for i in 0..workers {
             let shared = shared.clone();
-            std::thread::Builder::new()
-                .name(format!("host-worker-{i}"))
-                .spawn(move || shared.work())
+            worker_thread(format!("host-worker-{i}"))
+                .spawn(move || shared.work(i))
                 .expect("failed to start a worker thread");
         }
         Pool { shared }
@@ -131,10 +137,9 @@ impl Pool {
 
     /// Queues background work for `tenant`, run when no call waits (see the module's doc).
     pub fn background(&self, tenant: usize, f: impl FnOnce() + Send + 'static) {
-        self.shared.lock().tenants[tenant]
-            .background
-            .push_back(Box::new(f));
-        self.shared.wake.notify_one();
+        let mut state = self.shared.lock();
+        state.tenants[tenant].background.push_back(Box::new(f));
+        self.shared.wake_one(&mut state);
     }
 }
 
@@ -156,8 +161,7 @@ impl Ticket {
             })
         }));
         state.publish();
-        drop(state);
-        self.shared.wake.notify_one();
+        self.shared.wake_one(&mut state);
         rx
     }
 }
@@ -177,14 +181,32 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A worker's life: take the next job in turn, run it, give its place back.
-    fn work(&self) {
+    /// Wakes the worker that went idle last, if one is idle.
+    fn wake_one(&self, state: &mut State) {
+        if let Some(worker) = state.idle.pop() {
+            self.wakes[worker].notify_one();
+        }
+    }
+
+    /// Worker `me`'s life: take the next job in turn, run it, give its place back; wait
+    /// when there is none that can start.
+    fn work(&self, me: usize) {
         let mut state = self.lock();
         loop {
             let Some((tenant, work)) = state.next() else {
-                state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+                state.idle.push(me);
+                state = self.wakes[me]
+                    .wait_while(state, |s| s.idle.contains(&me))
+                    .unwrap_or_else(|e| e.into_inner());
                 continue;
             };
+            // More that can start than this worker takes: another worker for it. (Each job
+            // queued wakes one worker; a job that could not start then, its tenant at its
+            // cap, can when that tenant's running job ends, and the worker that ran it
+            // takes it.)
+            if state.runnable() {
+                self.wake_one(&mut state);
+            }
             state.publish();
             drop(state);
             match work {
@@ -210,8 +232,6 @@ impl Shared {
                     state.tenants[tenant].background_running -= 1;
                 }
             }
-            // A tenant under its cap again may have jobs waiting that no worker was woken for.
-            self.wake.notify_all();
         }
     }
 }
@@ -265,6 +285,14 @@ impl State {
             }
         }
         None
+    }
+
+    /// Whether some job, call or background, could start now.
+    fn runnable(&self) -> bool {
+        self.tenants.iter().any(|q| {
+            q.running + q.background_running < q.concurrency
+                && !(q.jobs.is_empty() && q.background.is_empty())
+        })
     }
 
     fn load(&self) -> (usize, usize) {
@@ -332,6 +360,25 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Calls one at a time, with pauses between them: the worker that went idle last takes
+    /// each, so they all run on one thread (warm), none on the other.
+    #[test]
+    fn the_worker_idle_last_takes_the_next_call() {
+        let pool = Pool::new(2, &[(2, 2)]);
+        // Both workers started and waiting.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut threads = std::collections::HashSet::new();
+        for _ in 0..10 {
+            let ran_on = pool
+                .reserve(0)
+                .unwrap()
+                .run(|| std::thread::current().name().map(str::to_owned));
+            threads.insert(ran_on.blocking_recv().unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(threads.len(), 1, "{threads:?}");
     }
 
     /// One worker, busy with a call while an evaluation's runs and two more calls queue:
