@@ -532,15 +532,17 @@ fn throughput(length: Duration, call: impl Fn() -> Result<()> + Sync) -> Result<
     let started = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..cores() {
-            s.spawn(|| {
-                while started.elapsed() < length {
-                    if call().is_err() {
-                        failed.store(true, Ordering::Relaxed);
-                        return;
+            host::sandbox::call_thread("bench-caller".into())
+                .spawn_scoped(s, || {
+                    while started.elapsed() < length {
+                        if call().is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
                     }
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-            });
+                })
+                .expect("failed to start a calling thread");
         }
     });
     anyhow::ensure!(

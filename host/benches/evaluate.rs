@@ -6,7 +6,8 @@
 //! (b) `POST /v1/evaluations` on the `host serve` that logged the calls (`workers` =
 //!     `THREADS`), timed until `GET /v1/evaluations/ID` says `done`;
 //! (c) the loop users would write without it: one `host replay TRACE --notebook` process per
-//!     trace, one after another, timed on a sample of `SAMPLE` traces and scaled to all.
+//!     trace, one after another, timed on a sample of `SAMPLE` traces (in four parts, before
+//!     and between the others) and scaled to all.
 //!
 //! The calls are made through the real server first, so the traces are the ones production
 //! logs. The candidate is the production bundle itself (made with `host bundle --warm-up`, as
@@ -112,6 +113,41 @@ fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
 
+    // The traces, pulled from the server for (a) and (c).
+    let runs = server.get(&format!("/v1/runs?limit={CALLS}"))?;
+    let mut traces = Vec::with_capacity(CALLS);
+    for row in runs["runs"].as_array().context("no runs")? {
+        let id = row["id"].as_str().context("a run without an id")?;
+        traces.push((
+            id.to_owned(),
+            server.bytes(&format!("/v1/runs/{id}/trace"))?,
+        ));
+    }
+    ensure!(traces.len() == CALLS, "{} traces", traces.len());
+
+    // (c) one `host replay --notebook` process per trace, on a sample, timed in four parts
+    // taken between the other measurements: this machine's speed drifts within minutes,
+    // and (c) is then measured over the same stretch of time as what it is compared with.
+    let dir = work.path().join("traces");
+    std::fs::create_dir(&dir)?;
+    let mut sample = traces.iter().take(SAMPLE);
+    let mut looping = Duration::ZERO;
+    let mut replay_part = || -> Result<()> {
+        let started = Instant::now();
+        for (id, bytes) in sample.by_ref().take(SAMPLE / 4) {
+            let path = dir.join(format!("{id}.trace"));
+            std::fs::write(&path, bytes)?;
+            run(Command::new(&host_bin)
+                .arg("replay")
+                .arg(&path)
+                .arg("--notebook")
+                .arg(&notebook_path))?;
+        }
+        looping += started.elapsed();
+        Ok(())
+    };
+    replay_part()?;
+
     // (b) on the server.
     let started = Instant::now();
     let created = server.post(
@@ -133,18 +169,18 @@ fn main() -> Result<()> {
         finished["status"] == "done" && finished["same"] == CALLS,
         "the server's evaluation: {finished}"
     );
+    // How long each run took inside the evaluation, on the server and (below) in the library:
+    // whether (b) costs more in its runs or around them.
+    let served_runs: Vec<f64> = server.get(&format!("/v1/evaluations/{id}"))?["runs"]
+        .as_array()
+        .context("no runs")?
+        .iter()
+        .filter_map(|r| r["duration_ms"].as_f64())
+        .collect();
+
+    replay_part()?;
 
     // (a) in this process, on the traces pulled from the server.
-    let runs = server.get(&format!("/v1/runs?limit={CALLS}"))?;
-    let mut traces = Vec::with_capacity(CALLS);
-    for row in runs["runs"].as_array().context("no runs")? {
-        let id = row["id"].as_str().context("a run without an id")?;
-        traces.push((
-            id.to_owned(),
-            server.bytes(&format!("/v1/runs/{id}/trace"))?,
-        ));
-    }
-    ensure!(traces.len() == CALLS, "{} traces", traces.len());
     let started = Instant::now();
     let runs: Vec<Run> = traces
         .iter()
@@ -168,6 +204,8 @@ fn main() -> Result<()> {
         report.summary
     );
 
+    replay_part()?;
+
     // For scale: the same calls made plainly on the candidate (not replayed, nothing
     // recorded or compared), on as many threads: what the evaluation adds to the calls.
     let policy = host::Policy::default();
@@ -175,40 +213,40 @@ fn main() -> Result<()> {
     let started = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..THREADS {
-            scope.spawn(|| {
-                while let Some(run) =
-                    runs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-                {
-                    let Ok(trace) = &run.trace else { continue };
-                    let request = host::Request {
-                        function: &trace.header.function,
-                        arguments: &trace.header.arguments,
-                        policy: &policy,
-                        record: false,
-                    };
-                    host::call::call(&sandbox, &candidate, &request).expect("a plain call");
-                }
-            });
+            host::sandbox::call_thread("bench-plain".into())
+                .spawn_scoped(scope, || {
+                    while let Some(run) =
+                        runs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
+                        let Ok(trace) = &run.trace else { continue };
+                        let request = host::Request {
+                            function: &trace.header.function,
+                            arguments: &trace.header.arguments,
+                            policy: &policy,
+                            record: false,
+                        };
+                        host::call::call(&sandbox, &candidate, &request).expect("a plain call");
+                    }
+                })
+                .expect("failed to start a calling thread");
         }
     });
     let plain = started.elapsed();
 
-    // (c) one `host replay --notebook` process per trace, on a sample.
-    let dir = work.path().join("traces");
-    std::fs::create_dir(&dir)?;
-    let started = Instant::now();
-    for (id, bytes) in traces.iter().take(SAMPLE) {
-        let path = dir.join(format!("{id}.trace"));
-        std::fs::write(&path, bytes)?;
-        run(Command::new(&host_bin)
-            .arg("replay")
-            .arg(&path)
-            .arg("--notebook")
-            .arg(&notebook_path))?;
-    }
-    let loop_per_trace = started.elapsed() / SAMPLE as u32;
+    replay_part()?;
+    let loop_per_trace = looping / SAMPLE as u32;
     let looped = loop_per_trace * CALLS as u32;
 
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let library_runs = report.runs.iter().map(|r| r.duration_ms).collect();
+    println!(
+        "median run, inside the evaluation: (a) {:.1} ms, (b) {:.1} ms",
+        median(library_runs),
+        median(served_runs)
+    );
     let seconds = |d: Duration| format!("{:8.1} s", d.as_secs_f64());
     println!(
         "\n{CALLS} runs re-executed on the candidate, classed (all {} same)",

@@ -40,8 +40,11 @@ const CLIENTS: [usize; 3] = [1, 2, 8];
 /// call is slow enough to need longer for a few dozen calls.
 const LENGTH: Duration = Duration::from_secs(6);
 const FRESH_LENGTH: Duration = Duration::from_secs(12);
-/// Into how many turns each measurement is cut.
-const ROUNDS: u32 = 6;
+/// Into how many turns each measurement is cut: short ones, as this machine's speed can drift
+/// by a third within seconds, and a ratio of two figures measured seconds apart would show
+/// the drift. (c), whose calls take half a second, takes one turn in `FRESH_EVERY`.
+const ROUNDS: u32 = 24;
+const FRESH_EVERY: u32 = 4;
 /// The bench tenant's token: the server only ever sees its digest.
 const TOKEN: &str = "bench-token-0123456789abcdef0123456789abcdef";
 
@@ -66,10 +69,11 @@ fn main() -> Result<()> {
     ];
     println!(
         "host serve benchmark on {} cores: notebooks/churn.ipynb over HTTP on loopback, keep-alive, \
-         {} s per client count ({} s for (c)) in {ROUNDS} rounds taking turns\n",
+         {} s per client count ({} s for (c)) in {ROUNDS} rounds taking turns ({} for (c))\n",
         cores(),
         LENGTH.as_secs(),
-        FRESH_LENGTH.as_secs()
+        FRESH_LENGTH.as_secs(),
+        ROUNDS / FRESH_EVERY
     );
 
     let work = tempfile::tempdir()?;
@@ -108,22 +112,27 @@ fn main() -> Result<()> {
             }
         };
         let mut contenders: Vec<Contender> = vec![
-            Contender::new(LENGTH, |clients, window| {
+            Contender::new(LENGTH, 1, |clients, window| {
                 server.level(&served_path, &case.body, clients, window)
             }),
-            Contender::new(LENGTH, |clients, window| {
+            Contender::new(LENGTH, 1, |clients, window| {
                 level(clients, window, || (), in_process)
             }),
         ];
-        for (native, length) in natives.iter().zip([LENGTH, FRESH_LENGTH]) {
+        for (native, (length, every)) in natives
+            .iter()
+            .zip([(LENGTH, 1), (FRESH_LENGTH, FRESH_EVERY)])
+        {
             let path = &native_path;
-            contenders.push(Contender::new(length, move |clients, window| {
+            contenders.push(Contender::new(length, every, move |clients, window| {
                 native.level(path, &case.body, clients, window)
             }));
         }
-        for _ in 0..ROUNDS {
+        for round in 0..ROUNDS {
             for contender in &mut contenders {
-                contender.round()?;
+                if round % contender.every == 0 {
+                    contender.round()?;
+                }
             }
         }
         let levels: Vec<Vec<Level>> = contenders.into_iter().map(|c| c.levels).collect();
@@ -142,15 +151,22 @@ struct Case {
 /// One way of calling, measured at every client count round after round.
 struct Contender<'a> {
     length: Duration,
+    /// It takes a turn in every `every` rounds.
+    every: u32,
     measure: Box<dyn Fn(usize, Duration) -> Result<Level> + 'a>,
     /// One per client count, in `CLIENTS`' order, the rounds so far merged.
     levels: Vec<Level>,
 }
 
 impl<'a> Contender<'a> {
-    fn new(length: Duration, measure: impl Fn(usize, Duration) -> Result<Level> + 'a) -> Self {
+    fn new(
+        length: Duration,
+        every: u32,
+        measure: impl Fn(usize, Duration) -> Result<Level> + 'a,
+    ) -> Self {
         Contender {
             length,
+            every,
             measure: Box::new(measure),
             levels: CLIENTS.iter().map(|&clients| Level::new(clients)).collect(),
         }
@@ -159,7 +175,7 @@ impl<'a> Contender<'a> {
     /// One round at every client count.
     fn round(&mut self) -> Result<()> {
         for level in &mut self.levels {
-            let measured = (self.measure)(level.clients, self.length / ROUNDS)?;
+            let measured = (self.measure)(level.clients, self.length * self.every / ROUNDS)?;
             level.times.extend(measured.times);
             level.wall += measured.wall;
         }
@@ -314,23 +330,29 @@ fn level<C>(
     let runs = std::thread::scope(|s| {
         let threads: Vec<_> = (0..clients)
             .map(|_| {
-                s.spawn(|| -> Result<(Vec<Duration>, Instant)> {
-                    let mut client = client();
-                    call(&mut client)?;
-                    if start.wait().is_leader() {
-                        *started.lock().unwrap() = Some(Instant::now());
-                    }
-                    let until = Instant::now() + length;
-                    let mut times = Vec::new();
-                    while Instant::now() < until {
-                        let t = Instant::now();
+                // Stacks that run host's in-process calls in place, as `host serve`'s
+                // workers do (an HTTP client does not mind).
+                host::sandbox::call_thread("bench-client".into()).spawn_scoped(
+                    s,
+                    || -> Result<(Vec<Duration>, Instant)> {
+                        let mut client = client();
                         call(&mut client)?;
-                        times.push(t.elapsed());
-                    }
-                    Ok((times, Instant::now()))
-                })
+                        if start.wait().is_leader() {
+                            *started.lock().unwrap() = Some(Instant::now());
+                        }
+                        let until = Instant::now() + length;
+                        let mut times = Vec::new();
+                        while Instant::now() < until {
+                            let t = Instant::now();
+                            call(&mut client)?;
+                            times.push(t.elapsed());
+                        }
+                        Ok((times, Instant::now()))
+                    },
+                )
             })
-            .collect();
+            .collect::<std::io::Result<_>>()
+            .expect("failed to start a client thread");
         threads
             .into_iter()
             .map(|t| t.join().expect("a client thread panicked"))
