@@ -6,8 +6,11 @@
 //! (b) `POST /v1/evaluations` on the `host serve` that logged the calls (`workers` =
 //!     `THREADS`), timed until `GET /v1/evaluations/ID` says `done`;
 //! (c) the loop users would write without it: one `host replay TRACE --notebook` process per
-//!     trace, one after another, timed on a sample of `SAMPLE` traces (in four parts, before
-//!     and between the others) and scaled to all.
+//!     trace, one after another, timed on a sample of `SAMPLE` traces (in four parts, before,
+//!     between and after the others) and scaled to all.
+//!
+//! (a) and (b) run twice each, in the order b a a b, and their means are shown: this machine's
+//! speed drifts within minutes, and a spell of it then falls on both alike.
 //!
 //! The calls are made through the real server first, so the traces are the ones production
 //! logs. The candidate is the production bundle itself (made with `host bundle --warm-up`, as
@@ -126,7 +129,7 @@ fn main() -> Result<()> {
     ensure!(traces.len() == CALLS, "{} traces", traces.len());
 
     // (c) one `host replay --notebook` process per trace, on a sample, timed in four parts
-    // taken between the other measurements: this machine's speed drifts within minutes,
+    // taken before, between and after the evaluations: this machine's speed drifts within minutes,
     // and (c) is then measured over the same stretch of time as what it is compared with.
     let dir = work.path().join("traces");
     std::fs::create_dir(&dir)?;
@@ -148,63 +151,76 @@ fn main() -> Result<()> {
     };
     replay_part()?;
 
-    // (b) on the server.
-    let started = Instant::now();
-    let created = server.post(
-        "/v1/evaluations",
-        json!({"candidate": version, "against": "prod", "last": CALLS})
-            .to_string()
-            .as_bytes(),
-    )?;
-    let id = created["id"].as_str().context("no evaluation id")?;
-    let finished = loop {
-        let state = server.get(&format!("/v1/evaluations/{id}?runs=false"))?;
-        if state["status"] != "running" {
-            break state;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    // (b) on the server, and (a) in this process on the traces pulled from it, each twice in
+    // the order b a a b: a slow or fast spell of the machine then falls on both alike.
+    let served_evaluation = || -> Result<(Duration, Vec<f64>)> {
+        let started = Instant::now();
+        let created = server.post(
+            "/v1/evaluations",
+            json!({"candidate": version, "against": "prod", "last": CALLS})
+                .to_string()
+                .as_bytes(),
+        )?;
+        let id = created["id"].as_str().context("no evaluation id")?;
+        let finished = loop {
+            let state = server.get(&format!("/v1/evaluations/{id}?runs=false"))?;
+            if state["status"] != "running" {
+                break state;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let took = started.elapsed();
+        ensure!(
+            finished["status"] == "done" && finished["same"] == CALLS,
+            "the server's evaluation: {finished}"
+        );
+        // How long each run took inside the evaluation: whether (b) costs more than (a) in
+        // its runs or around them.
+        let runs = server.get(&format!("/v1/evaluations/{id}"))?["runs"]
+            .as_array()
+            .context("no runs")?
+            .iter()
+            .filter_map(|r| r["duration_ms"].as_f64())
+            .collect();
+        Ok((took, runs))
     };
-    let served = started.elapsed();
-    ensure!(
-        finished["status"] == "done" && finished["same"] == CALLS,
-        "the server's evaluation: {finished}"
-    );
-    // How long each run took inside the evaluation, on the server and (below) in the library:
-    // whether (b) costs more in its runs or around them.
-    let served_runs: Vec<f64> = server.get(&format!("/v1/evaluations/{id}"))?["runs"]
-        .as_array()
-        .context("no runs")?
-        .iter()
-        .filter_map(|r| r["duration_ms"].as_f64())
-        .collect();
-
-    replay_part()?;
-
-    // (a) in this process, on the traces pulled from the server.
-    let started = Instant::now();
-    let runs: Vec<Run> = traces
-        .iter()
-        .map(|(id, bytes)| {
-            Ok(Run {
-                id: id.clone(),
-                trace: Ok(Box::new(Trace::decode(bytes)?)),
-            })
-        })
-        .collect::<Result<_>>()?;
-    let decoding = started.elapsed();
     let options = Options {
         tolerance: Tolerance::EXACT,
         threads: NonZeroUsize::new(THREADS).expect("THREADS > 0"),
     };
-    let report = evaluate(&sandbox, &candidate, &runs, &options);
-    let library = started.elapsed();
-    ensure!(
-        report.summary.same == CALLS,
-        "the library's evaluation: {:?}",
-        report.summary
-    );
-
+    let library_evaluation = || -> Result<(Duration, Duration, Vec<Run>, Vec<f64>)> {
+        let started = Instant::now();
+        let runs: Vec<Run> = traces
+            .iter()
+            .map(|(id, bytes)| {
+                Ok(Run {
+                    id: id.clone(),
+                    trace: Ok(Box::new(Trace::decode(bytes)?)),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let decoding = started.elapsed();
+        let report = evaluate(&sandbox, &candidate, &runs, &options);
+        let took = started.elapsed();
+        ensure!(
+            report.summary.same == CALLS,
+            "the library's evaluation: {:?}",
+            report.summary
+        );
+        let durations = report.runs.iter().map(|r| r.duration_ms).collect();
+        Ok((took, decoding, runs, durations))
+    };
+    let (served_1, mut served_runs) = served_evaluation()?;
     replay_part()?;
+    let (library_1, _, _, mut library_runs) = library_evaluation()?;
+    let (library_2, decoding, runs, more) = library_evaluation()?;
+    library_runs.extend(more);
+    replay_part()?;
+    let (served_2, more) = served_evaluation()?;
+    served_runs.extend(more);
+    replay_part()?;
+    let served = (served_1 + served_2) / 2;
+    let library = (library_1 + library_2) / 2;
 
     // For scale: the same calls made plainly on the candidate (not replayed, nothing
     // recorded or compared), on as many threads: what the evaluation adds to the calls.
@@ -233,7 +249,6 @@ fn main() -> Result<()> {
     });
     let plain = started.elapsed();
 
-    replay_part()?;
     let loop_per_trace = looping / SAMPLE as u32;
     let looped = loop_per_trace * CALLS as u32;
 
@@ -241,25 +256,21 @@ fn main() -> Result<()> {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
-    let library_runs = report.runs.iter().map(|r| r.duration_ms).collect();
     println!(
         "median run, inside the evaluation: (a) {:.1} ms, (b) {:.1} ms",
         median(library_runs),
         median(served_runs)
     );
     let seconds = |d: Duration| format!("{:8.1} s", d.as_secs_f64());
+    println!("\n{CALLS} runs re-executed on the candidate, classed (all same, each time)");
     println!(
-        "\n{CALLS} runs re-executed on the candidate, classed (all {} same)",
-        report.summary.same
-    );
-    println!(
-        "  (a) host::evaluate, {THREADS} threads         {}  ({:.1} ms a run; decoding the traces {:.1} s of it)",
+        "  (a) host::evaluate, {THREADS} threads         {}  ({:.1} ms a run; decoding the traces {:.1} s of it; the mean of two)",
         seconds(library),
         library.as_secs_f64() * 1000.0 / CALLS as f64,
         decoding.as_secs_f64()
     );
     println!(
-        "  (b) POST /v1/evaluations, {THREADS} workers   {}  (until GET says done)",
+        "  (b) POST /v1/evaluations, {THREADS} workers   {}  (until GET says done; the mean of two)",
         seconds(served)
     );
     println!(
