@@ -114,11 +114,6 @@ impl Engine {
         &self.cache
     }
 
-    /// The size of native stack a thread running a call needs.
-    pub fn native_stack(&self) -> usize {
-        CALL_STACK
-    }
-
     /// The runtime's interpreter, compiled: from this process, else from the disk cache (when
     /// it is still the file host sealed), else compiled now (about a minute) and cached. While
     /// one process compiles it, others that need it wait for it rather than compile it too.

@@ -71,7 +71,6 @@ pub struct Sandbox {
     traced: OnceLock<InstancePre<State>>,
     /// The interpreter's initial memory, which [`Start::Fresh`] instances start from.
     initial: Image,
-    native_stack: usize,
     cache: CacheDir,
 }
 
@@ -170,7 +169,6 @@ impl Sandbox {
             pre,
             traced: OnceLock::new(),
             initial: image::initial_image(engine.cache(), runtime)?,
-            native_stack: engine.native_stack(),
             cache: engine.cache().clone(),
         })
     }
@@ -250,14 +248,14 @@ impl Sandbox {
         // each call to a new thread that has it (about 0.3 ms, over half of what a trivial
         // call costs: the thread's stacks are mapped and unmapped, and each unmapping
         // interrupts the other cores).
-        if stack_left() >= self.native_stack {
+        if stack_left() >= CALL_STACK {
             return std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
                 .map_err(|_| anyhow!("the call panicked"))?;
         }
         std::thread::scope(|scope| {
             std::thread::Builder::new()
                 .name("host-call".into())
-                .stack_size(self.native_stack)
+                .stack_size(CALL_STACK)
                 .spawn_scoped(scope, run)
                 .context("failed to start the call's thread")?
                 .join()
