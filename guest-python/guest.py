@@ -822,8 +822,33 @@ def freeze():
         )
         to_json(frame)
         to_json(frame["i"])
+    _run_call_turns_directly()
     gc.collect()
     gc.freeze()
+
+
+# The turn host runs for each call from an image (`Script::Call` in door.rs).
+_CALL_TURN = f"_start({PROTOCOL})\ninvoke()\n"
+
+
+def _run_call_turns_directly():
+    """The runtime runs a turn by parsing and compiling its source (`_reactor._run_turn`):
+    0.1 ms of every call in the sandbox for these two lines, a fifth of a trivial call. A call
+    from an image always sends the same text, so that text runs `invoke()` directly (as the
+    compiled turn would: `_start` accepts this guest's own protocol, and `invoke()` returns
+    None, which the interactive echo does not show); any other text, a host speaking another
+    protocol's included, still goes the runtime's way."""
+    reactor = sys.modules.get("_reactor")
+    compiled = getattr(reactor, "_run_turn", None)
+    if compiled is None:
+        return
+
+    def run_turn(text, *rest):
+        if text == _CALL_TURN:
+            return invoke()
+        return compiled(text, *rest)
+
+    reactor._run_turn = run_turn
 
 
 def invoke():

@@ -1351,3 +1351,43 @@ fn a_silent_replicas_running_evaluation_is_marked_failed_by_the_heartbeat() {
         "{state}"
     );
 }
+
+#[test]
+fn each_call_on_a_worker_starts_from_the_image_though_it_is_reset_after_the_answer() {
+    // A worker answers first and resets the call's memory after: the next call, on the same
+    // worker or the other, at once or later, still starts from exactly the image.
+    let dir = workdir();
+    let server = Server::start(&dir.path().join("data"), None);
+    let t = server.default_token();
+    let nb = notebook(
+        "SEEN = []\n\ndef remember(x):\n    SEEN.append(x)\n    # Writes megabytes of the memory, grows it, and leaves it dirty.\n    kept = [bytearray(1 << 20) for _ in range(x)]\n    for b in kept:\n        b[::4096] = b'\\x01' * len(b[::4096])\n    SEEN.append(kept)\n    return len(SEEN)\n",
+    );
+    let version = server.deploy(&t, &nb.notebook, &[]);
+    for x in [1, 40, 3, 40, 1] {
+        assert_eq!(
+            server
+                .call(&t, &version, "remember", json!([x]))
+                .expect(200)["result"],
+            json!(2),
+            "call with {x}"
+        );
+    }
+    std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..4)
+            .map(|i| {
+                let (server, t, version) = (&server, &t, &version);
+                scope.spawn(move || {
+                    for _ in 0..3 {
+                        let answer = server
+                            .call(t, version, "remember", json!([10 * i + 1]))
+                            .expect(200);
+                        assert_eq!(answer["result"], json!(2), "{answer}");
+                    }
+                })
+            })
+            .collect();
+        for call in calls {
+            call.join().unwrap();
+        }
+    });
+}

@@ -256,10 +256,20 @@ fn main() -> Result<()> {
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
+    // What a run costs around its own time: a thread's share of the evaluation's time per
+    // run, less the mean run.
+    let around = |runs: &[f64], took: Duration| {
+        let mean = runs.iter().sum::<f64>() / runs.len().max(1) as f64;
+        let share = took.as_secs_f64() * 1000.0 * THREADS as f64 / CALLS as f64;
+        (mean, share - mean)
+    };
+    let (library_mean, library_around) = around(&library_runs, library);
+    let (served_mean, served_around) = around(&served_runs, served);
     println!(
-        "median run, inside the evaluation: (a) {:.1} ms, (b) {:.1} ms",
-        median(library_runs),
-        median(served_runs)
+        "runs inside the evaluation: (a) median {:.1} ms, mean {library_mean:.1} ms, {library_around:.1} ms around each; \
+         (b) median {:.1} ms, mean {served_mean:.1} ms, {served_around:.1} ms around each",
+        median(library_runs.clone()),
+        median(served_runs.clone())
     );
     let seconds = |d: Duration| format!("{:8.1} s", d.as_secs_f64());
     println!("\n{CALLS} runs re-executed on the candidate, classed (all same, each time)");

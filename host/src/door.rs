@@ -516,6 +516,17 @@ mod tests {
     }
 
     #[test]
+    fn the_guest_knows_the_call_turn_it_runs_without_compiling() {
+        // guest.py's `_run_call_turns_directly` runs this exact text as `invoke()`; were the
+        // two to differ, every call would compile its turn again (correct, but slower).
+        assert_eq!(
+            Script::Call.turns(),
+            [format!("_start({PROTOCOL})\ninvoke()\n")]
+        );
+        assert!(GUEST_SOURCE.contains("\n_CALL_TURN = f\"_start({PROTOCOL})\\ninvoke()\\n\"\n"));
+    }
+
+    #[test]
     fn messages_are_typed_and_malformed_ones_are_named() {
         let mut door = Door::default().call(&CallInput {
             function: "f",

@@ -19,7 +19,7 @@
 //! image the next instance starts from ([`starting_from`]) and instantiates; the creator,
 //! called on that thread during the instantiation, hands out a memory of that image.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -139,9 +139,39 @@ impl Drop for Next {
     }
 }
 
+thread_local! {
+    /// Whether memories whose calls end on this thread wait for [`settle`] to be reset.
+    static DEFERRING: Cell<bool> = const { Cell::new(false) };
+    /// The memory of this thread's last call, not reset yet, and the pool it goes back to.
+    static UNSETTLED: RefCell<Option<(Arc<Pool>, Region)>> = const { RefCell::new(None) };
+}
+
+/// From now on, the memory of a call that ends on this thread is not reset as the call
+/// ends but at the next [`settle`] on this thread (or when this thread starts its next
+/// call): a server settles after it has sent the call's answer, so the client does not wait
+/// for the reset (about a millisecond of a pandas call: copying back the pages it wrote).
+/// A memory is only ever handed out reset; one left unsettled when the thread ends is
+/// unmapped.
+pub(crate) fn defer_resets() {
+    DEFERRING.with(|d| d.set(true));
+}
+
+/// Resets the memory of this thread's last call, if [`defer_resets`] left one, and gives it
+/// back to its pool.
+pub(crate) fn settle() {
+    if let Some((pool, region)) = UNSETTLED.with(|u| u.borrow_mut().take()) {
+        pool.keep_reset(region);
+    }
+}
+
 /// Memories kept after their calls, ready for the next call of the same image.
 pub(crate) struct Pool {
     idle: Mutex<Vec<Region>>,
+    /// Empty memories kept likewise (Wasmtime's heap for exception objects, one an instance):
+    /// reserving and unmapping 4 GiB of address space for each call takes the process's
+    /// memory map lock for writing, which stalls the page faults and scans of calls on other
+    /// threads.
+    empty: Mutex<Vec<Region>>,
     /// How many idle memories to keep: each holds the pages its calls wrote (about 9 MB for
     /// the pandas example).
     keep: usize,
@@ -157,6 +187,7 @@ impl Pool {
     fn with(keep: usize, scan: Option<Scan>) -> Pool {
         Pool {
             idle: Mutex::new(Vec::new()),
+            empty: Mutex::new(Vec::new()),
             keep,
             scan,
         }
@@ -169,6 +200,7 @@ impl Pool {
 
     /// An idle memory of `source` with a reservation of `reserved` bytes, else a new one.
     fn take(&self, source: &Arc<Source>, reserved: usize) -> std::io::Result<Region> {
+        settle();
         let found = {
             let mut idle = self.idle.lock().unwrap();
             idle.iter()
@@ -183,10 +215,51 @@ impl Pool {
         }
     }
 
-    /// Takes back a memory after its call: resets it to its image and keeps it (unmapping the
-    /// oldest idle one when the pool is full), or unmaps it if it cannot be reset, so that only
-    /// reset memories are ever handed out.
-    fn put_back(&self, mut region: Region) {
+    /// An empty memory kept with a reservation of `reserved` bytes, else a new one; its first
+    /// `minimum` bytes writable.
+    fn take_empty(&self, reserved: usize, minimum: usize) -> std::io::Result<Region> {
+        let found = {
+            let mut empty = self.empty.lock().unwrap();
+            empty
+                .iter()
+                .rposition(|r| r.reserved == reserved)
+                .map(|at| empty.remove(at))
+        };
+        let mut region = match found {
+            Some(region) => region,
+            None => Region::reserve(reserved)?,
+        };
+        region.make_writable(minimum)?;
+        Ok(region)
+    }
+
+    /// Takes back an empty memory: zeroed and inaccessible again, kept (up to `keep`) or
+    /// unmapped.
+    fn put_back_empty(&self, mut region: Region) {
+        if region.reset(None).is_err() {
+            return;
+        }
+        let mut empty = self.empty.lock().unwrap();
+        if empty.len() < self.keep {
+            empty.push(region);
+        }
+    }
+
+    /// Takes back a memory after its call: resets it now, or at this thread's next [`settle`]
+    /// when it defers resets.
+    fn put_back(self: &Arc<Self>, region: Region) {
+        if DEFERRING.with(Cell::get) {
+            settle();
+            UNSETTLED.with(|u| *u.borrow_mut() = Some((self.clone(), region)));
+        } else {
+            self.keep_reset(region);
+        }
+    }
+
+    /// Resets a memory to its image and keeps it (unmapping the oldest idle one when the pool
+    /// is full), or unmaps it if it cannot be reset, so that only reset memories are ever
+    /// handed out.
+    fn keep_reset(&self, mut region: Region) {
         if region.reset(self.scan.as_ref()).is_err() {
             return;
         }
@@ -235,7 +308,7 @@ unsafe impl MemoryCreator for Creator {
                 }
                 self.0.take(&source, reserved)
             }
-            None => Region::empty(reserved, minimum),
+            None => self.0.take_empty(reserved, minimum),
         }
         .map_err(|e| format!("failed to map a linear memory: {e}"))?;
         Ok(Box::new(Memory {
@@ -296,10 +369,10 @@ unsafe impl LinearMemory for Memory {
 
 impl Drop for Memory {
     fn drop(&mut self) {
-        if let Some(region) = self.region.take()
-            && region.image.is_some()
-        {
-            self.pool.put_back(region);
+        match self.region.take() {
+            Some(region) if region.image.is_some() => self.pool.put_back(region),
+            Some(region) => self.pool.put_back_empty(region),
+            None => {}
         }
     }
 }
@@ -338,13 +411,6 @@ impl Region {
             writable: 0,
             image: None,
         })
-    }
-
-    /// A zeroed memory with its first `minimum` bytes writable.
-    fn empty(reserved: usize, minimum: usize) -> std::io::Result<Region> {
-        let mut region = Region::reserve(reserved)?;
-        region.make_writable(minimum)?;
-        Ok(region)
     }
 
     /// A memory whose first bytes are a copy-on-write mapping of the image.
@@ -389,22 +455,26 @@ impl Region {
         Ok(())
     }
 
-    /// Puts the memory back to its image: the pages grown past the image are dropped and made
-    /// inaccessible again, and the pages written within it get the image's bytes back.
+    /// Puts the memory back to its image (or to empty): the pages grown past the image are
+    /// dropped and made inaccessible again, and the pages written within it get the image's
+    /// bytes back.
     fn reset(&mut self, scan: Option<&Scan>) -> std::io::Result<()> {
-        let image = self.image.clone().expect("only an image's memory is reset");
-        if self.writable > image.len {
-            let grown = self.writable - image.len;
-            // SAFETY: `len..writable` is this region's own anonymous memory, which no
+        let start = self.image.as_ref().map_or(0, |image| image.len);
+        if self.writable > start {
+            let grown = self.writable - start;
+            // SAFETY: `start..writable` is this region's own anonymous memory, which no
             // instance uses any more; dropping its pages zeroes it, and it goes back to
             // inaccessible.
             unsafe {
-                let at = self.base.add(image.len).cast();
+                let at = self.base.add(start).cast();
                 rustix::mm::madvise(at, grown, rustix::mm::Advice::LinuxDontNeed)?;
                 rustix::mm::mprotect(at, grown, MprotectFlags::empty())?;
             }
-            self.writable = image.len;
+            self.writable = start;
         }
+        let Some(image) = self.image.clone() else {
+            return Ok(());
+        };
         let range = self.base as usize..self.base as usize + image.len;
         match scan.and_then(|s| s.written(range.clone())) {
             Some(written) => {
@@ -416,7 +486,17 @@ impl Region {
                         std::slice::from_raw_parts_mut(pages.start as *mut u8, pages.len())
                     };
                     let at = pages.start - range.start;
-                    bytes.copy_from_slice(&original[at..at + pages.len()]);
+                    // About two pages in five that a call wrote hold the image's bytes again
+                    // (reference counts raised and lowered back): comparing first leaves them
+                    // be, where copying would write them over (2-3% of an evaluation's time).
+                    for (page, image) in bytes
+                        .chunks_mut(PAGE)
+                        .zip(original[at..at + pages.len()].chunks(PAGE))
+                    {
+                        if page != image {
+                            page.copy_from_slice(image);
+                        }
+                    }
                 }
             }
             // SAFETY: as above; in a private file mapping, dropped pages read the file again.
@@ -555,7 +635,7 @@ mod tests {
     fn check_reset(scan: Option<Scan>) {
         let source = image(64);
         let expected = bytes(&Region::of_image(&source, 1 << 30).unwrap(), 64 * PAGE).to_vec();
-        let pool = Pool::with(1, scan);
+        let pool = Arc::new(Pool::with(1, scan));
         let mut region = pool.take(&source, 1 << 30).unwrap();
         // A call reads some pages, writes others (within the image, in holes, across a page
         // boundary) and grows the memory.
@@ -664,9 +744,70 @@ mod tests {
     }
 
     #[test]
+    fn a_deferred_reset_waits_for_settle_or_the_next_take_on_its_thread() {
+        let source = image(8);
+        let expected = bytes(&Region::of_image(&source, 1 << 30).unwrap(), 8 * PAGE).to_vec();
+        let pool = Arc::new(Pool::with(2, Scan::new()));
+        std::thread::spawn(move || {
+            defer_resets();
+            let write = |region: &Region| {
+                // SAFETY: within the region's writable bytes.
+                unsafe { region.base.add(3 * PAGE).write(0xee) }
+            };
+            let region = pool.take(&source, 1 << 30).unwrap();
+            write(&region);
+            let base = region.base;
+            pool.put_back(region);
+            assert!(
+                pool.idle.lock().unwrap().is_empty(),
+                "not back before it is reset"
+            );
+            settle();
+            assert_eq!(pool.idle.lock().unwrap().len(), 1);
+
+            // The next take settles what the last call left, and hands it out reset.
+            let region = pool.take(&source, 1 << 30).unwrap();
+            assert_eq!(region.base, base);
+            write(&region);
+            pool.put_back(region);
+            let region = pool.take(&source, 1 << 30).unwrap();
+            assert_eq!(region.base, base, "the same memory, settled by the take");
+            assert!(
+                bytes(&region, 8 * PAGE) == expected,
+                "the image's bytes are back"
+            );
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn an_empty_memory_comes_back_zeroed_and_no_larger() {
+        let pool = Pool::with(1, None);
+        let region = pool.take_empty(1 << 30, 2 * PAGE).unwrap();
+        // SAFETY: within the region's writable bytes.
+        unsafe { std::ptr::write_bytes(region.base, 0xee, 2 * PAGE) };
+        let base = region.base;
+        pool.put_back_empty(region);
+
+        let region = pool.take_empty(1 << 30, PAGE).unwrap();
+        assert_eq!(region.base, base, "the same reservation is used again");
+        assert_eq!(
+            region.writable, PAGE,
+            "only what the new memory asks is writable"
+        );
+        assert!(bytes(&region, PAGE).iter().all(|&b| b == 0));
+        let other = pool.take_empty(1 << 29, 0).unwrap();
+        assert_ne!(
+            other.base, base,
+            "a reservation of another size is a new one"
+        );
+    }
+
+    #[test]
     fn a_pool_keeps_at_most_its_share_of_memories() {
         let source = image(4);
-        let pool = Pool::with(2, None);
+        let pool = Arc::new(Pool::with(2, None));
         let taken: Vec<Region> = (0..3)
             .map(|_| pool.take(&source, 1 << 30).unwrap())
             .collect();

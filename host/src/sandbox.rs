@@ -597,6 +597,18 @@ pub fn call_thread(name: String) -> std::thread::Builder {
         .stack_size(CALL_STACK + (1 << 20))
 }
 
+/// From now on, a call that ends on this thread leaves its memory to be reset at this
+/// thread's next [`settle`] (or at the start of its next call), not as it returns: a server's
+/// worker answers first and resets after. Memories are only ever handed out reset.
+pub fn defer_resets() {
+    memory::defer_resets();
+}
+
+/// Resets the memory this thread's last call left, if [`defer_resets`] left one.
+pub fn settle() {
+    memory::settle();
+}
+
 /// How many bytes of native stack this thread has left below the caller's frame.
 fn stack_left() -> usize {
     thread_local! {

@@ -109,6 +109,9 @@ pub fn worker_thread(name: String) -> std::thread::Builder {
     crate::sandbox::call_thread(name)
 }
 
+/// A worker resets a call's memory after handing over its answer (see `workers`).
+pub use crate::sandbox::{defer_resets, settle};
+
 impl Runner {
     /// Checks that the runtime is there: quick, so a server without one refuses to start at
     /// once rather than after binding its port.

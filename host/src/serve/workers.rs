@@ -21,7 +21,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use tokio::sync::oneshot;
 
-use super::runner::worker_thread;
+use super::runner::{defer_resets, settle, worker_thread};
 
 /// A queued call: it runs, and gives back what hands its value to the waiting request, which
 /// the worker calls only once the call's place is free again (so a client that sends its
@@ -191,6 +191,7 @@ impl Shared {
     /// Worker `me`'s life: take the next job in turn, run it, give its place back; wait
     /// when there is none that can start.
     fn work(&self, me: usize) {
+        defer_resets();
         let mut state = self.lock();
         loop {
             let Some((tenant, work)) = state.next() else {
@@ -219,15 +220,18 @@ impl Shared {
                     q.running -= 1;
                     q.held -= 1;
                     state.publish();
+                    drop(state);
                     if let Ok(deliver) = deliver {
-                        drop(state);
                         deliver();
-                        state = self.lock();
                     }
+                    // The call's memory is reset once its answer is on its way.
+                    settle();
+                    state = self.lock();
                 }
                 Work::Background(job) => {
                     // Background work reports its own failures; a panic only ends the job.
                     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    settle();
                     state = self.lock();
                     state.tenants[tenant].background_running -= 1;
                 }

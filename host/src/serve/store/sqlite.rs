@@ -4,9 +4,14 @@
 //!
 //! Its methods are `async` to match [`super::postgres`], but run in place: one connection
 //! behind a mutex, each statement a local file operation (SQLite serialises writers anyway).
+//!
+//! The write-ahead log is folded into `host.db` by a thread of its own ([`Checkpointer`]),
+//! not by whichever commit crosses SQLite's threshold: that commit would copy a thousand
+//! pages and wait for the disk with the connection held, stalling every call behind it.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -21,9 +26,90 @@ use super::{
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
 
+/// How often the checkpointer folds the write-ahead log into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// The write-ahead log's file is cut back to this size when the log starts over.
+const WAL_KEPT: i64 = 64 << 20;
+
 pub struct Sqlite {
     conn: Mutex<Connection>,
     path: PathBuf,
+    _checkpointer: Checkpointer,
+}
+
+/// A thread with its own connection that folds the write-ahead log into the database every
+/// [`CHECKPOINT_EVERY`]: first without blocking writers (a passive checkpoint copies what
+/// the log holds while calls keep committing), then the few pages committed meanwhile with
+/// writers held back (a restarting checkpoint, so the log starts over instead of growing
+/// while calls keep coming; skipped for the round when a reader or a writer is busy).
+/// Stopped, and joined, when dropped.
+struct Checkpointer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Checkpointer> {
+        let conn = Connection::open(path).with_context(|| {
+            format!(
+                "failed to open the run store `{}` to checkpoint it",
+                path.display()
+            )
+        })?;
+        // A restarting checkpoint holds writers back while it waits for readers: it does not
+        // wait (a reader left open, an operator's shell, would stall every call), it tries
+        // again next round.
+        conn.busy_timeout(Duration::ZERO)?;
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let stopped = stop.clone();
+        let shown = path.display().to_string();
+        let thread = std::thread::Builder::new()
+            .name("host-checkpoint".into())
+            .spawn(move || {
+                let (lock, wake) = &*stopped;
+                let mut failing = false;
+                loop {
+                    let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let (guard, _) = wake
+                        .wait_timeout_while(guard, CHECKPOINT_EVERY, |stop| !*stop)
+                        .unwrap_or_else(|e| e.into_inner());
+                    if *guard {
+                        return;
+                    }
+                    drop(guard);
+                    let folded = ["PASSIVE", "RESTART"].iter().try_for_each(|mode| {
+                        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(()))
+                    });
+                    // Said once when it starts failing, not four times a second.
+                    match folded {
+                        Err(e) if !failing => {
+                            failing = true;
+                            eprintln!(
+                                "host: run store `{shown}`: folding the write-ahead log failed: {e}"
+                            );
+                        }
+                        Err(_) => {}
+                        Ok(_) => failing = false,
+                    }
+                }
+            })
+            .context("failed to start the run store's checkpointer")?;
+        Ok(Checkpointer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.stop;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Sqlite {
@@ -41,12 +127,16 @@ impl Sqlite {
         // cut can take back the last commits.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(Duration::from_secs(5))?;
+        // Commits never checkpoint: the checkpointer does (see the module's doc).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        conn.pragma_update(None, "journal_size_limit", WAL_KEPT)?;
         let data = path.parent().unwrap_or(Path::new("."));
         migrate(&mut conn, data)
             .with_context(|| format!("failed to migrate the run store `{}`", path.display()))?;
         Ok(Sqlite {
             conn: Mutex::new(conn),
             path: path.to_owned(),
+            _checkpointer: Checkpointer::start(path)?,
         })
     }
 
