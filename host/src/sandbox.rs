@@ -245,7 +245,7 @@ impl Sandbox {
         let run = || self.execute_here(start, &policy.limits, state, turns, &streams, capture);
         // CPython's deep recursion needs a large native stack under the wasm one: a thread
         // made by `call_thread` has it, and runs its calls in place; any other thread hands
-        // each call to a new thread that has it (about 0.3 ms, over half of what a trivial
+        // each call to a new thread that has it (about 0.3 ms, nearly what a whole trivial
         // call costs: the thread's stacks are mapped and unmapped, and each unmapping
         // interrupts the other cores).
         if stack_left() >= CALL_STACK {
