@@ -1057,14 +1057,17 @@ def to_json(value, path="result", _within=()):
 _SELF = frozenset({int, str, bool, type(None)})
 
 
-def _to_json(value, path, within):
+def _itself(value):
+    """Whether `value` converts to itself: a plain int, str, bool, None or finite float (NaN
+    and infinities, for which `value - value` is NaN, become null further on)."""
     kind = type(value)
-    if kind in _SELF:
+    return kind in _SELF or (kind is float and value - value == 0)
+
+
+def _to_json(value, path, within):
+    if _itself(value):
         return value
-    if kind is float:
-        # Finite floats stay; NaN and infinities (for which `value - value` is NaN) are null.
-        return value if value - value == 0 else None
-    if value is None or isinstance(value, (bool, str)):
+    if isinstance(value, (bool, str)):
         return value
     # numpy and pandas first: their scalars subclass float and datetime but need their own rules.
     module = type(value).__module__.split(".")[0]
@@ -1126,15 +1129,6 @@ def _numpy(value, path):
     raise _Unconvertible(f"the return value holds a {_type_name(value)} at {path}, which has no JSON form")
 
 
-def _cell(value, path, i, label):
-    """A frame's cell: plain values as they are, without building the path every other value
-    would need for its error message (0.6 ms of a call returning the example's frame)."""
-    kind = type(value)
-    if kind in _SELF or (kind is float and value - value == 0):
-        return value
-    return to_json(value, f"{path}[{i}][{label!r}]")
-
-
 def _pandas(value, path):
     import pandas as pd
 
@@ -1151,7 +1145,12 @@ def _pandas(value, path):
         columns = [series.tolist() for _, series in value.items()]
         rows = zip(*columns) if columns else ((),) * len(value)
         return [
-            {key: _cell(v, path, i, label) for key, label, v in zip(keys, labels, row)}
+            # Plain cells as they are: the path an error message would need is built only for
+            # the others (building it for every cell was 0.3 ms of the example's call).
+            {
+                key: v if _itself(v) else to_json(v, f"{path}[{i}][{label!r}]")
+                for key, label, v in zip(keys, labels, row)
+            }
             for i, row in enumerate(rows)
         ]
     if isinstance(value, pd.Series):
