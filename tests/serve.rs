@@ -995,24 +995,36 @@ fn a_store_that_cannot_write_answers_503_with_the_reason_and_recovers() {
     assert!(metrics.contains("host_store_errors_total 1"), "{metrics}");
 }
 
+/// A call sent on a connection of its own, its answer not read: the caller hangs up by
+/// dropping the connection.
+fn send_call(
+    server: &Server,
+    tok: &str,
+    version: &str,
+    function: &str,
+    body: &str,
+) -> std::net::TcpStream {
+    use std::io::Write;
+    let addr = server.url.strip_prefix("http://").unwrap();
+    let mut client = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        client,
+        "POST /v1/call/{version}/{function} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {tok}\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    client
+}
+
 #[test]
 fn a_client_that_hangs_up_mid_call_still_leaves_the_complete_row() {
-    use std::io::Write;
     let dir = workdir();
     let server = Server::start(&dir.path().join("data"), None);
     let tok = server.default_token();
     let nb = notebook(FUNCTIONS);
     let version = server.deploy(&tok, &nb.notebook, &["spin"]);
-    let addr = server.url.strip_prefix("http://").unwrap();
-    let mut client = std::net::TcpStream::connect(addr).unwrap();
-    let body = r#"{"args": [1]}"#;
-    write!(
-        client,
-        "POST /v1/call/{version}/spin HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {tok}\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let client = send_call(&server, &tok, &version, "spin", r#"{"args": [1]}"#);
     let started = Instant::now();
     while rows(&server).is_empty() {
         assert!(
@@ -1032,6 +1044,62 @@ fn a_client_that_hangs_up_mid_call_still_leaves_the_complete_row() {
     assert_eq!(
         rows(&server),
         vec![("spin".to_owned(), Some("returned".to_owned()), Some(200))]
+    );
+}
+
+/// PostgreSQL only (the `postgres` list below runs it): there the run row's insert is a real
+/// wait, and a client that hangs up during it drops the request's handler. The insert is held
+/// back by a lock this test takes on `runs`, the client hangs up while it waits, then the
+/// lock is let go: the insert lands, and the call must still run and complete its row.
+fn a_client_that_hangs_up_while_its_row_is_written_still_gets_the_row_completed() {
+    let dir = workdir();
+    let server = Server::start(&dir.path().join("data"), None);
+    let db = server
+        .db
+        .clone()
+        .expect("this test runs on PostgreSQL only");
+    let tok = server.default_token();
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&tok, &nb.notebook, &["double"]);
+    let mut holder = ::postgres::Client::connect(&db.url, ::postgres::NoTls).unwrap();
+    let mut lock = holder.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE runs IN SHARE ROW EXCLUSIVE MODE")
+        .unwrap();
+    let client = send_call(&server, &tok, &version, "double", r#"{"args": [21]}"#);
+    let mut watcher = ::postgres::Client::connect(&db.url, ::postgres::NoTls).unwrap();
+    let started = Instant::now();
+    while watcher
+        .query(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND pid <> pg_backend_pid() AND query LIKE '%INSERT INTO runs%'",
+            &[],
+        )
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the run row's insert never waited on the lock:\n{}",
+            server.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(client);
+    // Time for the server to see the hang-up and drop the request's handler.
+    std::thread::sleep(Duration::from_millis(500));
+    lock.commit().unwrap();
+    while rows(&server).first().is_none_or(|r| r.1.is_none()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the row was never completed: {:?}\n{}",
+            rows(&server),
+            server.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        rows(&server),
+        vec![("double".to_owned(), Some("returned".to_owned()), Some(200))]
     );
 }
 
@@ -1237,6 +1305,7 @@ mod postgres {
     }
 
     on_postgres!(
+        a_client_that_hangs_up_while_its_row_is_written_still_gets_the_row_completed,
         deploy_alias_rollback_and_restart_serve_the_same_versions,
         a_tenant_sees_nothing_of_another_and_not_its_grants,
         every_outcome_leaves_one_row_and_a_pulled_trace_replays_to_the_production_result,

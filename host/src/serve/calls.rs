@@ -94,57 +94,71 @@ pub async fn call(
         app.fetch(&r.version).await?;
     }
     let (alias, version, side) = match &resolved {
-        Ok(r) => (r.alias.as_deref(), Some(r.version.as_str()), r.side),
+        Ok(r) => (r.alias.clone(), Some(r.version.clone()), r.side),
         Err(_) => (None, None, None),
     };
     let id = uuid::Uuid::now_v7().to_string();
-    app.store
-        .start_run(&NewRun {
-            id: &id,
-            tenant: tenant.name(),
-            alias,
-            bundle_version: version,
-            function: &function,
-            idempotency_key: key.as_deref(),
-            input_sha256: &input_sha256,
-            runtime_sha256: &runtime_sha256,
-            replica: &app.replica,
-            side,
-            shadow_of: None,
-        })
-        .await?;
-    let version = version.map(str::to_owned);
-    let accepted = Accepted {
-        app: app.clone(),
-        tenant: tenant.clone(),
-        id: id.clone(),
-        function: function.clone(),
-        key: key.clone(),
-        received,
-    };
-    let arguments = arguments(&bytes);
-    let (record, shadow) = match (resolved, arguments) {
-        (Err(e), _) | (_, Err(e)) => (accepted.finish(Record::failed(e)).await, None),
-        // The worker completes the row itself: a client that hangs up mid-call drops this
-        // handler, never the call's record.
-        (Ok(resolved), Ok(arguments)) => {
-            let arguments = Arc::new(arguments);
-            let shadow = resolved.shadow.clone().map(|v| (v, arguments.clone()));
-            let version = resolved.version;
-            let record = ticket
-                .run(move || {
-                    let record = execute(&accepted, &version, &arguments);
-                    accepted.app.block_on(accepted.finish(record))
+    // From the row's first write on, the call is carried by a task of its own: a client that
+    // hangs up drops this handler at its next await, and that must never leave a row written
+    // but not completed (with PostgreSQL the insert itself is such an await; a dropped join
+    // handle does not cancel the task).
+    let logged = tokio::spawn({
+        let (app, tenant, id) = (app.clone(), tenant.clone(), id.clone());
+        let (function, key) = (function.clone(), key.clone());
+        let (input_sha256, runtime_sha256) = (input_sha256.clone(), runtime_sha256.clone());
+        let version = version.clone();
+        async move {
+            app.store
+                .start_run(&NewRun {
+                    id: &id,
+                    tenant: tenant.name(),
+                    alias: alias.as_deref(),
+                    bundle_version: version.as_deref(),
+                    function: &function,
+                    idempotency_key: key.as_deref(),
+                    input_sha256: &input_sha256,
+                    runtime_sha256: &runtime_sha256,
+                    replica: &app.replica,
+                    side,
+                    shadow_of: None,
                 })
-                .await
-                .unwrap_or_else(|_| {
-                    Err(ApiError::internal(&anyhow::anyhow!(
-                        "the call's worker panicked"
-                    )))
-                });
-            (record, shadow)
+                .await?;
+            let accepted = Accepted {
+                app,
+                tenant,
+                id,
+                function,
+                key,
+                received,
+            };
+            Ok::<_, ApiError>(match (resolved, arguments(&bytes)) {
+                (Err(e), _) | (_, Err(e)) => (accepted.finish(Record::failed(e)).await, None),
+                // The worker completes the row itself, as the task would.
+                (Ok(resolved), Ok(arguments)) => {
+                    let arguments = Arc::new(arguments);
+                    let shadow = resolved.shadow.clone().map(|v| (v, arguments.clone()));
+                    let version = resolved.version;
+                    let record = ticket
+                        .run(move || {
+                            let record = execute(&accepted, &version, &arguments);
+                            accepted.app.block_on(accepted.finish(record))
+                        })
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(ApiError::internal(&anyhow::anyhow!(
+                                "the call's worker panicked"
+                            )))
+                        });
+                    (record, shadow)
+                }
+            })
         }
-    };
+    });
+    let (record, shadow) = logged.await.unwrap_or_else(|_| {
+        Err(ApiError::internal(&anyhow::anyhow!(
+            "the call's task panicked"
+        )))
+    })?;
     // The shadow runs after the answer is on its way, never delays or changes it.
     if let (Some((shadow_version, arguments)), Ok(_)) = (shadow, &record) {
         let shadow = Shadow {
