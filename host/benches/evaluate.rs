@@ -27,7 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use common::{agent, cores, host_serve, ratio, run, verdict};
+use common::{CpuTime, agent, cores, host_serve, ratio, run, verdict};
 use host::bundle::Select;
 use host::cli::{DEFAULT_MAX_INPUT, read_arguments};
 use host::evaluate::{Options, Run, evaluate};
@@ -135,8 +135,12 @@ fn main() -> Result<()> {
     std::fs::create_dir(&dir)?;
     let mut sample = traces.iter().take(SAMPLE);
     let mut looping = Duration::ZERO;
+    // The machine's CPU time while each way ran: what the hypervisor took of it.
+    let (mut looping_cpu, mut served_cpu, mut library_cpu) =
+        (CpuTime::default(), CpuTime::default(), CpuTime::default());
     let mut replay_part = || -> Result<()> {
         let started = Instant::now();
+        let cpu = CpuTime::now();
         for (id, bytes) in sample.by_ref().take(SAMPLE / 4) {
             let path = dir.join(format!("{id}.trace"));
             std::fs::write(&path, bytes)?;
@@ -147,14 +151,16 @@ fn main() -> Result<()> {
                 .arg(&notebook_path))?;
         }
         looping += started.elapsed();
+        looping_cpu.add(CpuTime::since(cpu));
         Ok(())
     };
     replay_part()?;
 
     // (b) on the server, and (a) in this process on the traces pulled from it, each twice in
     // the order b a a b: a slow or fast spell of the machine then falls on both alike.
-    let served_evaluation = || -> Result<(Duration, Vec<f64>)> {
+    let served_evaluation = |spent: &mut CpuTime| -> Result<(Duration, Vec<f64>)> {
         let started = Instant::now();
+        let cpu = CpuTime::now();
         let created = server.post(
             "/v1/evaluations",
             json!({"candidate": version, "against": "prod", "last": CALLS})
@@ -170,6 +176,7 @@ fn main() -> Result<()> {
             std::thread::sleep(Duration::from_millis(50));
         };
         let took = started.elapsed();
+        spent.add(CpuTime::since(cpu));
         ensure!(
             finished["status"] == "done" && finished["same"] == CALLS,
             "the server's evaluation: {finished}"
@@ -188,35 +195,39 @@ fn main() -> Result<()> {
         tolerance: Tolerance::EXACT,
         threads: NonZeroUsize::new(THREADS).expect("THREADS > 0"),
     };
-    let library_evaluation = || -> Result<(Duration, Duration, Vec<Run>, Vec<f64>)> {
-        let started = Instant::now();
-        let runs: Vec<Run> = traces
-            .iter()
-            .map(|(id, bytes)| {
-                Ok(Run {
-                    id: id.clone(),
-                    trace: Ok(Box::new(Trace::decode(bytes)?)),
+    // Each adds the machine's CPU time while it ran to `spent`.
+    let library_evaluation =
+        |spent: &mut CpuTime| -> Result<(Duration, Duration, Vec<Run>, Vec<f64>)> {
+            let started = Instant::now();
+            let cpu = CpuTime::now();
+            let runs: Vec<Run> = traces
+                .iter()
+                .map(|(id, bytes)| {
+                    Ok(Run {
+                        id: id.clone(),
+                        trace: Ok(Box::new(Trace::decode(bytes)?)),
+                    })
                 })
-            })
-            .collect::<Result<_>>()?;
-        let decoding = started.elapsed();
-        let report = evaluate(&sandbox, &candidate, &runs, &options);
-        let took = started.elapsed();
-        ensure!(
-            report.summary.same == CALLS,
-            "the library's evaluation: {:?}",
-            report.summary
-        );
-        let durations = report.runs.iter().map(|r| r.duration_ms).collect();
-        Ok((took, decoding, runs, durations))
-    };
-    let (served_1, mut served_runs) = served_evaluation()?;
+                .collect::<Result<_>>()?;
+            let decoding = started.elapsed();
+            let report = evaluate(&sandbox, &candidate, &runs, &options);
+            let took = started.elapsed();
+            ensure!(
+                report.summary.same == CALLS,
+                "the library's evaluation: {:?}",
+                report.summary
+            );
+            let durations = report.runs.iter().map(|r| r.duration_ms).collect();
+            spent.add(CpuTime::since(cpu));
+            Ok((took, decoding, runs, durations))
+        };
+    let (served_1, mut served_runs) = served_evaluation(&mut served_cpu)?;
     replay_part()?;
-    let (library_1, _, _, mut library_runs) = library_evaluation()?;
-    let (library_2, decoding, runs, more) = library_evaluation()?;
+    let (library_1, _, _, mut library_runs) = library_evaluation(&mut library_cpu)?;
+    let (library_2, decoding, runs, more) = library_evaluation(&mut library_cpu)?;
     library_runs.extend(more);
     replay_part()?;
-    let (served_2, more) = served_evaluation()?;
+    let (served_2, more) = served_evaluation(&mut served_cpu)?;
     served_runs.extend(more);
     replay_part()?;
     let served = (served_1 + served_2) / 2;
@@ -292,6 +303,13 @@ fn main() -> Result<()> {
         "  (c) host replay --notebook per trace {}  ({SAMPLE} timed, {:.0} ms each, scaled to {CALLS})",
         seconds(looped),
         loop_per_trace.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  CPU time the hypervisor took while they ran: (a) {:.1}%, (b) {:.1}%, (c) {:.1}% \
+         (two busy cores lose more of it than one: a high figure for (a) or (b) lowers their ratio)",
+        library_cpu.stolen_percent(),
+        served_cpu.stolen_percent(),
+        looping_cpu.stolen_percent()
     );
     println!("\nissue 14's targets");
     for (what, took) in [("(a)", library), ("(b)", served)] {

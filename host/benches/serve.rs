@@ -12,7 +12,10 @@
 //!
 //! The machine this runs on may be shared: each measurement is cut into rounds, and the
 //! rounds of all servers and client counts take turns, so a burst of someone else's work
-//! falls on all of them alike rather than on one figure of a ratio.
+//! falls on all of them alike rather than on one figure of a ratio. The `stolen` column is the
+//! share of the machine's CPU time its hypervisor gave elsewhere while that row was measured
+//! (`/proc/stat`'s steal): on a shared virtual machine it comes and goes, and two busy cores
+//! lose more of it than one, so a high figure at 2 clients lowers the 2-client ratio.
 //!
 //! The native servers need `BENCH_PYTHON` (a Python with pandas; `make bench` makes one);
 //! without it they are skipped.
@@ -27,7 +30,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use common::{Stats, agent, cores, listening, ms, stats, verdict};
+use common::{CpuTime, Stats, agent, cores, listening, ms, stats, verdict};
 use host::bundle::Select;
 use host::{
     Arguments, Bundle, Engine, Notebook, Outcome, Policy, Prepared, Request, Runtime, Sandbox,
@@ -178,6 +181,7 @@ impl<'a> Contender<'a> {
             let measured = (self.measure)(level.clients, self.length * self.every / ROUNDS)?;
             level.times.extend(measured.times);
             level.wall += measured.wall;
+            level.cpu.add(measured.cpu);
         }
         Ok(())
     }
@@ -198,6 +202,8 @@ struct Level {
     clients: usize,
     times: Vec<Duration>,
     wall: Duration,
+    /// The machine's CPU time while they ran, to show how much of it was stolen.
+    cpu: CpuTime,
 }
 
 impl Level {
@@ -206,6 +212,7 @@ impl Level {
             clients,
             times: Vec::new(),
             wall: Duration::ZERO,
+            cpu: CpuTime::default(),
         }
     }
 
@@ -327,6 +334,7 @@ fn level<C>(
 ) -> Result<Level> {
     let start = Barrier::new(clients);
     let started = Mutex::new(None);
+    let cpu = CpuTime::now();
     let runs = std::thread::scope(|s| {
         let threads: Vec<_> = (0..clients)
             .map(|_| {
@@ -366,6 +374,7 @@ fn level<C>(
         clients,
         times,
         wall: ended - started,
+        cpu: CpuTime::since(cpu),
     })
 }
 
@@ -380,19 +389,20 @@ fn print(case: &Case, levels: &[Vec<Level>]) {
     ];
     println!("== {}", case.name);
     println!(
-        "                                              clients       p50       p99   calls/s  (calls)"
+        "                                              clients       p50       p99   calls/s  (calls)  stolen"
     );
     for (name, levels) in NAMES.iter().zip(levels) {
         for (i, level) in levels.iter().enumerate() {
             let stats = level.stats();
             println!(
-                "  {:<42} {:>3} {:>9} {:>9} {:>9.1}  ({})",
+                "  {:<42} {:>3} {:>9} {:>9} {:>9.1}  {:<7}  {:>5.1}%",
                 if i == 0 { name } else { "" },
                 level.clients,
                 ms(stats.p50),
                 ms(stats.p99),
                 level.per_second(),
-                stats.n
+                format!("({})", stats.n),
+                level.cpu.stolen_percent()
             );
         }
     }

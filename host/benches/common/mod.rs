@@ -53,6 +53,60 @@ pub fn run(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The machine's CPU time so far, all cores, in clock ticks, from `/proc/stat`: how much of
+/// it the hypervisor gave to someone else (steal) and how much there was in all.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTime {
+    pub stolen: u64,
+    pub total: u64,
+}
+
+impl CpuTime {
+    /// Now; zero where `/proc/stat` is not there to read (then nothing is shown as stolen).
+    pub fn now() -> CpuTime {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+            return CpuTime::default();
+        };
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        CpuTime {
+            stolen: fields.get(7).copied().unwrap_or(0),
+            total: fields.iter().sum(),
+        }
+    }
+
+    /// What passed between `earlier` and now.
+    pub fn since(earlier: CpuTime) -> CpuTime {
+        let now = CpuTime::now();
+        CpuTime {
+            stolen: now.stolen.saturating_sub(earlier.stolen),
+            total: now.total.saturating_sub(earlier.total),
+        }
+    }
+
+    pub fn add(&mut self, other: CpuTime) {
+        self.stolen += other.stolen;
+        self.total += other.total;
+    }
+
+    /// The share of the cores' time the hypervisor took, in percent: on a shared virtual
+    /// machine the same code runs slower while it is high, and two busy cores lose more of
+    /// it than one, which shows in any figure that compares 2 clients with 1.
+    pub fn stolen_percent(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.stolen as f64 * 100.0 / self.total as f64
+        }
+    }
+}
+
 pub fn cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
