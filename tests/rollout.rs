@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use crate::common::Fixture;
-use crate::common::server::{Server, on_postgres, send, two_tenants, workdir};
+use crate::common::server::{Server, on_postgres, send, send_unread, two_tenants, workdir};
 
 const V1: &str = r#"
 def score(x):
@@ -487,6 +487,51 @@ fn server_side_evaluations_class_the_baseline_runs_and_gate_the_move_on_sqlite()
 #[test]
 fn server_side_evaluations_class_the_baseline_runs_and_gate_the_move_on_postgres() {
     on_postgres(server_side_evaluations_class_the_baseline_runs_and_gate_the_move);
+}
+
+/// PostgreSQL only, where writing an evaluation's row is a real wait: a client that hangs up
+/// during it (held back by a lock this test takes) drops the request's handler; the
+/// evaluation must still run to its end rather than stay `running` with nothing queued.
+#[test]
+fn an_evaluation_whose_client_hangs_up_while_its_row_is_written_still_runs_on_postgres() {
+    on_postgres(|| {
+        let dir = workdir();
+        let server = Server::start(&dir.path().join("data"), None);
+        let db = server.db.clone().expect("on PostgreSQL");
+        let t = server.default_token();
+        let n1 = Fixture::code(&[V1]);
+        let v1 = server.deploy(&t, &n1.notebook, &["score"]);
+        put(&server, &t, "prod", json!({"version": v1})).expect(200);
+        for x in 0..3 {
+            call_keyed(&server, &t, x, None);
+        }
+        let mut lock = db.hold_writes("evaluations");
+        let body = json!({"candidate": v1, "against": "prod", "last": 3}).to_string();
+        let client = send_unread(&server, "/v1/evaluations", &t, &body);
+        db.wait_for_held_insert("evaluations");
+        drop(client);
+        // Time for the server to see the hang-up and drop the request's handler.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        lock.batch_execute("COMMIT").unwrap();
+        let started = std::time::Instant::now();
+        let state = loop {
+            let rows = server.sql("SELECT status, done, same FROM evaluations");
+            if rows
+                .first()
+                .is_some_and(|r| r[0].as_deref() != Some("running"))
+            {
+                break rows;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "the evaluation never finished: {rows:?}\n{}",
+                server.log.lock().unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let done = |v: &str| Some(v.to_owned());
+        assert_eq!(state, vec![vec![done("done"), done("3"), done("3")]]);
+    });
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::server::{Server, token, workdir};
+use crate::common::server::{Server, send_unread, token, workdir};
 use crate::common::{Fixture, cache_dir, host};
 
 /// One notebook, several behaviours: each test deploys what it needs.
@@ -995,28 +995,6 @@ fn a_store_that_cannot_write_answers_503_with_the_reason_and_recovers() {
     assert!(metrics.contains("host_store_errors_total 1"), "{metrics}");
 }
 
-/// A call sent on a connection of its own, its answer not read: the caller hangs up by
-/// dropping the connection.
-fn send_call(
-    server: &Server,
-    tok: &str,
-    version: &str,
-    function: &str,
-    body: &str,
-) -> std::net::TcpStream {
-    use std::io::Write;
-    let addr = server.url.strip_prefix("http://").unwrap();
-    let mut client = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        client,
-        "POST /v1/call/{version}/{function} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {tok}\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    client
-}
-
 #[test]
 fn a_client_that_hangs_up_mid_call_still_leaves_the_complete_row() {
     let dir = workdir();
@@ -1024,7 +1002,8 @@ fn a_client_that_hangs_up_mid_call_still_leaves_the_complete_row() {
     let tok = server.default_token();
     let nb = notebook(FUNCTIONS);
     let version = server.deploy(&tok, &nb.notebook, &["spin"]);
-    let client = send_call(&server, &tok, &version, "spin", r#"{"args": [1]}"#);
+    let path = format!("/v1/call/{version}/spin");
+    let client = send_unread(&server, &path, &tok, r#"{"args": [1]}"#);
     let started = Instant::now();
     while rows(&server).is_empty() {
         assert!(
@@ -1061,33 +1040,15 @@ fn a_client_that_hangs_up_while_its_row_is_written_still_gets_the_row_completed(
     let tok = server.default_token();
     let nb = notebook(FUNCTIONS);
     let version = server.deploy(&tok, &nb.notebook, &["double"]);
-    let mut holder = ::postgres::Client::connect(&db.url, ::postgres::NoTls).unwrap();
-    let mut lock = holder.transaction().unwrap();
-    lock.batch_execute("LOCK TABLE runs IN SHARE ROW EXCLUSIVE MODE")
-        .unwrap();
-    let client = send_call(&server, &tok, &version, "double", r#"{"args": [21]}"#);
-    let mut watcher = ::postgres::Client::connect(&db.url, ::postgres::NoTls).unwrap();
-    let started = Instant::now();
-    while watcher
-        .query(
-            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-             AND pid <> pg_backend_pid() AND query LIKE '%INSERT INTO runs%'",
-            &[],
-        )
-        .unwrap()
-        .is_empty()
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the run row's insert never waited on the lock:\n{}",
-            server.log.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut lock = db.hold_writes("runs");
+    let path = format!("/v1/call/{version}/double");
+    let client = send_unread(&server, &path, &tok, r#"{"args": [21]}"#);
+    db.wait_for_held_insert("runs");
     drop(client);
     // Time for the server to see the hang-up and drop the request's handler.
     std::thread::sleep(Duration::from_millis(500));
-    lock.commit().unwrap();
+    lock.batch_execute("COMMIT").unwrap();
+    let started = Instant::now();
     while rows(&server).first().is_none_or(|r| r.1.is_none()) {
         assert!(
             started.elapsed() < Duration::from_secs(30),

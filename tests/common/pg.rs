@@ -79,6 +79,41 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// A connection that holds `table` locked against writes (reads still go on) until it
+    /// runs `COMMIT`: the server's next insert into it waits, a real wait on its side.
+    pub fn hold_writes(&self, table: &str) -> postgres::Client {
+        let mut client = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
+        client
+            .batch_execute(&format!(
+                "BEGIN; LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"
+            ))
+            .unwrap();
+        client
+    }
+
+    /// Waits (up to 30 s) until another session's insert into `table` waits on a lock.
+    pub fn wait_for_held_insert(&self, table: &str) {
+        let mut client = postgres::Client::connect(&self.url, postgres::NoTls).unwrap();
+        let started = Instant::now();
+        while client
+            .query(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND pid <> pg_backend_pid() AND query LIKE $1",
+                &[&format!("%INSERT INTO {table} %")],
+            )
+            .unwrap()
+            .is_empty()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no insert into {table} waited on its lock"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Ok(mut client) = postgres::Client::connect(&self.admin, postgres::NoTls) {

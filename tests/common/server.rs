@@ -392,6 +392,22 @@ pub fn workdir() -> TempDir {
 
 /// One HTTP request to the server at `url`; an error when none could be made (a server that
 /// is gone), for clients that retry elsewhere.
+/// `body` POSTed to `path` on a connection of its own, the answer not read: the caller hangs
+/// up by dropping the connection.
+pub fn send_unread(server: &Server, path: &str, token: &str, body: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let addr = server.url.strip_prefix("http://").unwrap();
+    let mut client = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        client,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    client
+}
+
 pub fn send(
     url: &str,
     method: &str,

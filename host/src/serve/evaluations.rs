@@ -257,38 +257,57 @@ pub async fn create(
     }
     app.fetch(&candidate.version).await?;
     let id = uuid::Uuid::now_v7().to_string();
-    app.store
-        .start_evaluation(&NewEvaluation {
-            id: &id,
-            tenant: tenant.name(),
-            candidate: &candidate.version,
-            against: &request.against,
-            baseline: &against.baseline,
-            function: request.function.as_deref(),
-            selection: &asked.to_string(),
-            tolerance: tolerance.relative(),
-            total: runs.len() as u64,
-            replica: &app.replica,
-        })
-        .await?;
-    let state = find(&app, tenant.name(), &id).await?;
-    let evaluation = Arc::new(Evaluation {
-        app: app.clone(),
-        tenant: tenant.clone(),
-        id: id.clone(),
-        candidate: candidate.version,
-        tolerance,
-        left: AtomicUsize::new(runs.len()),
-        classed: AtomicUsize::new(0),
-        pending: Mutex::new(Vec::new()),
-        runs,
-        stopped: AtomicBool::new(false),
+    // As a call's (see `calls`): from its row's first write on, an evaluation is carried by a
+    // task of its own, so a client that hangs up while the row is written (this handler is
+    // dropped at its next await) never leaves it `running` with no run queued.
+    let started = tokio::spawn({
+        let against_asked = request.against.clone();
+        let function = request.function.clone();
+        let selection = asked.to_string();
+        let baseline = against.baseline.clone();
+        let evaluation = Arc::new(Evaluation {
+            app: app.clone(),
+            tenant: tenant.clone(),
+            id: id.clone(),
+            candidate: candidate.version.clone(),
+            tolerance,
+            left: AtomicUsize::new(runs.len()),
+            classed: AtomicUsize::new(0),
+            pending: Mutex::new(Vec::new()),
+            runs,
+            stopped: AtomicBool::new(false),
+        });
+        async move {
+            let (app, tenant) = (&evaluation.app, &evaluation.tenant);
+            app.store
+                .start_evaluation(&NewEvaluation {
+                    id: &evaluation.id,
+                    tenant: tenant.name(),
+                    candidate: &evaluation.candidate,
+                    against: &against_asked,
+                    baseline: &baseline,
+                    function: function.as_deref(),
+                    selection: &selection,
+                    tolerance: evaluation.tolerance.relative(),
+                    total: evaluation.runs.len() as u64,
+                    replica: &app.replica,
+                })
+                .await?;
+            // Read before its runs are queued: the answer shows it as it starts.
+            let state = find(app, tenant.name(), &evaluation.id).await;
+            for index in 0..evaluation.runs.len() {
+                let evaluation = evaluation.clone();
+                app.pool
+                    .background(tenant.index, move || evaluation.step(index));
+            }
+            state
+        }
     });
-    for index in 0..evaluation.runs.len() {
-        let evaluation = evaluation.clone();
-        app.pool
-            .background(tenant.index, move || evaluation.step(index));
-    }
+    let state = started.await.unwrap_or_else(|_| {
+        Err(ApiError::internal(&anyhow::anyhow!(
+            "starting the evaluation panicked"
+        )))
+    })?;
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/v1/evaluations/{id}"))],
