@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 
 use super::auth::{Caller, TenantState, admit};
 use super::bundles::busy;
+use super::detached::finish_even_if_dropped;
 use super::error::ApiError;
 use super::runner::recorded_result;
 use super::store::{Completed, Finished, NewRun, RESULT_CAP, RunRow, Sticky};
@@ -98,11 +99,10 @@ pub async fn call(
         Err(_) => (None, None, None),
     };
     let id = uuid::Uuid::now_v7().to_string();
-    // From the row's first write on, the call is carried by a task of its own: a client that
-    // hangs up drops this handler at its next await, and that must never leave a row written
-    // but not completed (with PostgreSQL the insert itself is such an await; a dropped join
-    // handle does not cancel the task).
-    let logged = tokio::spawn({
+    // From the row's first write on, the call finishes even if this handler is dropped (a
+    // client that hangs up): a row is never left written but not completed (with PostgreSQL
+    // the insert itself is an await).
+    let logged = finish_even_if_dropped({
         let (app, tenant, id) = (app.clone(), tenant.clone(), id.clone());
         let (function, key) = (function.clone(), key.clone());
         let (input_sha256, runtime_sha256) = (input_sha256.clone(), runtime_sha256.clone());
@@ -154,11 +154,7 @@ pub async fn call(
             })
         }
     });
-    let (record, shadow) = logged.await.unwrap_or_else(|_| {
-        Err(ApiError::internal(&anyhow::anyhow!(
-            "the call's task panicked"
-        )))
-    })?;
+    let (record, shadow) = logged.await?;
     // The shadow runs after the answer is on its way, never delays or changes it.
     if let (Some((shadow_version, arguments)), Ok(_)) = (shadow, &record) {
         let shadow = Shadow {

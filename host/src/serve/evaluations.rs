@@ -30,6 +30,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::{Caller, TenantState};
+use super::detached::finish_even_if_dropped;
 use super::error::ApiError;
 use super::runner::{Tolerance, is_class};
 use super::store::{Entry, EvaluationRow, NewEvaluation, RunFilter, RunRow};
@@ -257,10 +258,10 @@ pub async fn create(
     }
     app.fetch(&candidate.version).await?;
     let id = uuid::Uuid::now_v7().to_string();
-    // As a call's (see `calls`): from its row's first write on, an evaluation is carried by a
-    // task of its own, so a client that hangs up while the row is written (this handler is
-    // dropped at its next await) never leaves it `running` with no run queued.
-    let started = tokio::spawn({
+    // As a call's (see `calls`): from its row's first write on, an evaluation starts even if
+    // this handler is dropped (a client that hangs up while the row is written), never left
+    // `running` with no run queued.
+    let started = finish_even_if_dropped({
         let against_asked = request.against.clone();
         let function = request.function.clone();
         let selection = asked.to_string();
@@ -303,11 +304,7 @@ pub async fn create(
             state
         }
     });
-    let state = started.await.unwrap_or_else(|_| {
-        Err(ApiError::internal(&anyhow::anyhow!(
-            "starting the evaluation panicked"
-        )))
-    })?;
+    let state = started.await?;
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/v1/evaluations/{id}"))],

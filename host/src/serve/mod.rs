@@ -36,6 +36,7 @@ mod body;
 mod bundles;
 mod calls;
 mod config;
+mod detached;
 mod error;
 mod evaluations;
 mod health;
