@@ -77,9 +77,7 @@ impl TestDb {
         }
         rows
     }
-}
 
-impl TestDb {
     /// A connection that holds `table` locked against writes (reads still go on) until it
     /// runs `COMMIT`: the server's next insert into it waits, a real wait on its side.
     pub fn hold_writes(&self, table: &str) -> postgres::Client {

@@ -133,7 +133,7 @@ pub async fn call(
             };
             Ok::<_, ApiError>(match (resolved, arguments(&bytes)) {
                 (Err(e), _) | (_, Err(e)) => (accepted.finish(Record::failed(e)).await, None),
-                // The worker completes the row itself, as the task would.
+                // The worker completes the row itself, whoever awaits it.
                 (Ok(resolved), Ok(arguments)) => {
                     let arguments = Arc::new(arguments);
                     let shadow = resolved.shadow.clone().map(|v| (v, arguments.clone()));
