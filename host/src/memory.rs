@@ -517,8 +517,9 @@ impl Region {
             Some(written) => {
                 let original = image.bytes()?;
                 for pages in &written {
-                    // SAFETY: the scan reports ranges inside `range`, this region's mapping of
-                    // the image, which no instance uses any more.
+                    // SAFETY: the scan (this one, or the one `own` kept) reports ranges inside
+                    // `range`, this region's mapping of the image, which no instance uses any
+                    // more.
                     let bytes = unsafe {
                         std::slice::from_raw_parts_mut(pages.start as *mut u8, pages.len())
                     };
