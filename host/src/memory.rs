@@ -15,11 +15,11 @@
 //! private pages instead (`MADV_DONTNEED` puts the file's pages back), which is as correct and
 //! as slow as a fresh mapping.
 //!
-//! The scan walks every page of the image (10,000 to 16,000 for the examples: about 80 us, a
-//! tenth of a trivial call's CPU time), yet most calls make no page their own that an earlier
-//! call had not: a page becomes the memory's own only through a page fault of the thread
-//! writing it, and the calls of one bundle write the same pages. So a memory remembers its own
-//! pages from its last scan, and when the thread that ran the call took no page fault at all
+//! The scan walks every page of the image (10,000 to 16,000 for the examples: a tenth of a
+//! trivial call's CPU time, 3% of a pandas call's), yet most calls make no page their own that
+//! an earlier call had not: a page becomes the memory's own only through a page fault of the
+//! thread writing it, and the calls of one bundle write the same pages. So a memory remembers
+//! its own pages from its last scan, and when the thread that ran the call took no page fault at all
 //! between taking the memory and giving it back (the kernel counts each thread's faults), no
 //! page can have become its own since: the reset copies back the remembered pages and skips
 //! the scan. Any fault, on that memory or elsewhere, means a scan.
