@@ -19,10 +19,10 @@
 //! trivial call's CPU time, 3% of a pandas call's), yet most calls make no page their own that
 //! an earlier call had not: a page becomes the memory's own only through a page fault of the
 //! thread writing it, and the calls of one bundle write the same pages. So a memory remembers
-//! its own pages from its last scan, and when the thread that ran the call took no page fault at all
-//! between taking the memory and giving it back (the kernel counts each thread's faults), no
-//! page can have become its own since: the reset copies back the remembered pages and skips
-//! the scan. Any fault, on that memory or elsewhere, means a scan.
+//! its own pages from its last scan, and when the thread that ran the call took no page fault
+//! at all between taking the memory and giving it back (the kernel counts each thread's
+//! faults), no page can have become its own since: the reset copies back the remembered pages
+//! and skips the scan. Any fault, on that memory or elsewhere, means a scan.
 //!
 //! Wasmtime meets these memories through its `MemoryCreator` hook: the sandbox says which
 //! image the next instance starts from ([`starting_from`]) and instantiates; the creator,
