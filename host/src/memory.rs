@@ -222,7 +222,8 @@ impl Pool {
             Some(region) => region,
             None => Region::of_image(source, reserved)?,
         };
-        region.lent = Faults::now();
+        // Without the scan there is nothing the count could save.
+        region.lent = self.scan.as_ref().and_then(|_| Faults::now());
         Ok(region)
     }
 
