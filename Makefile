@@ -87,7 +87,7 @@ $(BENCH_VENV)/.installed:
 bench: prepare $(BENCH_VENV)/.installed
 	BENCH_PYTHON=$(abspath $(BENCH_VENV))/bin/python $(CARGO) bench --locked --bench calls --bench serve
 	PYTHON=$(PYTHON) tests/with-postgres $(CARGO) bench --locked --bench replicas
-	$(CARGO) bench --locked --bench evaluate
+	$(CARGO) bench --locked --bench evaluate --bench history
 
 # libFuzzer on everything host parses from outside (fuzz/fuzz_targets/), one target after
 # another for FUZZ_SECONDS each, from the seeds in fuzz/corpus/; what a run finds beyond them

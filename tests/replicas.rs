@@ -13,7 +13,7 @@ use crate::common::pg::{TestDb, Throwaway, base_url};
 use crate::common::server::{Answer, Server, send, token};
 
 /// The schema version this host's migrations end at.
-const MIGRATIONS: usize = 3;
+const MIGRATIONS: usize = 4;
 
 const FUNCTIONS: &str = r#"
 import time

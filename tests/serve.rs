@@ -941,6 +941,13 @@ fn traces_are_pruned_oldest_first_for_storage_and_retention_then_507() {
         &std::fs::read(&big.notebook).unwrap(),
     );
     assert_eq!(refused.expect(507)["error"]["kind"], json!("storage"));
+    assert_eq!(
+        server
+            .get(&format!("/v1/runs/{}/trace", runs[11]), Some(&full))
+            .status,
+        200,
+        "a deploy that cannot fit even with every trace pruned prunes none"
+    );
 
     // Retention: a trace older than it is pruned at the next call.
     let v = server.deploy(&old, &nb.notebook, &["double"]);
@@ -955,6 +962,93 @@ fn traces_are_pruned_oldest_first_for_storage_and_retention_then_507() {
             .get(&format!("/v1/runs/{first}"), Some(&old))
             .expect(200)["trace_pruned"],
         json!(true)
+    );
+    // What the checks read, the bytes counted as traces were stored and pruned, is what the
+    // runs say is kept.
+    assert_trace_bytes_counted(&server, &["full", "old"]);
+}
+
+/// Each tenant's `trace_bytes` add up to the sizes of its traces not pruned, and those
+/// traces are there.
+fn assert_trace_bytes_counted(server: &Server, tenants: &[&str]) {
+    for tenant in tenants {
+        let row = server.sql(&format!(
+            "SELECT (SELECT CAST(coalesce(sum(bytes), 0) AS BIGINT) FROM trace_bytes WHERE tenant = '{tenant}'),
+                    (SELECT CAST(coalesce(sum(trace_size), 0) AS BIGINT) FROM runs
+                     WHERE tenant = '{tenant}' AND trace_size IS NOT NULL AND trace_pruned = 0),
+                    (SELECT CAST(coalesce(sum(length(t.data)), 0) AS BIGINT) FROM traces t
+                     JOIN runs r ON r.id = t.run WHERE r.tenant = '{tenant}'),
+                    (SELECT count(*) FROM runs WHERE tenant = '{tenant}' AND trace_pruned = 1)"
+        ));
+        let [counted, kept, stored, pruned] =
+            [0, 1, 2, 3].map(|i| row[0][i].as_deref().unwrap().parse::<u64>().unwrap());
+        assert!(
+            kept > 0,
+            "tenant {tenant} keeps no trace: the check checks nothing"
+        );
+        assert_eq!(
+            counted, kept,
+            "tenant {tenant}: counted vs the runs' trace sizes"
+        );
+        assert_eq!(
+            stored, kept,
+            "tenant {tenant}: the traces stored vs the runs' sizes"
+        );
+        eprintln!("tenant {tenant}: {counted} bytes counted, {pruned} traces pruned");
+    }
+}
+
+#[test]
+fn a_store_from_before_the_trace_counters_counts_its_traces_at_the_first_start() {
+    let dir = workdir();
+    let (t, digest) = token("counted");
+    let cfg = config(
+        dir.path(),
+        "",
+        &[format!(
+            "name = \"ops\"\ntokens_sha256 = [\"{digest}\"]\nstorage = \"1G\""
+        )],
+    );
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data, Some(&cfg));
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&t, &nb.notebook, &["double"]);
+    for i in 0..5 {
+        server.call(&t, &version, "double", json!([i])).expect(200);
+    }
+    assert_eq!(server.stop(), 0);
+    // Back to version 3, as a host before the counters left it: the runs and traces as they
+    // are, no counters.
+    let downgrade = "DROP INDEX runs_live_traces; DROP TABLE trace_bytes;";
+    match &server.db {
+        Some(db) => {
+            db.query(&format!(
+                "{downgrade} UPDATE schema_version SET version = 3"
+            ));
+        }
+        None => rusqlite::Connection::open(data.join("host.db"))
+            .unwrap()
+            .execute_batch(&format!("{downgrade} PRAGMA user_version = 3;"))
+            .unwrap(),
+    }
+    let server = Server::start(&data, Some(&cfg));
+    assert_trace_bytes_counted(&server, &["ops"]);
+    server.call(&t, &version, "double", json!([9])).expect(200);
+    assert_trace_bytes_counted(&server, &["ops"]);
+    if server.db.is_some() {
+        return; // PostgreSQL plans a table this small as a scan, index or not.
+    }
+    let plan = server.sql(
+        "EXPLAIN QUERY PLAN SELECT id FROM runs
+         WHERE tenant = 'ops' AND trace_size IS NOT NULL AND trace_pruned = 0
+         AND finished_at < '2026' ORDER BY finished_at, id LIMIT 100",
+    );
+    assert!(
+        plan.iter()
+            .flatten()
+            .flatten()
+            .any(|d| d.contains("runs_live_traces")),
+        "the retention check reads the index: {plan:?}"
     );
 }
 
@@ -1274,6 +1368,7 @@ mod postgres {
         sigterm_drains_calls_in_flight_and_exits_0,
         over_its_quota_a_tenant_gets_429_with_retry_after,
         traces_are_pruned_oldest_first_for_storage_and_retention_then_507,
+        a_store_from_before_the_trace_counters_counts_its_traces_at_the_first_start,
         a_client_that_hangs_up_mid_call_still_leaves_the_complete_row,
     );
 }

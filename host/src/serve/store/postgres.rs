@@ -19,8 +19,8 @@ use tokio_postgres::types::ToSql;
 use super::{
     AliasRow, AliasTarget, BundleRow, Canary, Completed, Dialect, EVALUATION_COLUMNS,
     EVALUATION_STOPPED, Entry, EvaluationSummary, Finished, Gate, MIGRATIONS, MINUTE_MS, MoveRow,
-    NewBundle, NewEvaluation, NewRun, RUN_COLUMNS, RunFilter, RunRow, check_version, class_counts,
-    redact,
+    NewBundle, NewEvaluation, NewRun, RUN_COLUMNS, RunFilter, RunRow, Usage, check_version,
+    class_counts, redact,
 };
 
 const NOW: &str =
@@ -634,9 +634,20 @@ impl Postgres {
             None => (f.outcome, f.error.map(str::to_owned)),
         };
         if let Some((data, _)) = f.trace {
+            // The trace and its bytes counted in one statement: one round trip, as before
+            // there was a count.
             tx.execute(
-                "INSERT INTO traces (run, data) VALUES ($1, $2)",
-                &[&id, &data],
+                "WITH stored AS (INSERT INTO traces (run, data) VALUES ($1, $2) RETURNING run)
+                 INSERT INTO trace_bytes (tenant, slot, bytes)
+                 SELECT $3::text, $4::int, $5::bigint FROM stored
+                 ON CONFLICT (tenant, slot) DO UPDATE SET bytes = trace_bytes.bytes + excluded.bytes",
+                &[
+                    &id,
+                    &data,
+                    &f.tenant,
+                    &super::trace_slot(id),
+                    &(data.len() as i64),
+                ],
             )
             .await?;
         }
@@ -727,31 +738,49 @@ impl Postgres {
         Ok(row.map(|r| r.get(0)))
     }
 
-    pub async fn usage(&self, tenant: &str) -> Result<u64> {
+    pub async fn usage(&self, tenant: &str) -> Result<Usage> {
         let row = self
             .query_opt(
-                "SELECT ((SELECT coalesce(sum(size), 0) FROM bundles WHERE tenant = $1)
-                      + (SELECT coalesce(sum(trace_size), 0) FROM runs
-                         WHERE tenant = $1 AND trace_pruned = 0))::bigint",
+                "SELECT (SELECT coalesce(sum(size), 0) FROM bundles WHERE tenant = $1)::bigint,
+                        (SELECT coalesce(sum(bytes), 0) FROM trace_bytes WHERE tenant = $1)::bigint",
                 &[&tenant],
             )
             .await?;
-        Ok(row.map_or(0, |r| r.get::<_, i64>(0)) as u64)
+        let bytes = |i: usize| row.as_ref().map_or(0, |r| r.get::<_, i64>(i)) as u64;
+        Ok(Usage {
+            bundles: bytes(0),
+            traces: bytes(1),
+        })
     }
 
-    pub async fn traces(&self, tenant: &str, age: Option<Duration>) -> Result<Vec<(String, u64)>> {
-        let age = age.map(|a| a.as_secs_f64());
-        let rows = self
-            .query(
-                "SELECT id, trace_size FROM runs
-                 WHERE tenant = $1 AND trace_size IS NOT NULL AND trace_pruned = 0
-                 AND ($2::float8 IS NULL OR finished_at < to_char(
-                     (clock_timestamp() - make_interval(secs => $2)) AT TIME ZONE 'UTC',
-                     'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'))
-                 ORDER BY id",
-                &[&tenant, &age],
-            )
-            .await?;
+    pub async fn traces(
+        &self,
+        tenant: &str,
+        age: Option<Duration>,
+        limit: u32,
+    ) -> Result<Vec<(String, u64)>> {
+        // Two statements, not one with `$2 IS NULL OR ...`: a plan PostgreSQL makes once for
+        // any parameters could not use `runs_live_traces` for the age.
+        let live = "SELECT id, trace_size FROM runs
+                    WHERE tenant = $1 AND trace_size IS NOT NULL AND trace_pruned = 0";
+        let oldest = "ORDER BY finished_at, id LIMIT $2";
+        let limit = i64::from(limit);
+        let rows = match age {
+            Some(age) => {
+                let past = "AND finished_at < to_char(
+                     (clock_timestamp() - make_interval(secs => $3)) AT TIME ZONE 'UTC',
+                     'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')";
+                self.query(
+                    &format!("{live} {past} {oldest}"),
+                    &[&tenant, &limit, &age.as_secs_f64()],
+                )
+                .await?
+            }
+            None => {
+                self.query(&format!("{live} {oldest}"), &[&tenant, &limit])
+                    .await?
+            }
+        };
         Ok(rows
             .iter()
             .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
@@ -759,13 +788,20 @@ impl Postgres {
     }
 
     pub async fn prune(&self, id: &str) -> Result<()> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        tx.execute("DELETE FROM traces WHERE run = $1", &[&id])
-            .await?;
-        tx.execute("UPDATE runs SET trace_pruned = 1 WHERE id = $1", &[&id])
-            .await?;
-        tx.commit().await?;
+        // One statement, so one transaction: the row marked, the trace deleted and its bytes
+        // taken off the count, or nothing when the trace was already pruned.
+        self.execute(
+            "WITH pruned AS (
+                 UPDATE runs SET trace_pruned = 1
+                 WHERE id = $1 AND trace_pruned = 0 AND trace_size IS NOT NULL
+                 RETURNING tenant, trace_size),
+             deleted AS (DELETE FROM traces WHERE run = $1 AND EXISTS (SELECT 1 FROM pruned))
+             INSERT INTO trace_bytes (tenant, slot, bytes)
+             SELECT tenant, $2::int, -trace_size FROM pruned
+             ON CONFLICT (tenant, slot) DO UPDATE SET bytes = trace_bytes.bytes + excluded.bytes",
+            &[&id, &super::trace_slot(id)],
+        )
+        .await?;
         Ok(())
     }
 

@@ -20,7 +20,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{
     AliasRow, AliasTarget, BundleRow, Canary, Completed, Dialect, EVALUATION_COLUMNS,
     EVALUATION_STOPPED, Entry, EvaluationSummary, Finished, Gate, MIGRATIONS, MINUTE_MS, MoveRow,
-    NewBundle, NewEvaluation, NewRun, RUN_COLUMNS, RunFilter, RunRow, check_version, class_counts,
+    NewBundle, NewEvaluation, NewRun, RUN_COLUMNS, RunFilter, RunRow, Usage, check_version,
+    class_counts,
 };
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
@@ -146,7 +147,14 @@ impl Sqlite {
     }
 
     pub async fn ping(&self) -> Result<()> {
-        self.with(|c| c.query_row("SELECT count(*) FROM runs", [], |_| Ok(())))
+        // One row, not `count(*)`: counting reads every page of an index, and a load
+        // balancer asks this every few seconds.
+        self.with(|c| {
+            c.prepare_cached("SELECT 1 FROM runs LIMIT 1")?
+                .query([])?
+                .next()
+                .map(drop)
+        })
     }
 
     pub async fn close(&self) -> Result<()> {
@@ -619,6 +627,7 @@ impl Sqlite {
             if let Some((data, _)) = f.trace {
                 tx.prepare_cached("INSERT INTO traces (run, data) VALUES (?1, ?2)")?
                     .execute(params![id, data])?;
+                count_trace_bytes(&tx, f.tenant, id, data.len() as i64)?;
             }
             tx.prepare_cached(&format!(
                 "UPDATE runs SET finished_at = {NOW}, duration_ms = ?2, outcome = ?3,
@@ -708,28 +717,43 @@ impl Sqlite {
         })
     }
 
-    pub async fn usage(&self, tenant: &str) -> Result<u64> {
+    pub async fn usage(&self, tenant: &str) -> Result<Usage> {
         self.with(|c| {
-            c.query_row(
-                "SELECT (SELECT coalesce(sum(size), 0) FROM bundles WHERE tenant = ?1)
-                      + (SELECT coalesce(sum(trace_size), 0) FROM runs
-                         WHERE tenant = ?1 AND trace_pruned = 0)",
-                [tenant],
-                |r| r.get(0),
-            )
+            c.prepare_cached(
+                "SELECT (SELECT coalesce(sum(size), 0) FROM bundles WHERE tenant = ?1),
+                        (SELECT coalesce(sum(bytes), 0) FROM trace_bytes WHERE tenant = ?1)",
+            )?
+            .query_row([tenant], |r| {
+                Ok(Usage {
+                    bundles: r.get(0)?,
+                    traces: r.get(1)?,
+                })
+            })
         })
     }
 
-    pub async fn traces(&self, tenant: &str, age: Option<Duration>) -> Result<Vec<(String, u64)>> {
-        let before = age.map(|a| format!("-{} seconds", a.as_secs()));
+    pub async fn traces(
+        &self,
+        tenant: &str,
+        age: Option<Duration>,
+        limit: u32,
+    ) -> Result<Vec<(String, u64)>> {
+        // Two statements, not one with `?2 IS NULL OR ...`: SQLite plans a statement before
+        // it sees its parameters, and that `OR` would have it read every live trace.
         self.with(|c| {
-            let mut s = c.prepare(
-                "SELECT id, trace_size FROM runs
-                 WHERE tenant = ?1 AND trace_size IS NOT NULL AND trace_pruned = 0
-                 AND (?2 IS NULL OR finished_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?2))
-                 ORDER BY id",
-            )?;
-            s.query_map(params![tenant, before], |r| Ok((r.get(0)?, r.get(1)?)))?
+            let mut s = match age {
+                Some(age) => {
+                    let mut s =
+                        c.prepare_cached(&format!("{LIVE_TRACES} {PAST_RETENTION} {OLDEST}"))?;
+                    s.raw_bind_parameter(2, format!("-{} seconds", age.as_secs()))?;
+                    s
+                }
+                None => c.prepare_cached(&format!("{LIVE_TRACES} {OLDEST}"))?,
+            };
+            s.raw_bind_parameter(1, tenant)?;
+            s.raw_bind_parameter(3, limit)?;
+            s.raw_query()
+                .mapped(|r| Ok((r.get(0)?, r.get(1)?)))
                 .collect()
         })
     }
@@ -737,8 +761,19 @@ impl Sqlite {
     pub async fn prune(&self, id: &str) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction()?;
-            tx.execute("DELETE FROM traces WHERE run = ?1", [id])?;
-            tx.execute("UPDATE runs SET trace_pruned = 1 WHERE id = ?1", [id])?;
+            let pruned: Option<(String, i64)> = tx
+                .prepare_cached(
+                    "UPDATE runs SET trace_pruned = 1
+                     WHERE id = ?1 AND trace_pruned = 0 AND trace_size IS NOT NULL
+                     RETURNING tenant, trace_size",
+                )?
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if let Some((tenant, size)) = pruned {
+                tx.prepare_cached("DELETE FROM traces WHERE run = ?1")?
+                    .execute([id])?;
+                count_trace_bytes(&tx, &tenant, id, -size)?;
+            }
             tx.commit()
         })
     }
@@ -844,6 +879,30 @@ fn bundle_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BundleRow> {
         size: r.get(4)?,
         deployed_at: r.get(5)?,
     })
+}
+
+/// A tenant's live traces, for [`Sqlite::traces`]: `?1` the tenant, `?3` how many, and with
+/// [`PAST_RETENTION`] `?2` the age as SQLite's `-N seconds`. Its terms are those of the
+/// `runs_live_traces` index, which it reads in order.
+const LIVE_TRACES: &str = "SELECT id, trace_size FROM runs INDEXED BY runs_live_traces
+    WHERE tenant = ?1 AND trace_size IS NOT NULL AND trace_pruned = 0";
+const PAST_RETENTION: &str = "AND finished_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?2)";
+const OLDEST: &str = "ORDER BY finished_at, id LIMIT ?3";
+
+/// Adds `bytes` (negative: takes them away) to the tenant's live trace bytes, in the slot of
+/// run `id` (see `trace_bytes` in the schema).
+fn count_trace_bytes(
+    tx: &rusqlite::Transaction<'_>,
+    tenant: &str,
+    id: &str,
+    bytes: i64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO trace_bytes (tenant, slot, bytes) VALUES (?1, ?2, ?3)
+         ON CONFLICT (tenant, slot) DO UPDATE SET bytes = trace_bytes.bytes + excluded.bytes",
+    )?
+    .execute(params![tenant, super::trace_slot(id), bytes])
+    .map(drop)
 }
 
 /// Applies the migrations the file has not had, each in its own transaction (SQLite's
