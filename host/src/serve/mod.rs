@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -97,6 +97,18 @@ pub struct App {
     body_timeout: Duration,
     metrics: PrometheusHandle,
     draining: AtomicBool,
+    /// Calls taken to a worker whose rows are not complete yet: a stop waits for them too,
+    /// as a worker frees its place before the row is written (see `calls`).
+    in_flight: AtomicUsize,
+}
+
+/// One call counted in [`App::in_flight`] while it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl App {
@@ -154,6 +166,12 @@ impl App {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(id.to_owned());
+    }
+
+    /// Counts a call in flight until the guard is dropped.
+    fn in_flight(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(&self.in_flight)
     }
 
     /// Runs a store call from a worker thread (not an async one).
@@ -328,6 +346,7 @@ pub fn serve(options: &Options) -> Result<()> {
             body_timeout: config.body_timeout,
             metrics,
             draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
         });
         // Tests and scripts read the real address (for port 0) from this line.
         eprintln!(
@@ -375,7 +394,7 @@ async fn run(app: Arc<App>, listener: tokio::net::TcpListener, options: &Options
         // Still listening until the calls in flight are done: new requests get a 503 that
         // says why (and `/readyz` turns 503, so a load balancer moves on) rather than a
         // refused connection; the grace period below bounds the wait.
-        while draining.pool.load() != (0, 0) {
+        while draining.pool.load() != (0, 0) || draining.in_flight.load(Ordering::Acquire) > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
