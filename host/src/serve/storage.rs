@@ -1,7 +1,8 @@
 //! Each tenant's storage quota and trace retention.
 //!
 //! Traces are pruned oldest first: those older than `retention` (checked as each call
-//! starts and ends, up to [`PRUNED_AT_ONCE`] at a time), and then, when the tenant's bundles
+//! starts and ends and at each deploy, up to [`PRUNED_AT_ONCE`] at a time), and then, when
+//! the tenant's bundles
 //! and traces are still over `storage`, as many more as it takes. Their rows stay, marked
 //! `trace_pruned`. When even that is not enough (the bundles alone fill the quota), deploys
 //! and calls are refused with 507: a call is never run without being recorded. A deploy or
