@@ -602,76 +602,43 @@ impl Postgres {
     }
 
     pub async fn finish_run(&self, id: &str, f: &Finished<'_>) -> Result<Completed> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
+        let statement = complete_statement();
+        let Some(key) = f.idempotency_key.filter(|_| f.outcome == "returned") else {
+            // One statement is a transaction of its own.
+            let row = Completion::new(id, f, f.outcome, f.error.map(str::to_owned));
+            self.execute(&statement, &row.params()).await?;
+            return Ok(Completed::Recorded);
+        };
         // A retried call may have returned first under the same key, on any replica: under
         // the key's lock, this one then becomes the duplicate and the earlier result stands.
-        let mut earlier: Option<String> = None;
-        if f.outcome == "returned"
-            && let Some(key) = f.idempotency_key
-        {
-            tx.execute(
-                "SELECT pg_advisory_xact_lock($1, hashtext($2 || E'\\n' || $3))",
-                &[&LOCK_IDEMPOTENCY, &f.tenant, &key],
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2 || E'\\n' || $3))",
+            &[&LOCK_IDEMPOTENCY, &f.tenant, &key],
+        )
+        .await?;
+        let earlier: Option<String> = tx
+            .query_opt(
+                "SELECT id FROM runs WHERE tenant = $1 AND idempotency_key = $2
+                 AND outcome = 'returned'",
+                &[&f.tenant, &key],
             )
-            .await?;
-            earlier = tx
-                .query_opt(
-                    "SELECT id FROM runs WHERE tenant = $1 AND idempotency_key = $2
-                     AND outcome = 'returned'",
-                    &[&f.tenant, &key],
-                )
-                .await?
-                .map(|r| r.get(0));
-        }
-        let (outcome, error) = match &earlier {
-            Some(e) => (
+            .await?
+            .map(|r| r.get(0));
+        let row = match &earlier {
+            Some(e) => Completion::new(
+                id,
+                f,
                 "duplicate",
                 Some(format!(
                     "run {e} with the same Idempotency-Key returned first: its result was the answer"
                 )),
             ),
-            None => (f.outcome, f.error.map(str::to_owned)),
+            None => Completion::new(id, f, f.outcome, f.error.map(str::to_owned)),
         };
-        if let Some((data, _)) = f.trace {
-            // The trace and its bytes counted in one statement: one round trip, as before
-            // there was a count.
-            tx.execute(
-                "WITH stored AS (INSERT INTO traces (run, data) VALUES ($1, $2) RETURNING run)
-                 INSERT INTO trace_bytes (tenant, slot, bytes)
-                 SELECT $3::text, $4::int, $5::bigint FROM stored
-                 ON CONFLICT (tenant, slot) DO UPDATE SET bytes = trace_bytes.bytes + excluded.bytes",
-                &[
-                    &id,
-                    &data,
-                    &f.tenant,
-                    &super::trace_slot(id),
-                    &(data.len() as i64),
-                ],
-            )
-            .await?;
-        }
-        tx.execute(
-            &format!(
-                "UPDATE runs SET finished_at = {NOW}, duration_ms = $2, outcome = $3,
-                 http_status = $4, result = $5, result_sha256 = $6, error = $7,
-                 trace_sha256 = $8, trace_size = $9, started_at = {STARTED}
-                 WHERE id = $1"
-            ),
-            &[
-                &id,
-                &f.duration_ms,
-                &outcome,
-                &i32::from(f.http_status),
-                &f.result,
-                &f.result_sha256,
-                &error,
-                &f.trace.map(|t| t.1),
-                &f.trace.map(|t| t.0.len() as i64),
-                &f.running_ms,
-            ],
-        )
-        .await?;
+        let prepared = tx.prepare_cached(&statement).await?;
+        tx.execute(&prepared, &row.params()).await?;
         tx.commit().await?;
         Ok(earlier.map_or(Completed::Recorded, Completed::Duplicate))
     }
@@ -848,6 +815,73 @@ impl Postgres {
                 detail: serde_json::from_str(r.get(2)).unwrap_or_default(),
             })
             .collect())
+    }
+}
+
+/// Completes a run's row, and stores and counts its trace when it has one: one statement,
+/// so one round trip for a call without a key (where a transaction of three took six, each
+/// statement prepared anew). Its parameters are [`Completion::params`].
+fn complete_statement() -> String {
+    format!(
+        "WITH stored AS (
+             INSERT INTO traces (run, data) SELECT $1, $11::bytea WHERE $11 IS NOT NULL
+             RETURNING run),
+         counted AS (
+             INSERT INTO trace_bytes (tenant, slot, bytes)
+             SELECT $12::text, $13::int, $9::bigint FROM stored
+             ON CONFLICT (tenant, slot) DO UPDATE SET bytes = trace_bytes.bytes + excluded.bytes)
+         UPDATE runs SET finished_at = {NOW}, duration_ms = $2, outcome = $3,
+         http_status = $4, result = $5, result_sha256 = $6, error = $7,
+         trace_sha256 = $8, trace_size = $9, started_at = {STARTED}
+         WHERE id = $1"
+    )
+}
+
+/// What [`complete_statement`] writes for one run.
+struct Completion<'a> {
+    id: &'a str,
+    f: &'a Finished<'a>,
+    outcome: &'a str,
+    error: Option<String>,
+    http_status: i32,
+    trace: Option<&'a [u8]>,
+    trace_sha256: Option<&'a str>,
+    trace_size: Option<i64>,
+    slot: i32,
+}
+
+impl<'a> Completion<'a> {
+    fn new(id: &'a str, f: &'a Finished<'a>, outcome: &'a str, error: Option<String>) -> Self {
+        let (trace, trace_sha256) = f.trace.unzip();
+        Completion {
+            id,
+            f,
+            outcome,
+            error,
+            http_status: i32::from(f.http_status),
+            trace,
+            trace_sha256,
+            trace_size: trace.map(|t| t.len() as i64),
+            slot: super::trace_slot(id),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 13] {
+        [
+            &self.id,
+            &self.f.duration_ms,
+            &self.outcome,
+            &self.http_status,
+            &self.f.result,
+            &self.f.result_sha256,
+            &self.error,
+            &self.trace_sha256,
+            &self.trace_size,
+            &self.f.running_ms,
+            &self.trace,
+            &self.f.tenant,
+            &self.slot,
+        ]
     }
 }
 
