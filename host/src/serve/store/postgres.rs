@@ -819,8 +819,8 @@ impl Postgres {
 }
 
 /// Completes a run's row, and stores and counts its trace when it has one: one statement,
-/// so one round trip for a call without a key (where a transaction of three took six, each
-/// statement prepared anew). Its parameters are [`Completion::params`].
+/// so one round trip for a call without a key, where a transaction of three statements took
+/// six (each statement prepared anew). Its parameters are [`Completion::params`].
 fn complete_statement() -> String {
     format!(
         "WITH stored AS (
