@@ -48,10 +48,7 @@ fn call_with(
 }
 
 fn main() -> Result<()> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned();
+    let repo = common::repo();
     let host_bin = repo.join("target/release/host");
     let work = tempfile::tempdir()?;
     let engine = Engine::new(None)?;

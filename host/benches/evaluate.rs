@@ -22,7 +22,6 @@
 mod common;
 
 use std::num::NonZeroUsize;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -49,10 +48,7 @@ const MOST_SECONDS: f64 = 15.0;
 const LEAST_RATIO: f64 = 10.0;
 
 fn main() -> Result<()> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned();
+    let repo = common::repo();
     let host_bin = repo.join("target/release/host");
     let notebook_path = repo.join("notebooks/churn.ipynb");
     let work = tempfile::tempdir()?;

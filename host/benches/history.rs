@@ -28,10 +28,7 @@ const TOKEN: &str = "bench-token-0123456789abcdef0123456789abcdef";
 const TRACE_SIZE: i64 = 1300;
 
 fn main() -> Result<()> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned();
+    let repo = common::repo();
     let host_bin = repo.join("target/release/host");
     let work = tempfile::tempdir()?;
     let config = work.path().join("host.toml");

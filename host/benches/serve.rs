@@ -52,10 +52,7 @@ const FRESH_EVERY: u32 = 4;
 const TOKEN: &str = "bench-token-0123456789abcdef0123456789abcdef";
 
 fn main() -> Result<()> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned();
+    let repo = common::repo();
     let notebook_path = repo.join("notebooks/churn.ipynb");
     let pandas_body = std::fs::read(repo.join("notebooks/churn-input.json"))?;
     let cases = [

@@ -107,6 +107,14 @@ impl CpuTime {
     }
 }
 
+/// The repository's root: the notebooks, and the release build under `target/`.
+pub fn repo() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ is inside the repository")
+        .to_owned()
+}
+
 pub fn cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
