@@ -968,6 +968,65 @@ fn traces_are_pruned_oldest_first_for_storage_and_retention_then_507() {
     assert_trace_bytes_counted(&server, &["full", "old"]);
 }
 
+/// Retention is a promise about how long production inputs are kept: a tenant that stops
+/// calling has its expired traces pruned all the same, in the background, while another
+/// tenant's traces (no retention) stay.
+#[test]
+fn a_tenant_that_stops_calling_still_has_its_traces_pruned_past_retention() {
+    let dir = workdir();
+    let (quiet, quiet_digest) = token("quiet");
+    let (kept, kept_digest) = token("kept");
+    let cfg = config(
+        dir.path(),
+        "",
+        &[
+            format!("name = \"quiet\"\ntokens_sha256 = [\"{quiet_digest}\"]\nretention = \"1s\""),
+            format!("name = \"kept\"\ntokens_sha256 = [\"{kept_digest}\"]"),
+        ],
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&cfg));
+    let nb = notebook(FUNCTIONS);
+    let mut runs = Vec::new();
+    for t in [&quiet, &kept] {
+        let version = server.deploy(t, &nb.notebook, &["double"]);
+        let call = server.call(t, &version, "double", json!([1]));
+        runs.push(call.expect(200)["run"].as_str().unwrap().to_owned());
+    }
+    // No call, no deploy from now on: only the background can prune it.
+    let started = std::time::Instant::now();
+    let pruned = |id: &str| {
+        server.sql(&format!("SELECT trace_pruned FROM runs WHERE id = '{id}'"))[0][0].as_deref()
+            == Some("1")
+    };
+    while !pruned(&runs[0]) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the quiet tenant's trace is still kept {:?} after its call, past a 1s retention",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("pruned within {:?} of the call", started.elapsed());
+    let gone = server.get(&format!("/v1/runs/{}/trace", runs[0]), Some(&quiet));
+    assert!(
+        gone.expect(404)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("pruned")
+    );
+    assert!(
+        !pruned(&runs[1]),
+        "a tenant without retention keeps its trace"
+    );
+    assert_eq!(
+        server
+            .get(&format!("/v1/runs/{}/trace", runs[1]), Some(&kept))
+            .status,
+        200
+    );
+    assert_trace_bytes_counted(&server, &["kept"]);
+}
+
 /// Each tenant's `trace_bytes` add up to the sizes of its traces not pruned, and those
 /// traces are there.
 fn assert_trace_bytes_counted(server: &Server, tenants: &[&str]) {
@@ -1368,6 +1427,7 @@ mod postgres {
         sigterm_drains_calls_in_flight_and_exits_0,
         over_its_quota_a_tenant_gets_429_with_retry_after,
         traces_are_pruned_oldest_first_for_storage_and_retention_then_507,
+        a_tenant_that_stops_calling_still_has_its_traces_pruned_past_retention,
         a_store_from_before_the_trace_counters_counts_its_traces_at_the_first_start,
         a_client_that_hangs_up_mid_call_still_leaves_the_complete_row,
     );

@@ -422,8 +422,9 @@ async fn run(app: Arc<App>, listener: tokio::net::TcpListener, options: &Options
 
 impl App {
     /// What a replica does in the background, every [`HEARTBEAT`]: says it is alive (and
-    /// marks the unfinished runs of replicas that stopped saying so), and loads the versions
-    /// other replicas deployed, so their first call here finds them pre-initialised. A
+    /// marks the unfinished runs of replicas that stopped saying so), prunes the traces past
+    /// their tenant's retention (see `storage`), and loads the versions other replicas
+    /// deployed, so their first call here finds them pre-initialised. A
     /// failing store is reported once per outage and tried again at the next beat.
     async fn follow(self: Arc<App>) {
         let mut failing = false;
@@ -449,6 +450,7 @@ impl App {
                         return Err(e);
                     }
                 }
+                self.apply_retention().await?;
                 if self.runner.get().is_some() {
                     for version in self.store.versions().await? {
                         if !self.is_ready(&version) && !failed.contains(&version) {

@@ -1,8 +1,9 @@
 //! Each tenant's storage quota and trace retention.
 //!
 //! Traces are pruned oldest first: those older than `retention` (checked as each call
-//! starts and ends and at each deploy, up to [`PRUNED_AT_ONCE`] at a time), and then, when
-//! the tenant's bundles
+//! starts and ends and at each deploy, up to [`PRUNED_AT_ONCE`] at a time, and at every
+//! replica's heartbeat for every tenant, so a tenant that stops calling still has its
+//! traces pruned on time: see [`App::apply_retention`]), and then, when the tenant's bundles
 //! and traces are still over `storage`, as many more as it takes. Their rows stay, marked
 //! `trace_pruned`. When even that is not enough (the bundles alone fill the quota), deploys
 //! and calls are refused with 507: a call is never run without being recorded. A deploy or
@@ -30,7 +31,49 @@ use super::error::ApiError;
 /// many until the tenant is under it.
 const PRUNED_AT_ONCE: u32 = 100;
 
+/// How many look-ups of [`PRUNED_AT_ONCE`] a heartbeat's sweep makes per tenant at most: a
+/// tenant far past its retention and no longer calling catches up at this pace (10,000
+/// traces a minute at a beat every two seconds) without one sweep holding the store for
+/// minutes.
+const SWEPT_AT_ONCE: u32 = 5;
+
 impl App {
+    /// Prunes the traces past retention of every tenant that has one, whether it calls or
+    /// not: the checks around calls and deploys only see tenants that keep calling, and a
+    /// retention is a promise about how long production inputs are kept. Run at each
+    /// heartbeat (see `App::follow`); the number of traces pruned.
+    pub(super) async fn apply_retention(&self) -> Result<usize> {
+        let mut pruned = 0;
+        for tenant in &self.tenants {
+            for _ in 0..SWEPT_AT_ONCE {
+                let expired = self.prune_expired(tenant).await?;
+                pruned += expired;
+                if expired < PRUNED_AT_ONCE as usize {
+                    break;
+                }
+                // A long catch-up leaves the runtime to the requests between look-ups.
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok(pruned)
+    }
+
+    /// Prunes up to [`PRUNED_AT_ONCE`] of the tenant's traces past its retention, oldest
+    /// first; how many.
+    async fn prune_expired(&self, tenant: &TenantState) -> Result<usize> {
+        let Some(retention) = tenant.config.retention else {
+            return Ok(0);
+        };
+        let expired = self
+            .store
+            .traces(tenant.name(), Some(retention), PRUNED_AT_ONCE)
+            .await?;
+        for (id, _) in &expired {
+            self.store.prune(id).await?;
+        }
+        Ok(expired.len())
+    }
+
     /// Makes room for `incoming` more bytes of the tenant's, or refuses with 507.
     pub(super) async fn check_storage(
         &self,
@@ -38,15 +81,7 @@ impl App {
         incoming: u64,
     ) -> Result<(), ApiError> {
         let name = tenant.name();
-        if let Some(retention) = tenant.config.retention {
-            for (id, _) in self
-                .store
-                .traces(name, Some(retention), PRUNED_AT_ONCE)
-                .await?
-            {
-                self.store.prune(&id).await?;
-            }
-        }
+        self.prune_expired(tenant).await?;
         let Some(quota) = tenant.config.storage else {
             return Ok(());
         };
