@@ -32,7 +32,7 @@ use super::error::ApiError;
 const PRUNED_AT_ONCE: u32 = 100;
 
 /// How many look-ups of [`PRUNED_AT_ONCE`] a heartbeat's sweep makes per tenant at most: a
-/// tenant far past its retention and no longer calling catches up at this pace (10,000
+/// tenant far past its retention and no longer calling catches up at this pace (15,000
 /// traces a minute at a beat every two seconds) without one sweep holding the store for
 /// minutes.
 const SWEPT_AT_ONCE: u32 = 5;
