@@ -868,6 +868,63 @@ fn a_client_sending_its_body_slowly_holds_no_worker_and_gets_408() {
     );
 }
 
+/// A slowloris: connections that never finish their headers, or sit idle after an answer,
+/// are closed after `header_timeout`, and while they are open others are served.
+#[test]
+fn connections_that_stall_on_their_headers_or_sit_idle_are_closed_after_header_timeout() {
+    use std::io::{Read, Write};
+    let dir = workdir();
+    let (t, digest) = token("patient");
+    let cfg = config(
+        dir.path(),
+        "header_timeout = \"1s\"",
+        &[format!("name = \"p\"\ntokens_sha256 = [\"{digest}\"]")],
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&cfg));
+    let addr = server.url.strip_prefix("http://").unwrap();
+    let open = |first: &str| {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.write_all(first.as_bytes()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c
+    };
+    let opened = Instant::now();
+    let mut stalled: Vec<_> = (0..50)
+        .map(|i| match i % 3 {
+            0 => open(""),
+            1 => open("GET /healthz HTTP/1.1\r\nHost: x\r\n"),
+            _ => open("POST /v1/call/v/f HTTP/1.1\r\nAuth"),
+        })
+        .collect();
+    let mut idle = open("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    // Served meanwhile, on connections of their own.
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&t, &nb.notebook, &["double"]);
+    assert_eq!(
+        server.call(&t, &version, "double", json!([4])).expect(200)["result"],
+        json!(8)
+    );
+    for (i, c) in stalled.iter_mut().enumerate() {
+        let mut rest = Vec::new();
+        // Ends (0 bytes) when the server closes it; a read timeout (10 s) when it does not.
+        let read = c.read_to_end(&mut rest);
+        assert!(
+            read.is_ok() && rest.is_empty(),
+            "stalled connection {i} not closed {:?} after it opened: {read:?} {rest:?}",
+            opened.elapsed()
+        );
+    }
+    let mut answer = Vec::new();
+    let read = idle.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        read.is_ok() && answer.starts_with("HTTP/1.1 200"),
+        "the idle connection was answered, then closed: {read:?} {answer}"
+    );
+    eprintln!("all closed {:?} after they opened", opened.elapsed());
+    assert_eq!(server.get("/healthz", None).status, 200);
+}
+
 #[test]
 fn traces_are_pruned_oldest_first_for_storage_and_retention_then_507() {
     let dir = workdir();

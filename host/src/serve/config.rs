@@ -32,6 +32,7 @@ struct File {
     max_output: Option<String>,
     max_body: Option<String>,
     body_timeout: Option<String>,
+    header_timeout: Option<String>,
     #[serde(default)]
     tenant: Vec<TenantFile>,
 }
@@ -70,6 +71,9 @@ pub struct Config {
     pub workers: usize,
     /// How long a client may take to send a request's body.
     pub body_timeout: Duration,
+    /// How long a connection may take to send a request's headers, counted from when it
+    /// opened or was last answered: a connection that stalls (or sits idle) longer is closed.
+    pub header_timeout: Duration,
     pub tenants: Vec<Tenant>,
 }
 
@@ -113,6 +117,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA: &str = "host-data";
 const DEFAULT_MAX_BODY: &str = "16M";
 const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Long enough for a keep-alive client between calls (clients' pools drop idle connections
+/// sooner: ureq after 15 s), short enough that stalled connections do not pile up.
+const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CONCURRENCY: usize = 2;
 const DEFAULT_QUEUE: usize = 16;
 
@@ -174,6 +181,8 @@ impl Config {
         };
         let body_timeout = duration_or(file.body_timeout.as_deref(), DEFAULT_BODY_TIMEOUT)
             .map_err(key("body_timeout"))?;
+        let header_timeout = duration_or(file.header_timeout.as_deref(), DEFAULT_HEADER_TIMEOUT)
+            .map_err(key("header_timeout"))?;
         let mut tenants = Vec::new();
         for t in file.tenant {
             let tenant = Tenant::resolve(t, &maxima)?;
@@ -192,6 +201,7 @@ impl Config {
             replica: file.replica,
             workers,
             body_timeout,
+            header_timeout,
             tenants,
         })
     }
@@ -367,6 +377,7 @@ mod tests {
             ("store = \"mysql\"", "store:"),
             ("max_memory = \"lots\"", "max_memory:"),
             ("workers = 0", "workers:"),
+            ("header_timeout = \"0s\"", "header_timeout:"),
             (
                 "[[tenant]]\nname = \"a\"\ntokens_sha256 = [\"abc\"]",
                 "tenant `a`: tokens_sha256:",
@@ -406,12 +417,14 @@ mod tests {
     fn a_full_config_resolves() {
         let config = Config::parse(&format!(
             "listen = \"127.0.0.1:9000\"\ndata = \"/srv/host\"\nworkers = 3\nmax_memory = \"2G\"\n\
+             header_timeout = \"5s\"\n\
              [[tenant]]\nname = \"a\"\ntokens_sha256 = [\"{DIGEST}\"]\nconcurrency = 1\nqueue = 2\n\
              calls_per_minute = 60\nstorage = \"1G\"\nretention = \"30d\"\ntimeout = \"5s\"\n"
         ))
         .unwrap();
         assert_eq!(config.listen.port(), 9000);
         assert_eq!(config.workers, 3);
+        assert_eq!(config.header_timeout, Duration::from_secs(5));
         let a = &config.tenants[0];
         assert_eq!(a.limits.memory, 1 << 30);
         assert_eq!(a.limits.timeout, Duration::from_secs(5));

@@ -36,6 +36,7 @@ mod body;
 mod bundles;
 mod calls;
 mod config;
+mod connections;
 mod detached;
 mod error;
 mod evaluations;
@@ -298,6 +299,7 @@ pub fn serve(options: &Options) -> Result<()> {
         .context("failed to start the async runtime")?;
     runtime.block_on(async {
         let store = Store::open(&config.store, &config.data).await?;
+        connections::raise_open_files_limit();
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("failed to listen on {}", config.listen))?;
@@ -355,7 +357,7 @@ pub fn serve(options: &Options) -> Result<()> {
             app.store.kind()
         );
         eprintln!("host: listening on http://{address}");
-        run(app, listener, options).await
+        run(app, listener, config.header_timeout, options).await
     })
 }
 
@@ -367,7 +369,12 @@ const SILENT: Duration = Duration::from_secs(15);
 const STORE_FAILED: &str =
     "the run store failed as the call ended: the client was answered 503, and its trace is lost";
 
-async fn run(app: Arc<App>, listener: tokio::net::TcpListener, options: &Options) -> Result<()> {
+async fn run(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    header_timeout: Duration,
+    options: &Options,
+) -> Result<()> {
     let warm = app.clone();
     let (runtime, cache_dir) = (options.runtime.clone(), options.cache_dir.clone());
     std::thread::spawn(move || {
@@ -385,7 +392,7 @@ async fn run(app: Arc<App>, listener: tokio::net::TcpListener, options: &Options
     let stop = Arc::new(tokio::sync::Notify::new());
     let signalled = stop.clone();
     let draining = app.clone();
-    let server = axum::serve(listener, router(app.clone())).with_graceful_shutdown(async move {
+    let stopping = async move {
         shutdown_signal().await;
         draining.draining.store(true, Ordering::Relaxed);
         let (running, queued) = draining.pool.load();
@@ -397,11 +404,11 @@ async fn run(app: Arc<App>, listener: tokio::net::TcpListener, options: &Options
         while draining.pool.load() != (0, 0) || draining.in_flight.load(Ordering::Acquire) > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    });
+    };
+    let server = connections::serve(listener, router(app.clone()), header_timeout, stopping);
     let grace = options.grace;
-    let server = std::future::IntoFuture::into_future(server);
     tokio::select! {
-        served = server => served.context("the server failed")?,
+        () = server => {}
         () = async { stop.notified().await; tokio::time::sleep(grace).await } => {
             eprintln!("host: the grace period ({grace:?}) is over: stopping with calls unfinished");
         }
