@@ -417,18 +417,28 @@ mod tests {
     #[test]
     fn the_worker_idle_last_takes_the_next_call() {
         let pool = Pool::new(2, &[(2, 2)]);
-        // Both workers started and waiting.
+        let threads = threads_of_calls(&pool, 10, Duration::from_millis(20));
+        assert_eq!(threads.len(), 1, "{threads:?}");
+    }
+
+    /// The threads that ran `calls` calls of tenant 0, one after another with `pause`
+    /// between an answer and the next call, once the pool's workers are all waiting.
+    fn threads_of_calls(
+        pool: &Pool,
+        calls: usize,
+        pause: Duration,
+    ) -> std::collections::HashSet<Option<String>> {
         std::thread::sleep(Duration::from_millis(100));
         let mut threads = std::collections::HashSet::new();
-        for _ in 0..10 {
+        for _ in 0..calls {
             let ran_on = pool
                 .reserve(0)
                 .unwrap()
                 .run(|| std::thread::current().name().map(str::to_owned));
             threads.insert(ran_on.blocking_recv().unwrap());
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(pause);
         }
-        assert_eq!(threads.len(), 1, "{threads:?}");
+        threads
     }
 
     /// Calls one after another, each queued as soon as the last is answered: while the
@@ -445,16 +455,7 @@ mod tests {
             (Duration::from_millis(1), false),
         ] {
             let pool = Pool::with_settle(2, &[(2, 2)], slow_settle, brief);
-            // Both workers started and waiting.
-            std::thread::sleep(Duration::from_millis(100));
-            let mut threads = std::collections::HashSet::new();
-            for _ in 0..6 {
-                let ran_on = pool
-                    .reserve(0)
-                    .unwrap()
-                    .run(|| std::thread::current().name().map(str::to_owned));
-                threads.insert(ran_on.blocking_recv().unwrap());
-            }
+            let threads = threads_of_calls(&pool, 6, Duration::ZERO);
             assert_eq!(
                 threads.len() == 1,
                 one_thread,
