@@ -117,9 +117,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA: &str = "host-data";
 const DEFAULT_MAX_BODY: &str = "16M";
 const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Long enough for a keep-alive client between calls (clients' pools drop idle connections
-/// sooner: ureq after 15 s), short enough that stalled connections do not pile up.
-const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longer than a load balancer keeps an idle connection to a backend (60 s for most), so a
+/// balancer never sends a request on a connection the server is closing (a 502 for its
+/// client), as nginx's 75 s default; short enough that stalled connections do not pile up.
+const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(75);
 const DEFAULT_CONCURRENCY: usize = 2;
 const DEFAULT_QUEUE: usize = 16;
 
