@@ -899,10 +899,15 @@ fn connections_that_stall_on_their_headers_or_sit_idle_are_closed_after_header_t
     let mut idle = open("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
     // Served meanwhile, on connections of their own.
     let nb = notebook(FUNCTIONS);
-    let version = server.deploy(&t, &nb.notebook, &["double"]);
+    let version = server.deploy(&t, &nb.notebook, &["double", "spin"]);
     assert_eq!(
         server.call(&t, &version, "double", json!([4])).expect(200)["result"],
         json!(8)
+    );
+    // The timeout is for headers only: a call longer than it is answered.
+    assert_eq!(
+        server.call(&t, &version, "spin", json!([2])).expect(200)["result"],
+        json!(2)
     );
     for (i, c) in stalled.iter_mut().enumerate() {
         let mut rest = Vec::new();
