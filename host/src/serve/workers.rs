@@ -265,9 +265,11 @@ impl Shared {
                     if let Ok(deliver) = deliver {
                         deliver();
                     }
-                    // The call's memory is reset once its answer is on its way.
+                    // The call's memory is reset once its answer is on its way. A reset that
+                    // panicked must not leave this worker marked settling: no job would wake
+                    // the others again.
                     let started = Instant::now();
-                    (self.settle)();
+                    let _ = std::panic::catch_unwind(self.settle);
                     last_settle = started.elapsed();
                     state = self.lock();
                     if brief {
@@ -277,7 +279,8 @@ impl Shared {
                 Work::Background(job) => {
                     // Background work reports its own failures; a panic only ends the job.
                     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-                    (self.settle)();
+                    // Nor a failed reset, which would leave the tenant a place short.
+                    let _ = std::panic::catch_unwind(self.settle);
                     state = self.lock();
                     state.tenants[tenant].background_running -= 1;
                 }
@@ -461,6 +464,32 @@ mod tests {
                 one_thread,
                 "brief {brief:?}: {threads:?}"
             );
+        }
+    }
+
+    /// A reset that panics ends neither its worker nor the pool: the calls after it are run.
+    #[test]
+    fn a_reset_that_panics_leaves_the_pool_serving() {
+        fn failing_settle() {
+            panic!("a reset failed (this test's)");
+        }
+        let pool = Pool::with_settle(2, &[(2, 2)], failing_settle, Duration::from_secs(1));
+        for i in 0..4 {
+            let mut answer = pool.reserve(0).unwrap().run(move || i);
+            let queued = Instant::now();
+            loop {
+                match answer.try_recv() {
+                    Ok(value) => break assert_eq!(value, i),
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        assert!(
+                            queued.elapsed() < Duration::from_secs(5),
+                            "call {i} was never run"
+                        );
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(e) => panic!("call {i}: {e}"),
+                }
+            }
         }
     }
 
