@@ -41,21 +41,18 @@ impl App {
     /// Prunes the traces past retention of every tenant that has one, whether it calls or
     /// not: the checks around calls and deploys only see tenants that keep calling, and a
     /// retention is a promise about how long production inputs are kept. Run at each
-    /// heartbeat (see `App::follow`); the number of traces pruned.
-    pub(super) async fn apply_retention(&self) -> Result<usize> {
-        let mut pruned = 0;
+    /// heartbeat (see `App::follow`).
+    pub(super) async fn apply_retention(&self) -> Result<()> {
         for tenant in &self.tenants {
             for _ in 0..SWEPT_AT_ONCE {
-                let expired = self.prune_expired(tenant).await?;
-                pruned += expired;
-                if expired < PRUNED_AT_ONCE as usize {
+                if self.prune_expired(tenant).await? < PRUNED_AT_ONCE as usize {
                     break;
                 }
                 // A long catch-up leaves the runtime to the requests between look-ups.
                 tokio::task::yield_now().await;
             }
         }
-        Ok(pruned)
+        Ok(())
     }
 
     /// Prunes up to [`PRUNED_AT_ONCE`] of the tenant's traces past its retention, oldest

@@ -75,9 +75,9 @@ struct State {
     took_background: bool,
     /// The workers waiting for work, the one that went idle last at the end.
     idle: Vec<usize>,
-    /// Workers resetting the memory of the call they answered, whose last reset was brief:
-    /// while there is one, a job queued wakes no idle worker, as this one takes it next.
-    settling: Vec<usize>,
+    /// How many workers are resetting the memory of the call they answered, their last reset
+    /// brief: while one is, a job queued wakes no idle worker, as that one takes it next.
+    settling: usize,
 }
 
 struct Queue {
@@ -129,7 +129,7 @@ impl Pool {
                 background_turn: 0,
                 took_background: false,
                 idle: Vec::with_capacity(workers),
-                settling: Vec::with_capacity(workers),
+                settling: 0,
             }),
             wakes: (0..workers).map(|_| Condvar::new()).collect(),
             settle,
@@ -215,7 +215,7 @@ impl Shared {
     /// Wakes the worker that went idle last, if one is idle and none is about to take the
     /// job (see [`State::settling`]).
     fn wake_one(&self, state: &mut State) {
-        if !state.settling.is_empty() {
+        if state.settling > 0 {
             return;
         }
         if let Some(worker) = state.idle.pop() {
@@ -258,7 +258,7 @@ impl Shared {
                     q.held -= 1;
                     let brief = last_settle <= self.brief;
                     if brief {
-                        state.settling.push(me);
+                        state.settling += 1;
                     }
                     state.publish();
                     drop(state);
@@ -273,7 +273,7 @@ impl Shared {
                     last_settle = started.elapsed();
                     state = self.lock();
                     if brief {
-                        state.settling.retain(|&w| w != me);
+                        state.settling -= 1;
                     }
                 }
                 Work::Background(job) => {
