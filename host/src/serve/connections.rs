@@ -45,6 +45,9 @@ pub async fn serve(
             },
             () = &mut stop => break,
         };
+        // Each answer is written whole: nothing is gained by holding its last segment back
+        // until the client acknowledges the one before (Nagle's algorithm).
+        let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
         let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
