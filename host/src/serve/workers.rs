@@ -41,14 +41,15 @@ type Job = Box<dyn FnOnce() -> Box<dyn FnOnce() + Send> + Send>;
 type Background = Box<dyn FnOnce() + Send>;
 
 /// How brief a worker's last reset must have been for a call queued during its next to wait
-/// for it: at most this, or at most [`SETTLE_SHARE`] of the call it follows. Running beside
-/// a reset on another worker costs a call about the reset's time and more (see the module's
-/// doc), so waiting costs no more than it saves; and a reset that is a small share of its
-/// call delays the next by only that share, however fast the machine. A fixed bound alone
-/// does not carry over: the pandas example's 1.2 ms reset was 1.7-2.1 ms on a slower machine,
-/// and a third of its calls went to the cold worker.
+/// for it: at most this, or at most the time of the call it follows divided by
+/// [`SETTLE_SHARE`]. Running beside a reset on another worker costs a call about the reset's
+/// time and more (see the module's doc), so waiting costs no more than it saves; and a reset
+/// that is a small share of its call delays the next by only that share (an eighth at most),
+/// however fast the machine. A fixed bound alone does not carry over: the pandas example's
+/// 1.2 ms reset took 1.7-2.1 ms on a slower machine, and a third of its calls went to the
+/// cold worker.
 const BRIEF_SETTLE: Duration = Duration::from_millis(2);
-const SETTLE_SHARE: u32 = 4;
+const SETTLE_SHARE: u32 = 8;
 
 /// What a worker took.
 enum Work {
@@ -353,7 +354,9 @@ impl State {
         self.tenants
             .iter()
             .map(|q| {
-                let free = q.concurrency - (q.running + q.background_running).min(q.concurrency);
+                let free = q
+                    .concurrency
+                    .saturating_sub(q.running + q.background_running);
                 free.min(q.jobs.len() + q.background.len())
             })
             .sum()
