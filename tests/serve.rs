@@ -575,6 +575,79 @@ fn sigterm_drains_calls_in_flight_and_exits_0() {
     );
 }
 
+/// At SIGTERM, connections that wait for their client (part way through a request's headers,
+/// or sending nothing) are closed at once, not left to hold the stop for the grace period;
+/// an answer the server is still writing to a client that reads slowly is written whole.
+#[test]
+fn sigterm_closes_connections_waiting_for_their_client_and_finishes_answers_being_written() {
+    use std::io::{Read, Write};
+    let dir = workdir();
+    // Tests' servers have a grace period of 20 s.
+    let mut server = Server::start(&dir.path().join("data"), None);
+    let tok = server.default_token();
+    let nb = notebook("def big(n):\n    return 'x' * n\n");
+    let version = server.deploy(&tok, &nb.notebook, &["big"]);
+    let addr = server.url.strip_prefix("http://").unwrap().to_owned();
+    let open = |first: &str| {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.write_all(first.as_bytes()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        c
+    };
+    let mut waiting = [
+        open(""),
+        open("GET /healthz HTTP/1.1\r\nHost: x\r\n"),
+        open(&format!("POST /v1/call/{version}/big HTTP/1.1\r\nAuthoriz")),
+    ];
+    // 15 MB: more than loopback's socket buffers hold, so the server is still writing it.
+    let size = 15_000_000;
+    let mut reader = send_unread(
+        &server,
+        &format!("/v1/call/{version}/big"),
+        &tok,
+        &format!(r#"{{"args": [{size}]}}"#),
+    );
+    reader
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let started = Instant::now();
+    while rows(&server).first().is_none_or(|r| r.1.is_none()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the call never ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let stopped = Instant::now();
+    server.signal(libc::SIGTERM);
+    for (i, c) in waiting.iter_mut().enumerate() {
+        let mut rest = Vec::new();
+        // Ends (0 bytes) when the server closes it; a read timeout when it does not.
+        let read = c.read_to_end(&mut rest);
+        assert!(
+            read.is_ok() && rest.is_empty(),
+            "waiting connection {i} not closed {:?} after SIGTERM: {read:?} {rest:?}",
+            stopped.elapsed()
+        );
+    }
+    let mut answer = Vec::new();
+    reader
+        .read_to_end(&mut answer)
+        .expect("the answer being written is written whole");
+    let text = String::from_utf8_lossy(&answer[..answer.len().min(200)]).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body = answer.len() - text.find("\r\n\r\n").unwrap() - 4;
+    assert!(body > size, "{body} bytes of an answer of more than {size}");
+    assert_eq!(server.exit_code(), 0, "{}", server.log());
+    let took = stopped.elapsed();
+    assert!(
+        took < Duration::from_secs(10) && !server.log().contains("grace period"),
+        "the stop took {took:?}, past half the grace period:\n{}",
+        server.log()
+    );
+}
+
 #[test]
 fn one_tenants_flood_gets_429s_while_another_keeps_answering() {
     let dir = workdir();

@@ -390,8 +390,6 @@ pub fn workdir() -> TempDir {
     tempfile::tempdir().unwrap()
 }
 
-/// One HTTP request to the server at `url`; an error when none could be made (a server that
-/// is gone), for clients that retry elsewhere.
 /// `body` POSTed to `path` on a connection of its own, the answer not read: the caller hangs
 /// up by dropping the connection.
 pub fn send_unread(server: &Server, path: &str, token: &str, body: &str) -> std::net::TcpStream {
@@ -408,6 +406,8 @@ pub fn send_unread(server: &Server, path: &str, token: &str, body: &str) -> std:
     client
 }
 
+/// One HTTP request to the server at `url`; an error when none could be made (a server that
+/// is gone), for clients that retry elsewhere.
 pub fn send(
     url: &str,
     method: &str,
