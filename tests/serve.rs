@@ -1538,6 +1538,106 @@ fn while_draining_new_calls_get_503_and_the_call_in_flight_finishes() {
     );
 }
 
+/// `GET /v1/runs`' filters are checked as they are read: a misspelt outcome, a time that
+/// is not one or a page marker that is not a run id is a 400 that says what is accepted, not
+/// an empty page; `since` takes a time (RFC 3339, any offset) or a period back from now.
+#[test]
+fn run_filters_are_checked_and_since_takes_a_time_or_a_period() {
+    let dir = workdir();
+    let server = Server::start(&dir.path().join("data"), None);
+    let t = server.default_token();
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&t, &nb.notebook, &["double", "boom"]);
+    server.call(&t, &version, "double", json!([1])).expect(200);
+    server.call(&t, &version, "boom", json!([1])).expect(422);
+    let all = server.get("/v1/runs", Some(&t)).expect(200);
+    let runs = all["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    let first = runs[1]["received_at"].as_str().unwrap().to_owned();
+    let count = |query: &str| {
+        server
+            .get(&format!("/v1/runs?{query}"), Some(&t))
+            .expect(200)["runs"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    // The first run's own second, as a client would write it, includes that run.
+    let second = &first[..19];
+    assert_eq!(count(&format!("since={second}Z")), 2, "since {second}Z");
+    // The same instant at an offset (`+` escaped in a query string).
+    let offset = {
+        let (hour, rest) = (first[11..13].parse::<u32>().unwrap(), &first[13..19]);
+        if hour < 22 {
+            format!("{}T{:02}{rest}%2B02:00", &first[..10], hour + 2)
+        } else {
+            format!("{}T{:02}{rest}-02:00", &first[..10], hour - 2)
+        }
+    };
+    assert_eq!(count(&format!("since={offset}")), 2, "since {offset}");
+    assert_eq!(count("since=1h"), 2);
+    assert_eq!(count("since=2999-01-01"), 0);
+    assert_eq!(count("outcome=raised"), 1);
+    assert_eq!(count("outcome=raised&since=30m"), 1);
+    for (query, says) in [
+        ("since=yesterday", "neither a time"),
+        ("since=2026-02-30", "neither a time"),
+        ("outcome=raise", "`raise` is not one of returned, raised"),
+        ("side=left", "not one of primary, canary, shadow"),
+        ("after=not-a-run", "not a run id"),
+        ("limit=0", "not a number of runs"),
+        ("limit=-3", "not a number of runs"),
+        ("colour=red", "unknown field `colour`"),
+    ] {
+        let refused = server.get(&format!("/v1/runs?{query}"), Some(&t));
+        let message = refused.expect(400)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(message.contains(says), "{query}: {message}");
+    }
+}
+
+/// An `Idempotency-Key` that could not be kept as given is refused before anything runs:
+/// ignored, a retried call would run twice; kept, a megabyte of it would go into the row.
+#[test]
+fn an_idempotency_key_that_cannot_be_kept_is_refused_before_anything_runs() {
+    let dir = workdir();
+    let server = Server::start(&dir.path().join("data"), None);
+    let t = server.default_token();
+    let nb = notebook(FUNCTIONS);
+    let version = server.deploy(&t, &nb.notebook, &["double"]);
+    let path = format!("/v1/call/{version}/double");
+    let long = "k".repeat(256);
+    for key in [long.as_str(), "", "caf\u{e9}"] {
+        let refused = server.request(
+            "POST",
+            &path,
+            Some(&t),
+            &[("Idempotency-Key", key)],
+            Some(br#"{"args": [1]}"#),
+        );
+        let message = refused.expect(400)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(message.contains("Idempotency-Key"), "{message}");
+    }
+    assert!(rows(&server).is_empty(), "no call ran: {:?}", rows(&server));
+    let longest = "k".repeat(255);
+    for _ in 0..2 {
+        let kept = server.request(
+            "POST",
+            &path,
+            Some(&t),
+            &[("Idempotency-Key", &longest)],
+            Some(br#"{"args": [21]}"#),
+        );
+        assert_eq!(kept.expect(200)["result"], json!(42));
+    }
+    assert_eq!(rows(&server).len(), 1, "the retry ran nothing");
+}
+
 /// The same tests on PostgreSQL: both backends behave alike wherever the store matters.
 mod postgres {
     use crate::common::server::on_postgres;
@@ -1565,6 +1665,7 @@ mod postgres {
         a_tenant_that_stops_calling_still_has_its_traces_pruned_past_retention,
         a_store_from_before_the_trace_counters_counts_its_traces_at_the_first_start,
         a_client_that_hangs_up_mid_call_still_leaves_the_complete_row,
+        run_filters_are_checked_and_since_takes_a_time_or_a_period,
     );
 }
 

@@ -443,10 +443,22 @@ pub(crate) fn now_rfc3339() -> String {
 
 /// A time as UTC RFC 3339 to the second: `2026-09-01T12:00:00Z`.
 pub fn rfc3339(at: std::time::SystemTime) -> String {
-    let secs = at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let (date, secs, _) = civil(at);
+    format!("{date}T{secs}Z")
+}
+
+/// A time as the run store writes it: UTC RFC 3339 to the millisecond,
+/// `2026-09-01T12:00:00.250Z`. Times of this one shape compare as text in time order.
+pub fn rfc3339_ms(at: std::time::SystemTime) -> String {
+    let (date, secs, ms) = civil(at);
+    format!("{date}T{secs}.{ms:03}Z")
+}
+
+/// A time's UTC date (`2026-09-01`), time of day to the second (`12:00:00`) and
+/// milliseconds; times before 1970 count as 1970's first.
+fn civil(at: std::time::SystemTime) -> (String, String, u32) {
+    let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -458,12 +470,102 @@ pub fn rfc3339(at: std::time::SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
+    (
+        format!("{year:04}-{month:02}-{day:02}"),
+        format!("{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60),
+        since.subsec_millis(),
     )
+}
+
+/// Reads an RFC 3339 time: `2026-09-01T12:00:00Z`, with a fraction of a second
+/// (`12:00:00.25Z`), an offset (`14:00:00+02:00`), `t` or a space for `T`, or a date alone
+/// (`2026-09-01`: its first instant, UTC). None for anything else, or a time before 1970.
+pub fn parse_rfc3339(text: &str) -> Option<std::time::SystemTime> {
+    fn number(s: &str) -> Option<i64> {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    }
+    let t = text.trim();
+    let (date, time) = match t.find(['T', 't', ' ']) {
+        Some(i) => (&t[..i], Some(&t[i + 1..])),
+        None => (t, None),
+    };
+    let mut parts = date.split('-');
+    let (year, month, day) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || year.len() != 4 || month.len() != 2 || day.len() != 2 {
+        return None;
+    }
+    let (year, month, day) = (number(year)?, number(month)?, number(day)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days_in_month = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&month) || day < 1 || day > days_in_month[month as usize - 1] {
+        return None;
+    }
+    // Days since 1970-01-01 from a civil date (Howard Hinnant's algorithm).
+    let y = year - i64::from(month <= 2);
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let mut ms = days * 86_400_000;
+    if let Some(time) = time {
+        let (clock, offset_ms) = if let Some(clock) = time.strip_suffix(['Z', 'z']) {
+            (clock, 0)
+        } else {
+            let i = time.rfind(['+', '-'])?;
+            let (clock, offset) = (&time[..i], &time[i + 1..]);
+            let (h, m) = offset.split_once(':')?;
+            if h.len() != 2 || m.len() != 2 {
+                return None;
+            }
+            let (h, m) = (number(h)?, number(m)?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let sign = if time.as_bytes()[i] == b'+' { 1 } else { -1 };
+            (clock, sign * (h * 60 + m) * 60_000)
+        };
+        let (clock, fraction) = match clock.split_once('.') {
+            Some((clock, fraction)) => (clock, Some(fraction)),
+            None => (clock, None),
+        };
+        let mut hms = clock.split(':');
+        let (h, m, sec) = (hms.next()?, hms.next()?, hms.next()?);
+        if hms.next().is_some() || [h, m, sec].iter().any(|p| p.len() != 2) {
+            return None;
+        }
+        let (h, m, sec) = (number(h)?, number(m)?, number(sec)?);
+        // 60: a leap second, read as the next instant.
+        if h > 23 || m > 59 || sec > 60 {
+            return None;
+        }
+        let fraction_ms = match fraction {
+            None => 0,
+            Some(f) => {
+                number(f)?;
+                format!("{f:0<3}")[..3].parse::<i64>().ok()?
+            }
+        };
+        ms += ((h * 60 + m) * 60 + sec) * 1000 + fraction_ms - offset_ms;
+    }
+    let ms = u64::try_from(ms).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
 }
 
 #[cfg(test)]
@@ -544,5 +646,62 @@ mod tests {
         let now = now_rfc3339();
         assert_eq!(now.len(), 20, "{now}");
         assert!(now.starts_with("20") && now.ends_with('Z'));
+    }
+
+    #[test]
+    fn rfc3339_times_read_back_to_the_instant_they_name() {
+        let at = |text: &str| parse_rfc3339(text).map(rfc3339_ms);
+        let noon = Some("2024-02-29T12:00:00.000Z".to_owned());
+        for same in [
+            "2024-02-29T12:00:00Z",
+            "2024-02-29t12:00:00z",
+            "2024-02-29 12:00:00Z",
+            "2024-02-29T14:00:00+02:00",
+            "2024-02-29T07:30:00-04:30",
+            "2024-02-29T12:00:00.0004Z",
+            " 2024-02-29T12:00:00Z ",
+        ] {
+            assert_eq!(at(same), noon, "{same}");
+        }
+        assert_eq!(
+            at("2024-02-29T12:00:00.25Z").unwrap(),
+            "2024-02-29T12:00:00.250Z"
+        );
+        assert_eq!(at("2024-03-01").unwrap(), "2024-03-01T00:00:00.000Z");
+        assert_eq!(
+            at("1970-01-01T00:00:00Z").unwrap(),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            at("2000-12-31T23:59:59.999Z").unwrap(),
+            "2000-12-31T23:59:59.999Z"
+        );
+        // Every day of four years (a leap year among them) goes there and back.
+        let start = parse_rfc3339("2023-01-01").unwrap();
+        for day in 0..4 * 366 {
+            let t = start + std::time::Duration::from_secs(day * 86_400 + 3_723);
+            assert_eq!(parse_rfc3339(&rfc3339_ms(t)), Some(t));
+            assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
+        }
+        for bad in [
+            "",
+            "yesterday",
+            "24h",
+            "2023-02-29",
+            "2024-13-01",
+            "2024-00-10",
+            "2024-1-01",
+            "2024-01-01T12:00Z",
+            "2024-01-01T12:00:00",
+            "2024-01-01T24:00:00Z",
+            "2024-01-01T12:00:00.Z",
+            "2024-01-01T12:00:00.x1Z",
+            "2024-01-01T12:00:00+2:00",
+            "2024-01-01T12:00:00+25:00",
+            "1969-12-31T23:59:59Z",
+            "+2024-01-01",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
     }
 }

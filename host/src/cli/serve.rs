@@ -78,10 +78,12 @@ pub struct ListArgs {
     /// Only runs of this bundle version.
     #[arg(long)]
     pub version: Option<String>,
-    /// Only runs with this outcome (returned, raised, limit, bad_input, internal, interrupted).
+    /// Only runs with this outcome (returned, raised, limit, bad_input, internal, interrupted,
+    /// duplicate).
     #[arg(long)]
     pub outcome: Option<String>,
-    /// Only runs received at or after this time (RFC 3339).
+    /// Only runs received at or after this time (RFC 3339: 2026-12-07T09:30:00Z, with an
+    /// offset, or a date) or in this period back from now (24h, 30m, 7d).
     #[arg(long)]
     pub since: Option<String>,
     /// At most this many runs.

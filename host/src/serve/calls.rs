@@ -69,10 +69,7 @@ pub async fn call(
     admit(&app, &tenant).await?;
     let bytes = body::read(request, tenant.config.max_body, app.body_timeout).await?;
     let input_sha256 = hex::encode(Sha256::digest(&bytes));
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let key = idempotency_key(&headers)?;
     if let Some(key) = &key
         && let Some(earlier) = app.store.returned_run(tenant.name(), key).await?
     {
@@ -574,5 +571,31 @@ fn execute(call: &Accepted, version: &str, arguments: &Arguments) -> Record {
     Record {
         started: Some(taken),
         ..run().unwrap_or_else(Record::failed)
+    }
+}
+
+/// The longest `Idempotency-Key` kept with a run (Stripe's limit: a UUID or a hash fits).
+const MAX_KEY: usize = 255;
+
+/// The call's `Idempotency-Key`, if it has one. A key that cannot be kept as given (not
+/// printable ASCII, or longer than [`MAX_KEY`]) is refused: ignoring it would run a retried
+/// call twice, and keeping a megabyte of it in every row would fill the store.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key)
+            if !key.is_empty()
+                && key.len() <= MAX_KEY
+                && key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') =>
+        {
+            Ok(Some(key.to_owned()))
+        }
+        _ => Err(ApiError::bad_input(format!(
+            "Idempotency-Key: use 1 to {MAX_KEY} printable ASCII characters (a UUID, say); \
+             this one has {} bytes",
+            value.len()
+        ))),
     }
 }

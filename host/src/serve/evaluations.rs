@@ -35,7 +35,7 @@ use super::error::ApiError;
 use super::runner::{Tolerance, is_class};
 use super::store::{Entry, EvaluationRow, NewEvaluation, RunFilter, RunRow};
 use super::{App, body};
-use crate::bundle::rfc3339;
+use crate::bundle::rfc3339_ms;
 use crate::policy::parse_period;
 
 /// The most runs one evaluation classes.
@@ -97,7 +97,7 @@ impl Selection {
                         "since: `{period}` is not a period back from now (24h, 7d, 30m)"
                     ))
                 })?;
-            let from = rfc3339(from);
+            let from = rfc3339_ms(from);
             let selection = json!({"since": period, "from": from});
             return Ok((Selection::Since(from), selection));
         }

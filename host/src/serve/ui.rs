@@ -30,7 +30,7 @@ use serde_json::Value;
 use super::auth::{self, TenantState};
 use super::error::ApiError;
 use super::runner::{Recorded, recorded_call, traceback};
-use super::store::{BundleRow, EvaluationRow, EvaluationRunRow, RunFilter, RunRow};
+use super::store::{BundleRow, EvaluationRow, EvaluationRunRow, OUTCOMES, RunFilter, RunRow};
 use super::{App, body, runs};
 
 mod html;
@@ -48,16 +48,6 @@ const MAX_LOGIN_BODY: u64 = 4096;
 const DECODE_CAP: u64 = 64 << 20;
 /// How much of a value's JSON a page shows; the trace has the whole of it.
 const SHOWN: usize = 64 << 10;
-/// The outcomes a run can have, for the filter.
-const OUTCOMES: [&str; 7] = [
-    "returned",
-    "raised",
-    "limit",
-    "bad_input",
-    "internal",
-    "interrupted",
-    "duplicate",
-];
 /// The evaluation classes shown run by run, in the order the page shows them (`same` runs
 /// are only counted and listed).
 const CLASSES: [(&str, &str); 4] = [

@@ -76,7 +76,9 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::bundle::{parse_rfc3339, rfc3339_ms};
 use crate::evaluate::Class;
+use crate::policy::parse_period;
 
 pub mod postgres;
 pub mod sqlite;
@@ -525,22 +527,107 @@ const RUN_COLUMNS: &str = "id, tenant, alias, bundle_version, function, idempote
     result, result_sha256, error, trace_sha256, trace_size, trace_pruned, host_version,
     runtime_sha256, replica, side, shadow_of";
 
-/// `GET /v1/runs`'s filters, all optional.
+/// The outcomes a run's row can have (`outcome` is NULL while it runs).
+pub const OUTCOMES: [&str; 7] = [
+    "returned",
+    "raised",
+    "limit",
+    "bad_input",
+    "internal",
+    "interrupted",
+    "duplicate",
+];
+
+/// The sides a call through an alias can take.
+pub const SIDES: [&str; 3] = ["primary", "canary", "shadow"];
+
+/// `GET /v1/runs`'s filters, all optional. Each is checked as it is read, so a filter that
+/// could match nothing by its form (a misspelt outcome, a time that is not one) is a 400
+/// that says so, not an empty page.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunFilter {
     pub function: Option<String>,
     pub alias: Option<String>,
     pub version: Option<String>,
+    /// One of [`OUTCOMES`].
+    #[serde(default, deserialize_with = "outcome")]
     pub outcome: Option<String>,
-    /// `primary`, `canary` or `shadow`.
+    /// One of [`SIDES`].
+    #[serde(default, deserialize_with = "side")]
     pub side: Option<String>,
-    /// Runs received at or after this time (RFC 3339, as the rows show times).
+    /// Runs received at or after this time: given as RFC 3339 (`2026-12-07T09:30:00Z`, with
+    /// an offset, or a date) or as a period back from now (`24h`, `30m`, `7d`), kept in the
+    /// rows' own form ([`rfc3339_ms`]) so that it compares with them as text.
+    #[serde(default, deserialize_with = "since")]
     pub since: Option<String>,
     /// At most this many runs (default 100, at most 1000).
+    #[serde(default, deserialize_with = "limit")]
     pub limit: Option<u32>,
     /// The page after this run id (the last id of the previous page): runs are newest first.
+    #[serde(default, deserialize_with = "run_id")]
     pub after: Option<String>,
+}
+
+/// A filter's value, checked by `check`; its error is the 400's message.
+fn checked<'de, D, T>(
+    d: D,
+    check: impl FnOnce(String) -> Result<T, String>,
+) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Option::<String>::deserialize(d)?
+        .map(|text| check(text).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+fn one_of(text: String, allowed: &[&str]) -> Result<String, String> {
+    if allowed.contains(&text.as_str()) {
+        Ok(text)
+    } else {
+        Err(format!("`{text}` is not one of {}", allowed.join(", ")))
+    }
+}
+
+fn outcome<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    checked(d, |t| one_of(t, &OUTCOMES))
+}
+
+fn side<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    checked(d, |t| one_of(t, &SIDES))
+}
+
+fn since<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    checked(d, |text| {
+        let at = match parse_period(&text) {
+            Ok(back) => std::time::SystemTime::now().checked_sub(back),
+            Err(_) => parse_rfc3339(&text),
+        };
+        at.map(rfc3339_ms).ok_or_else(|| {
+            format!(
+                "`{text}` is neither a time (RFC 3339: 2026-12-07T09:30:00Z, with an offset, \
+                 or a date) nor a period back from now (24h, 30m, 7d)"
+            )
+        })
+    })
+}
+
+fn limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    checked(d, |text| match text.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "`{text}` is not a number of runs from 1 (at most 1000 a page)"
+        )),
+    })
+}
+
+fn run_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    checked(d, |text| {
+        uuid::Uuid::parse_str(&text)
+            .map(|id| id.hyphenated().to_string())
+            .map_err(|_| format!("`{text}` is not a run id (the `next` of the page before)"))
+    })
 }
 
 impl RunFilter {
