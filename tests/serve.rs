@@ -62,6 +62,31 @@ fn rows(server: &Server) -> Vec<(String, Option<String>, Option<u16>)> {
         .collect()
 }
 
+/// A connection of its own to `server` that has sent `first` (part of a request, say); its
+/// reads give up after `wait`.
+fn raw(server: &Server, first: &str, wait: Duration) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(server.url.strip_prefix("http://").unwrap()).unwrap();
+    c.write_all(first.as_bytes()).unwrap();
+    c.set_read_timeout(Some(wait)).unwrap();
+    c
+}
+
+/// Asserts that the server closed each of `connections` (`what`s) without writing to them:
+/// a read ends with 0 bytes; one still open fails at its read timeout.
+fn assert_closed(connections: &mut [std::net::TcpStream], what: &str, event: &str, at: Instant) {
+    use std::io::Read;
+    for (i, c) in connections.iter_mut().enumerate() {
+        let mut rest = Vec::new();
+        let read = c.read_to_end(&mut rest);
+        assert!(
+            read.is_ok() && rest.is_empty(),
+            "{what} {i} not closed {:?} after {event}: {read:?} {rest:?}",
+            at.elapsed()
+        );
+    }
+}
+
 /// A gauge's value in `/metrics`' text.
 fn gauge(metrics: &str, name: &str) -> f64 {
     metrics
@@ -580,20 +605,14 @@ fn sigterm_drains_calls_in_flight_and_exits_0() {
 /// an answer the server is still writing to a client that reads slowly is written whole.
 #[test]
 fn sigterm_closes_connections_waiting_for_their_client_and_finishes_answers_being_written() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let dir = workdir();
     // Tests' servers have a grace period of 20 s.
     let mut server = Server::start(&dir.path().join("data"), None);
     let tok = server.default_token();
     let nb = notebook("def big(n):\n    return 'x' * n\n");
     let version = server.deploy(&tok, &nb.notebook, &["big"]);
-    let addr = server.url.strip_prefix("http://").unwrap().to_owned();
-    let open = |first: &str| {
-        let mut c = std::net::TcpStream::connect(&addr).unwrap();
-        c.write_all(first.as_bytes()).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        c
-    };
+    let open = |first: &str| raw(&server, first, Duration::from_secs(15));
     let mut waiting = [
         open(""),
         open("GET /healthz HTTP/1.1\r\nHost: x\r\n"),
@@ -621,16 +640,7 @@ fn sigterm_closes_connections_waiting_for_their_client_and_finishes_answers_bein
     std::thread::sleep(Duration::from_millis(200));
     let stopped = Instant::now();
     server.signal(libc::SIGTERM);
-    for (i, c) in waiting.iter_mut().enumerate() {
-        let mut rest = Vec::new();
-        // Ends (0 bytes) when the server closes it; a read timeout when it does not.
-        let read = c.read_to_end(&mut rest);
-        assert!(
-            read.is_ok() && rest.is_empty(),
-            "waiting connection {i} not closed {:?} after SIGTERM: {read:?} {rest:?}",
-            stopped.elapsed()
-        );
-    }
+    assert_closed(&mut waiting, "waiting connection", "SIGTERM", stopped);
     let mut answer = Vec::new();
     reader
         .read_to_end(&mut answer)
@@ -945,7 +955,7 @@ fn a_client_sending_its_body_slowly_holds_no_worker_and_gets_408() {
 /// are closed after `header_timeout`, and while they are open others are served.
 #[test]
 fn connections_that_stall_on_their_headers_or_sit_idle_are_closed_after_header_timeout() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let dir = workdir();
     let (t, digest) = token("patient");
     let cfg = config(
@@ -954,13 +964,7 @@ fn connections_that_stall_on_their_headers_or_sit_idle_are_closed_after_header_t
         &[format!("name = \"p\"\ntokens_sha256 = [\"{digest}\"]")],
     );
     let server = Server::start(&dir.path().join("data"), Some(&cfg));
-    let addr = server.url.strip_prefix("http://").unwrap();
-    let open = |first: &str| {
-        let mut c = std::net::TcpStream::connect(addr).unwrap();
-        c.write_all(first.as_bytes()).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        c
-    };
+    let open = |first: &str| raw(&server, first, Duration::from_secs(10));
     let opened = Instant::now();
     let mut stalled: Vec<_> = (0..50)
         .map(|i| match i % 3 {
@@ -982,16 +986,7 @@ fn connections_that_stall_on_their_headers_or_sit_idle_are_closed_after_header_t
         server.call(&t, &version, "spin", json!([2])).expect(200)["result"],
         json!(2)
     );
-    for (i, c) in stalled.iter_mut().enumerate() {
-        let mut rest = Vec::new();
-        // Ends (0 bytes) when the server closes it; a read timeout (10 s) when it does not.
-        let read = c.read_to_end(&mut rest);
-        assert!(
-            read.is_ok() && rest.is_empty(),
-            "stalled connection {i} not closed {:?} after it opened: {read:?} {rest:?}",
-            opened.elapsed()
-        );
-    }
+    assert_closed(&mut stalled, "stalled connection", "it opened", opened);
     let mut answer = Vec::new();
     let read = idle.read_to_end(&mut answer);
     let answer = String::from_utf8_lossy(&answer);
