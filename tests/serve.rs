@@ -1570,6 +1570,9 @@ fn run_filters_are_checked_and_since_takes_a_time_or_a_period() {
         }
     };
     assert_eq!(count(&format!("since={offset}")), 2, "since {offset}");
+    // An unescaped `+` arrives as a space, and still means `+`.
+    let unescaped = offset.replace("%2B", "+");
+    assert_eq!(count(&format!("since={unescaped}")), 2, "since {unescaped}");
     assert_eq!(count("since=1h"), 2);
     assert_eq!(count("since=2999-01-01"), 0);
     assert_eq!(count("outcome=raised"), 1);

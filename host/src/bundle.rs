@@ -479,7 +479,8 @@ fn civil(at: std::time::SystemTime) -> (String, String, u32) {
 
 /// Reads an RFC 3339 time: `2026-09-01T12:00:00Z`, with a fraction of a second
 /// (`12:00:00.25Z`), an offset (`14:00:00+02:00`), `t` or a space for `T`, or a date alone
-/// (`2026-09-01`: its first instant, UTC). None for anything else, or a time before 1970.
+/// (`2026-09-01`: its first instant, UTC); a space for the `+` of an offset, as a query
+/// string's unescaped `+` arrives. None for anything else, or a time before 1970.
 pub fn parse_rfc3339(text: &str) -> Option<std::time::SystemTime> {
     fn number(s: &str) -> Option<i64> {
         (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
@@ -528,7 +529,8 @@ pub fn parse_rfc3339(text: &str) -> Option<std::time::SystemTime> {
         let (clock, offset_ms) = if let Some(clock) = time.strip_suffix(['Z', 'z']) {
             (clock, 0)
         } else {
-            let i = time.rfind(['+', '-'])?;
+            // A space for `+`: what an unescaped `+` in a query string decodes to.
+            let i = time.rfind(['+', '-', ' '])?;
             let (clock, offset) = (&time[..i], &time[i + 1..]);
             let (h, m) = offset.split_once(':')?;
             if h.len() != 2 || m.len() != 2 {
@@ -538,7 +540,7 @@ pub fn parse_rfc3339(text: &str) -> Option<std::time::SystemTime> {
             if h > 23 || m > 59 {
                 return None;
             }
-            let sign = if time.as_bytes()[i] == b'+' { 1 } else { -1 };
+            let sign = if time.as_bytes()[i] == b'-' { -1 } else { 1 };
             (clock, sign * (h * 60 + m) * 60_000)
         };
         let (clock, fraction) = match clock.split_once('.') {
@@ -657,6 +659,8 @@ mod tests {
             "2024-02-29t12:00:00z",
             "2024-02-29 12:00:00Z",
             "2024-02-29T14:00:00+02:00",
+            "2024-02-29T14:00:00 02:00",
+            "2024-02-29 14:00:00 02:00",
             "2024-02-29T07:30:00-04:30",
             "2024-02-29T12:00:00.0004Z",
             " 2024-02-29T12:00:00Z ",
@@ -698,6 +702,8 @@ mod tests {
             "2024-01-01T12:00:00.x1Z",
             "2024-01-01T12:00:00+2:00",
             "2024-01-01T12:00:00+25:00",
+            "2024-01-01T12:00:00  02:00",
+            "2024-01-01T12:00:00 Z",
             "1969-12-31T23:59:59Z",
             "+2024-01-01",
         ] {
