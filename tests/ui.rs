@@ -219,6 +219,21 @@ fn a_person_browses_runs_aliases_and_an_evaluation_and_reads_a_changed_runs_diff
         None,
     );
     assert_eq!(download.status, 200, "{}", download.text());
+    // A filter the API would refuse, the page refuses too (an edited URL), saying why.
+    for (query, says) in [
+        ("after=garbage", "not a run id"),
+        ("outcome=raise", "not one of"),
+    ] {
+        let refused = server.request(
+            "GET",
+            &format!("/ui/runs?{query}"),
+            None,
+            &[("Cookie", &cookie)],
+            None,
+        );
+        assert_eq!(refused.status, 400, "{query}: {}", refused.text());
+        assert!(refused.text().contains(says), "{query}: {}", refused.text());
+    }
     let api = server.get(&format!("/v1/runs/{raised}/trace"), Some(&a_token));
     assert!(download.body.starts_with(b"host-trace/1\n") && download.body == api.body);
     // The cookie is for the UI only: the API still wants a bearer token.

@@ -30,7 +30,10 @@ use serde_json::Value;
 use super::auth::{self, TenantState};
 use super::error::ApiError;
 use super::runner::{Recorded, recorded_call, traceback};
-use super::store::{BundleRow, EvaluationRow, EvaluationRunRow, OUTCOMES, RunFilter, RunRow};
+use super::store::{
+    BundleRow, EvaluationRow, EvaluationRunRow, OUTCOMES, RunFilter, RunRow, parse_outcome,
+    parse_run_id,
+};
 use super::{App, body, runs};
 
 mod html;
@@ -282,18 +285,22 @@ pub struct RunsQuery {
 }
 
 impl RunsQuery {
-    fn filter(self) -> RunFilter {
+    /// The filter, its outcome and page marker checked as the API checks them.
+    fn filter(self) -> Result<RunFilter, ApiError> {
         let given = |v: Option<String>| v.filter(|v| !v.trim().is_empty());
-        RunFilter {
+        let checked = |v: Option<String>, check: fn(String) -> Result<String, String>| {
+            given(v).map(check).transpose().map_err(ApiError::bad_input)
+        };
+        Ok(RunFilter {
             function: given(self.function),
             alias: given(self.alias),
             version: given(self.version),
-            outcome: given(self.outcome),
+            outcome: checked(self.outcome, parse_outcome)?,
             side: None,
             since: None,
             limit: Some(PAGE_SIZE),
-            after: given(self.after),
-        }
+            after: checked(self.after, parse_run_id)?,
+        })
     }
 }
 
@@ -304,7 +311,7 @@ pub async fn runs_page(
     filter: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Page {
     let Query(filter) = filter.map_err(|e| ApiError::bad_input(e.body_text()))?;
-    let filter = filter.filter();
+    let filter = filter.filter()?;
     let runs = app.store.runs(tenant.name(), &filter).await?;
     let bundles = app.store.bundles(tenant.name()).await?;
     let labels = labels(&bundles);

@@ -590,8 +590,20 @@ fn one_of(text: String, allowed: &[&str]) -> Result<String, String> {
     }
 }
 
+/// `text` if it is one of [`OUTCOMES`]; else what is.
+pub fn parse_outcome(text: String) -> Result<String, String> {
+    one_of(text, &OUTCOMES)
+}
+
+/// A run id in the form the rows keep it (UUID, lowercase, hyphenated).
+pub fn parse_run_id(text: String) -> Result<String, String> {
+    uuid::Uuid::parse_str(&text)
+        .map(|id| id.hyphenated().to_string())
+        .map_err(|_| format!("`{text}` is not a run id (the `next` of the page before)"))
+}
+
 fn outcome<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    checked(d, |t| one_of(t, &OUTCOMES))
+    checked(d, parse_outcome)
 }
 
 fn side<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -623,11 +635,7 @@ fn limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error
 }
 
 fn run_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    checked(d, |text| {
-        uuid::Uuid::parse_str(&text)
-            .map(|id| id.hyphenated().to_string())
-            .map_err(|_| format!("`{text}` is not a run id (the `next` of the page before)"))
-    })
+    checked(d, parse_run_id)
 }
 
 impl RunFilter {
