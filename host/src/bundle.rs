@@ -443,38 +443,59 @@ pub(crate) fn now_rfc3339() -> String {
 
 /// A time as UTC RFC 3339 to the second: `2026-09-01T12:00:00Z`.
 pub fn rfc3339(at: std::time::SystemTime) -> String {
-    let (date, secs, _) = civil(at);
-    format!("{date}T{secs}Z")
+    let c = Civil::of(at);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        c.year, c.month, c.day, c.hour, c.minute, c.second
+    )
 }
 
 /// A time as the run store writes it: UTC RFC 3339 to the millisecond,
 /// `2026-09-01T12:00:00.250Z`. Times of this one shape compare as text in time order.
 pub fn rfc3339_ms(at: std::time::SystemTime) -> String {
-    let (date, secs, ms) = civil(at);
-    format!("{date}T{secs}.{ms:03}Z")
+    let c = Civil::of(at);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        c.year, c.month, c.day, c.hour, c.minute, c.second, c.millis
+    )
 }
 
-/// A time's UTC date (`2026-09-01`), time of day to the second (`12:00:00`) and
-/// milliseconds; times before 1970 count as 1970's first.
-fn civil(at: std::time::SystemTime) -> (String, String, u32) {
-    let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (
-        format!("{year:04}-{month:02}-{day:02}"),
-        format!("{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60),
-        since.subsec_millis(),
-    )
+/// A time's UTC calendar date and time of day.
+struct Civil {
+    year: i64,
+    month: i64,
+    day: i64,
+    hour: u64,
+    minute: u64,
+    second: u64,
+    millis: u32,
+}
+
+impl Civil {
+    /// Times before 1970 count as 1970's first instant.
+    fn of(at: std::time::SystemTime) -> Civil {
+        let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs();
+        let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+        // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        Civil {
+            year: yoe + era * 400 + i64::from(month <= 2),
+            month,
+            day,
+            hour: rem / 3600,
+            minute: rem % 3600 / 60,
+            second: rem % 60,
+            millis: since.subsec_millis(),
+        }
+    }
 }
 
 /// Reads an RFC 3339 time: `2026-09-01T12:00:00Z`, with a fraction of a second
@@ -498,25 +519,8 @@ pub fn parse_rfc3339(text: &str) -> Option<std::time::SystemTime> {
         return None;
     }
     let (year, month, day) = (number(year)?, number(month)?, number(day)?);
-    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
-    let days_in_month = [
-        31,
-        if leap { 29 } else { 28 },
-        31,
-        30,
-        31,
-        30,
-        31,
-        31,
-        30,
-        31,
-        30,
-        31,
-    ];
-    if !(1..=12).contains(&month) || day < 1 || day > days_in_month[month as usize - 1] {
-        return None;
-    }
-    // Days since 1970-01-01 from a civil date (Howard Hinnant's algorithm).
+    // Days since 1970-01-01 from a civil date (Howard Hinnant's algorithm, the inverse of
+    // `Civil::of`'s).
     let y = year - i64::from(month <= 2);
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
@@ -524,6 +528,13 @@ pub fn parse_rfc3339(text: &str) -> Option<std::time::SystemTime> {
     let doy = (153 * mp + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
+    // A date that does not exist (`02-30`, month 13) comes back as another one.
+    let midnight = std::time::UNIX_EPOCH
+        + std::time::Duration::from_secs(u64::try_from(days).ok()?.checked_mul(86_400)?);
+    let back = Civil::of(midnight);
+    if (back.year, back.month, back.day) != (year, month, day) {
+        return None;
+    }
     let mut ms = days * 86_400_000;
     if let Some(time) = time {
         let (clock, offset_ms) = if let Some(clock) = time.strip_suffix(['Z', 'z']) {

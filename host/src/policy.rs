@@ -348,6 +348,14 @@ pub fn parse_period(text: &str) -> Result<Duration> {
     parse_duration(t)
 }
 
+/// The instant `text`, a period as [`parse_period`] reads it, before now.
+pub fn period_back(text: &str) -> Result<std::time::SystemTime> {
+    let period = parse_period(text)?;
+    std::time::SystemTime::now()
+        .checked_sub(period)
+        .ok_or_else(|| bad_input(format!("`{text}` reaches back before any run")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

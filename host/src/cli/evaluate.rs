@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Args};
@@ -17,7 +17,7 @@ use crate::bundle::{Bundle, Select, rfc3339, short};
 use crate::error::{Exit, bad_input};
 use crate::evaluate::{Class, Entry, Options, Report, Run, Unavailable, evaluate};
 use crate::files::SigningKey;
-use crate::policy::parse_period;
+use crate::policy::period_back;
 use crate::preinit::Prepared;
 use crate::progress::Progress;
 use crate::replay::Tolerance;
@@ -348,11 +348,7 @@ fn server_runs(args: &EvaluateArgs, against: &str, key: Option<&SigningKey>) -> 
                 .since
                 .as_deref()
                 .map(|period| -> Result<String> {
-                    let period = parse_period(period).context("--since")?;
-                    let from = SystemTime::now()
-                        .checked_sub(period)
-                        .ok_or_else(|| bad_input("--since: that is before any run"))?;
-                    Ok(rfc3339(from))
+                    Ok(rfc3339(period_back(period).context("--since")?))
                 })
                 .transpose()?;
             let last = match since {

@@ -18,7 +18,6 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use anyhow::Context;
 use axum::Json;
@@ -36,7 +35,7 @@ use super::runner::{Tolerance, is_class};
 use super::store::{Entry, EvaluationRow, NewEvaluation, RunFilter, RunRow};
 use super::{App, body};
 use crate::bundle::rfc3339_ms;
-use crate::policy::parse_period;
+use crate::policy::period_back;
 
 /// The most runs one evaluation classes.
 const MAX_RUNS: usize = 10_000;
@@ -89,14 +88,11 @@ impl Selection {
             ))
         };
         if let Some(period) = since {
-            let from = parse_period(period)
-                .ok()
-                .and_then(|p| SystemTime::now().checked_sub(p))
-                .ok_or_else(|| {
-                    ApiError::bad_input(format!(
-                        "since: `{period}` is not a period back from now (24h, 7d, 30m)"
-                    ))
-                })?;
+            let from = period_back(period).map_err(|_| {
+                ApiError::bad_input(format!(
+                    "since: `{period}` is not a period back from now (24h, 7d, 30m)"
+                ))
+            })?;
             let from = rfc3339_ms(from);
             let selection = json!({"since": period, "from": from});
             return Ok((Selection::Since(from), selection));

@@ -78,7 +78,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bundle::{parse_rfc3339, rfc3339_ms};
 use crate::evaluate::Class;
-use crate::policy::parse_period;
+use crate::policy::period_back;
 
 pub mod postgres;
 pub mod sqlite;
@@ -612,16 +612,16 @@ fn side<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Err
 
 fn since<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     checked(d, |text| {
-        let at = match parse_period(&text) {
-            Ok(back) => std::time::SystemTime::now().checked_sub(back),
-            Err(_) => parse_rfc3339(&text),
-        };
-        at.map(rfc3339_ms).ok_or_else(|| {
-            format!(
-                "`{text}` is neither a time (RFC 3339: 2026-12-07T09:30:00Z, with an offset, \
+        period_back(&text)
+            .ok()
+            .or_else(|| parse_rfc3339(&text))
+            .map(rfc3339_ms)
+            .ok_or_else(|| {
+                format!(
+                    "`{text}` is neither a time (RFC 3339: 2026-12-07T09:30:00Z, with an offset, \
                  or a date) nor a period back from now (24h, 30m, 7d)"
-            )
-        })
+                )
+            })
     })
 }
 
